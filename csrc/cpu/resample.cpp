@@ -1,0 +1,218 @@
+// C++ CPU kernels of the resample family: one pass per group, groups spread over threads with
+// at::parallel_for. Numerics come from fusedlab/resample.h, shared with the CUDA kernels.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+#include "fusedlab/checks.h"
+#include "fusedlab/resample.h"
+
+namespace fusedlab {
+namespace {
+
+using namespace fusedlab::resample;
+
+// Per-thread scratch, reused across the groups one thread handles.
+struct Scratch {
+  std::vector<double> w, cdf, points;
+};
+
+// Resample one group of K log-weights. Writes K ancestors and K log-weights; returns the status bits.
+template <typename scalar_t>
+uint8_t resample_group(const scalar_t* x_in, const double* u, int32_t method, double ess_threshold, int64_t K,
+                       int64_t* anc, scalar_t* lw_out, double* ess_out, double* log_norm_out, Scratch& s) {
+  s.w.resize(K);
+  s.cdf.resize(K);
+  double m = -INFINITY;
+  for (int64_t j = 0; j < K; ++j) m = std::max(m, clean_log_weight(static_cast<double>(x_in[j])));
+  const bool degenerate = !std::isfinite(m);
+  double sw = 0.0, sw2 = 0.0;
+  for (int64_t j = 0; j < K; ++j) {
+    const double w = degenerate ? 1.0 : std::exp(clean_log_weight(static_cast<double>(x_in[j])) - m);
+    s.w[j] = w;
+    sw += w;
+    sw2 += w * w;
+  }
+  const double e = degenerate ? 0.0 : ess(sw, sw2);
+  *ess_out = e;
+  *log_norm_out = degenerate ? -INFINITY : log_norm(m, sw, K);
+  const bool res = degenerate || should_resample(e, ess_threshold, K);
+  if (!res) {
+    for (int64_t j = 0; j < K; ++j) {
+      anc[j] = j;
+      lw_out[j] = static_cast<scalar_t>(carried_log_weight(clean_log_weight(static_cast<double>(x_in[j])), m, sw, K));
+    }
+    return 0;
+  }
+  for (int64_t j = 0; j < K; ++j) lw_out[j] = scalar_t(0);
+  const uint8_t status = kResampled | (degenerate ? kDegenerate : 0);
+
+  int64_t n_det = 0;  // residual: deterministic copies first
+  const double* w = s.w.data();
+  double total = sw;
+  if (method == kResidual) {
+    for (int64_t j = 0; j < K; ++j) {
+      const double kw = static_cast<double>(K) * s.w[j] / sw;
+      const double n = std::floor(kw);
+      for (int64_t c = 0; c < static_cast<int64_t>(n); ++c) anc[n_det++] = j;
+      s.w[j] = kw - n;  // residual weight
+    }
+    if (n_det == K) return status;
+    total = 0.0;
+    for (int64_t j = 0; j < K; ++j) total += s.w[j];
+  }
+  // CDF, exactly 1 from the last positive weight on.
+  int64_t last = 0;
+  double c = 0.0;
+  for (int64_t j = 0; j < K; ++j) {
+    c += w[j];
+    s.cdf[j] = c / total;
+    if (w[j] > 0.0) last = j;
+  }
+  for (int64_t j = last; j < K; ++j) s.cdf[j] = 1.0;
+
+  const int64_t M = K - n_det;
+  s.points.resize(M);
+  if (method == kSystematic) {
+    for (int64_t i = 0; i < M; ++i) s.points[i] = grid_point(i, u[0], K);
+  } else if (method == kStratified) {
+    for (int64_t i = 0; i < M; ++i) s.points[i] = grid_point(i, u[i], K);
+  } else {  // multinomial and the residual remainder: sorted uniforms
+    std::copy(u, u + M, s.points.begin());
+    std::sort(s.points.begin(), s.points.end());
+  }
+  merge_sorted_points(s.cdf.data(), last, s.points.data(), M, anc + n_det);
+  return status;
+}
+
+int64_t grain_for(int64_t work_per_item) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_item)); }
+
+// Copy rows of a group: dst[i] = src[anc[i]], rows of `row_bytes` bytes.
+void gather_group(const char* src, char* dst, const int64_t* anc, int64_t K, int64_t row_bytes) {
+  for (int64_t i = 0; i < K; ++i) std::memcpy(dst + i * row_bytes, src + anc[i] * row_bytes, row_bytes);
+}
+
+void check_ancestor_range(const at::Tensor& anc) {
+  const int64_t K = anc.size(1);
+  const int64_t* a = anc.data_ptr<int64_t>();
+  const int64_t n = anc.numel();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(a[i] >= 0 && a[i] < K, "fusedlab.gather: ancestors must lie in [0, ", K, "), found ", a[i],
+                " at flat index ", i);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> resample_impl(
+    const at::Tensor& log_weights, const at::Tensor& uniforms, const std::string& method_name,
+    double ess_threshold, const at::Tensor* state) {
+  const int32_t method = parse_resample_method(method_name);
+  check_resample_args(log_weights, uniforms, method, ess_threshold);
+  const at::Tensor lw = log_weights.contiguous();
+  const at::Tensor u = uniforms.contiguous();
+  const int64_t B = lw.size(0), K = lw.size(1), U = u.size(1);
+  auto anc = at::empty({B, K}, lw.options().dtype(at::kLong));
+  auto lw_out = at::empty_like(lw);
+  auto ess_t = at::empty({B}, lw.options().dtype(at::kDouble));
+  auto ln_t = at::empty({B}, lw.options().dtype(at::kDouble));
+  auto status = at::empty({B}, lw.options().dtype(at::kByte));
+  at::Tensor st, st_out;
+  int64_t row_bytes = 0;
+  if (state != nullptr) {
+    check_gather_args(*state, anc);
+    st = state->contiguous();
+    st_out = at::empty_like(st);
+    row_bytes = K > 0 && B > 0 ? st.numel() / (B * K) * st.element_size() : 0;
+  } else {
+    st_out = at::empty({0}, lw.options());
+  }
+  AT_DISPATCH_FLOATING_TYPES(lw.scalar_type(), "fusedlab_resample_cpu", [&] {
+    const scalar_t* x = lw.data_ptr<scalar_t>();
+    const double* up = u.data_ptr<double>();
+    int64_t* ap = anc.data_ptr<int64_t>();
+    scalar_t* lo = lw_out.data_ptr<scalar_t>();
+    double* ep = ess_t.data_ptr<double>();
+    double* np_ = ln_t.data_ptr<double>();
+    uint8_t* sp = status.data_ptr<uint8_t>();
+    const char* src = state ? static_cast<const char*>(st.data_ptr()) : nullptr;
+    char* dst = state ? static_cast<char*>(st_out.data_ptr()) : nullptr;
+    at::parallel_for(0, B, grain_for(K * 8 + row_bytes / 8), [&](int64_t b0, int64_t b1) {
+      Scratch s;
+      for (int64_t b = b0; b < b1; ++b) {
+        sp[b] = resample_group<scalar_t>(x + b * K, up + b * U, method, ess_threshold, K, ap + b * K, lo + b * K,
+                                         ep + b, np_ + b, s);
+        if (dst) gather_group(src + b * K * row_bytes, dst + b * K * row_bytes, ap + b * K, K, row_bytes);
+      }
+    });
+  });
+  return {anc, lw_out, ess_t, ln_t, status, st_out};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> resample_cpu(
+    const at::Tensor& log_weights, const at::Tensor& uniforms, c10::string_view method, double ess_threshold) {
+  auto r = resample_impl(log_weights, uniforms, std::string(method), ess_threshold, nullptr);
+  return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r), std::get<4>(r)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> resample_gather_cpu(
+    const at::Tensor& log_weights, const at::Tensor& uniforms, c10::string_view method, double ess_threshold,
+    const at::Tensor& state) {
+  return resample_impl(log_weights, uniforms, std::string(method), ess_threshold, &state);
+}
+
+at::Tensor gather_cpu(const at::Tensor& state, const at::Tensor& ancestors) {
+  check_gather_args(state, ancestors);
+  const at::Tensor st = state.contiguous();
+  const at::Tensor anc = ancestors.contiguous();
+  check_ancestor_range(anc);
+  auto out = at::empty_like(st);
+  const int64_t B = anc.size(0), K = anc.size(1);
+  if (st.numel() == 0) return out;
+  const int64_t row_bytes = st.numel() / (B * K) * st.element_size();
+  const char* src = static_cast<const char*>(st.data_ptr());
+  char* dst = static_cast<char*>(out.data_ptr());
+  const int64_t* a = anc.data_ptr<int64_t>();
+  at::parallel_for(0, B, grain_for(K * row_bytes / 8 + 1), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      gather_group(src + b * K * row_bytes, dst + b * K * row_bytes, a + b * K, K, row_bytes);
+  });
+  return out;
+}
+
+// In place: each group is gathered into a per-thread buffer of one group and copied back, so the extra
+// memory is one group's state, not the whole tensor.
+void gather_inplace_cpu(at::Tensor& state, const at::Tensor& ancestors) {
+  check_gather_args(state, ancestors);
+  TORCH_CHECK(state.is_contiguous(), "fusedlab.gather_: state must be contiguous for the in-place form");
+  const at::Tensor anc = ancestors.contiguous();
+  check_ancestor_range(anc);
+  const int64_t B = anc.size(0), K = anc.size(1);
+  if (state.numel() == 0) return;
+  const int64_t row_bytes = state.numel() / (B * K) * state.element_size();
+  char* base = static_cast<char*>(state.data_ptr());
+  const int64_t* a = anc.data_ptr<int64_t>();
+  at::parallel_for(0, B, grain_for(K * row_bytes / 8 + 1), [&](int64_t b0, int64_t b1) {
+    std::vector<char> buf(K * row_bytes);
+    for (int64_t b = b0; b < b1; ++b) {
+      gather_group(base + b * K * row_bytes, buf.data(), a + b * K, K, row_bytes);
+      std::memcpy(base + b * K * row_bytes, buf.data(), K * row_bytes);
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedlab, CPU, m) {
+  m.impl("resample", &resample_cpu);
+  m.impl("resample_gather", &resample_gather_cpu);
+  m.impl("gather", &gather_cpu);
+  m.impl("gather_", &gather_inplace_cpu);
+}
+
+}  // namespace fusedlab

@@ -1,0 +1,21 @@
+// Every op schema of the fusedlab library, in one place. Kernels register per backend in csrc/cpu and
+// csrc/cuda; fake (meta) kernels and autograd live in python/fusedlab/ops.
+#include <Python.h>
+#include <torch/library.h>
+
+// An empty Python module: importing fusedlab._C loads this library and runs the registrations below.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(fusedlab, m) {
+  // ---- resample: batched particle resampling (python/fusedlab/ops/resample.py documents the semantics)
+  m.def("resample(Tensor log_weights, Tensor uniforms, str method, float ess_threshold) -> "
+        "(Tensor ancestors, Tensor log_weights_out, Tensor ess, Tensor log_norm, Tensor status)");
+  // resample, then reorder a per-particle state [B, K, ...] by the ancestors, in one pass per group.
+  m.def("resample_gather(Tensor log_weights, Tensor uniforms, str method, float ess_threshold, Tensor state) -> "
+        "(Tensor ancestors, Tensor log_weights_out, Tensor ess, Tensor log_norm, Tensor status, Tensor state_out)");
+  m.def("gather(Tensor state, Tensor ancestors) -> Tensor");
+  m.def("gather_(Tensor(a!) state, Tensor ancestors) -> ()");
+}

@@ -1,0 +1,77 @@
+"""Which backends exist here, and how `backend=` is resolved for an op call."""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
+
+# For CUDA tensors, "auto" takes the GPU backend measured faster for each op family on an H100/H200
+# (bench/results/). Until a family has a measurement, the CUDA C++ kernel is preferred.
+AUTO_GPU_PREFERENCE = {"resample": ("cuda", "triton")}
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_kernels_loaded() -> bool:
+    """True when the CUDA extension fusedlab._C_cuda was built and loaded (needs a CUDA build of torch)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        importlib.import_module("fusedlab._C_cuda")
+        return True
+    except ImportError as err:  # built without CUDA, or for another torch: say so once, keep working
+        warnings.warn(f"fusedlab: CUDA kernels not loaded ({err}); the 'cuda' backend is unavailable")
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Triton runs on a CUDA device, or anywhere under TRITON_INTERPRET=1 (the CPU interpreter, for tests)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def backends() -> list[str]:
+    """The backends available in this process, e.g. ["auto", "cpu", "reference"] on a CPU-only machine."""
+    out = ["auto"]
+    if cuda_kernels_loaded():
+        out.append("cuda")
+    if triton_available():
+        out.append("triton")
+    out += ["cpu", "reference"]
+    return out
+
+
+def resolve(backend: str, family: str, device: torch.device) -> str:
+    """Map a user's `backend=` to the implementation that will run, with an error naming what is missing."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cpu":
+            return "cpu"
+        if device.type == "cuda":
+            for cand in AUTO_GPU_PREFERENCE.get(family, ("cuda", "triton")):
+                if cand in backends():
+                    return cand
+        return "reference"
+    if backend == "cpu" and device.type != "cpu":
+        raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
+    if backend == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
+        if not cuda_kernels_loaded():
+            raise RuntimeError("backend='cuda' is not available: fusedlab._C_cuda was not built or did not load")
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' is not available: triton is not installed or there is no GPU "
+                               "(set TRITON_INTERPRET=1 to run Triton kernels on the CPU interpreter)")
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
+    return backend

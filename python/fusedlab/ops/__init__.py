@@ -1,0 +1,7 @@
+"""Public wrappers of every fusedlab op: argument checks, backend dispatch, fake kernels and autograd.
+
+Each op is also reachable as ``torch.ops.fusedlab.<name>`` (the C++ schema in csrc/fusedlab.cpp).
+"""
+from fusedlab.ops.resample import ResampleResult, gather, gather_, resample
+
+__all__ = ["ResampleResult", "gather", "gather_", "resample"]

@@ -1,0 +1,337 @@
+"""Batched particle resampling: ``resample``, ``gather`` and ``gather_``.
+
+One fused pass per group of K particles computes the effective sample size, the log mean weight, decides
+whether to resample and draws the ancestors; see python/fusedlab/reference/resample.py for the exact
+semantics every backend follows, and docs/api.md for the user-facing description.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+from typing import NamedTuple, Optional
+
+import torch
+
+from fusedlab import _backend
+from fusedlab.reference import resample as ref
+
+_FAMILY = "resample"
+METHODS = ref.METHODS
+_ON_DEGENERATE = ("raise", "uniform")
+
+
+class ResampleResult(NamedTuple):
+    """What :func:`resample` returns; every field is per group [B] or per particle [B, K]."""
+
+    ancestors: torch.Tensor  #: [B, K] int64, local indices into each group
+    log_weights: torch.Tensor  #: [B, K] after the step: 0 where resampled, normalized to mean 1 where carried
+    ess: torch.Tensor  #: [B] float64 effective sample size before the step (0 for a degenerate group)
+    log_norm: torch.Tensor  #: [B] float64 log mean weight, logsumexp(lw) - log K (-inf when degenerate)
+    resampled: torch.Tensor  #: [B] bool
+    degenerate: torch.Tensor  #: [B] bool, groups with no finite log-weight (resampled uniformly)
+    state: Optional[torch.Tensor] = None  #: the ``state=`` argument reordered by the ancestors, when given
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fake kernels and autograd of the C++ ops (schemas in csrc/fusedlab.cpp)
+
+
+def _fake_resample(log_weights, uniforms, method, ess_threshold):
+    B, K = log_weights.shape
+    f64 = dict(dtype=torch.float64, device=log_weights.device)
+    return (
+        log_weights.new_empty((B, K), dtype=torch.int64),
+        torch.empty_like(log_weights, memory_format=torch.contiguous_format),
+        torch.empty((B,), **f64),
+        torch.empty((B,), **f64),
+        log_weights.new_empty((B,), dtype=torch.uint8),
+    )
+
+
+def _fake_resample_gather(log_weights, uniforms, method, ess_threshold, state):
+    return _fake_resample(log_weights, uniforms, method, ess_threshold) + (
+        torch.empty_like(state, memory_format=torch.contiguous_format),
+    )
+
+
+def _fake_gather(state, ancestors):
+    return torch.empty_like(state, memory_format=torch.contiguous_format)
+
+
+def _fake_gather_(state, ancestors):
+    return None
+
+
+def _grad_log_weights(log_weights, status, g_lw, g_ess, g_norm):
+    """Gradient of (log_weights_out, ess, log_norm) with respect to the input log-weights.
+
+    Carried groups: lw_out = x - logsumexp(x) + log K; log_norm = logsumexp(x) - log K; ess = 1 / sum p^2
+    with p = softmax(x). Resampled groups have lw_out = 0. NaN and -inf inputs get zero gradient.
+    """
+    x = torch.nan_to_num(log_weights.detach().double(), nan=-math.inf, posinf=-math.inf)
+    alive = torch.isfinite(x).any(-1, keepdim=True)
+    p = torch.where(alive, torch.softmax(torch.where(alive, x, torch.zeros_like(x)), -1), torch.zeros_like(x))
+    p = torch.where(torch.isfinite(x), p, torch.zeros_like(p))
+    grad = torch.zeros_like(x)
+    if g_lw is not None:
+        carried = ((status & ref.STATUS_RESAMPLED) == 0).unsqueeze(-1)
+        g = g_lw.double()
+        grad = grad + torch.where(carried & torch.isfinite(x), g - p * g.sum(-1, keepdim=True), torch.zeros_like(g))
+    if g_norm is not None:
+        grad = grad + p * g_norm.double().unsqueeze(-1)
+    if g_ess is not None:
+        q = (p * p).sum(-1, keepdim=True)
+        e = torch.where(q > 0, 1.0 / q, torch.zeros_like(q))
+        grad = grad + g_ess.double().unsqueeze(-1) * (-2.0) * e * e * (p * p - p * q)
+    return grad.to(log_weights.dtype)
+
+
+def _gather_backward(grad_out, ancestors, state_shape):
+    B, K = ancestors.shape
+    idx = ancestors.reshape(B, K, *([1] * (len(state_shape) - 2))).expand(grad_out.shape)
+    return torch.zeros(state_shape, dtype=grad_out.dtype, device=grad_out.device).scatter_add_(1, idx, grad_out)
+
+
+def _setup_resample(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], output[4], output[0])
+    ctx.state_shape = tuple(inputs[4].shape) if len(inputs) > 4 else None
+
+
+def _backward_resample(ctx, g_anc, g_lw, g_ess, g_norm, g_status, g_state=None):
+    log_weights, status, ancestors = ctx.saved_tensors
+    grads = [_grad_log_weights(log_weights, status, g_lw, g_ess, g_norm), None, None, None]
+    if ctx.state_shape is not None:
+        grads.append(None if g_state is None else _gather_backward(g_state, ancestors, ctx.state_shape))
+    return tuple(grads)
+
+
+def _setup_gather(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+    ctx.state_shape = tuple(inputs[0].shape)
+
+
+def _backward_gather(ctx, grad):
+    (ancestors,) = ctx.saved_tensors
+    return _gather_backward(grad, ancestors, ctx.state_shape), None
+
+
+for _name, _fake in (("resample", _fake_resample), ("resample_gather", _fake_resample_gather),
+                     ("gather", _fake_gather), ("gather_", _fake_gather_)):
+    torch.library.register_fake(f"fusedlab::{_name}")(_fake)
+torch.library.register_autograd("fusedlab::resample", _backward_resample, setup_context=_setup_resample)
+torch.library.register_autograd("fusedlab::resample_gather", _backward_resample, setup_context=_setup_resample)
+torch.library.register_autograd("fusedlab::gather", _backward_gather, setup_context=_setup_gather)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the Triton backend, wrapped as custom ops so opcheck and torch.compile see it like the C++ ops
+
+
+@torch.library.custom_op("fusedlab::resample_triton", mutates_args=())
+def _resample_triton(log_weights: torch.Tensor, uniforms: torch.Tensor, method: str,
+                     ess_threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from fusedlab.triton_kernels import resample as tk
+
+    return tk.resample(log_weights, uniforms, method, ess_threshold, None)[:5]
+
+
+@torch.library.custom_op("fusedlab::resample_gather_triton", mutates_args=())
+def _resample_gather_triton(log_weights: torch.Tensor, uniforms: torch.Tensor, method: str, ess_threshold: float,
+                            state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                          torch.Tensor, torch.Tensor]:
+    from fusedlab.triton_kernels import resample as tk
+
+    return tuple(tk.resample(log_weights, uniforms, method, ess_threshold, state))
+
+
+@torch.library.custom_op("fusedlab::gather_triton", mutates_args=())
+def _gather_triton(state: torch.Tensor, ancestors: torch.Tensor) -> torch.Tensor:
+    from fusedlab.triton_kernels import resample as tk
+
+    return tk.gather(state, ancestors)
+
+
+for _name, _fake in (("resample_triton", _fake_resample), ("resample_gather_triton", _fake_resample_gather),
+                     ("gather_triton", _fake_gather)):
+    torch.library.register_fake(f"fusedlab::{_name}")(_fake)
+torch.library.register_autograd("fusedlab::resample_triton", _backward_resample, setup_context=_setup_resample)
+torch.library.register_autograd("fusedlab::resample_gather_triton", _backward_resample,
+                                setup_context=_setup_resample)
+torch.library.register_autograd("fusedlab::gather_triton", _backward_gather, setup_context=_setup_gather)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# argument checks
+
+
+def _check_method(method):
+    if not isinstance(method, str) or method not in METHODS:
+        hint = difflib.get_close_matches(str(method), METHODS, n=1)
+        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}{extra}")
+
+
+def _check_log_weights(log_weights):
+    if not isinstance(log_weights, torch.Tensor):
+        raise TypeError(f"log_weights must be a torch.Tensor, got {type(log_weights).__name__}")
+    if log_weights.dim() != 2:
+        raise ValueError(f"log_weights must be 2-D [B groups, K particles], got shape {tuple(log_weights.shape)}")
+    if log_weights.shape[1] == 0:
+        raise ValueError(f"log_weights must have K >= 1 particles per group, got shape {tuple(log_weights.shape)}")
+    if not log_weights.dtype.is_floating_point:
+        raise TypeError(f"log_weights must be a floating-point tensor, got dtype {log_weights.dtype}")
+    if log_weights.dtype not in (torch.float32, torch.float64):  # half types: computed in float32
+        log_weights = log_weights.float()
+    return log_weights
+
+
+def _uniforms(log_weights, method, uniforms, generator):
+    B, K = log_weights.shape
+    shape = (B,) if method == "systematic" else (B, K)
+    if uniforms is None:
+        u = torch.rand(shape, dtype=torch.float64, device=log_weights.device, generator=generator)
+    else:
+        if generator is not None:
+            raise ValueError("pass either uniforms or generator, not both")
+        if not isinstance(uniforms, torch.Tensor):
+            raise TypeError(f"uniforms must be a torch.Tensor, got {type(uniforms).__name__}")
+        if tuple(uniforms.shape) != shape:
+            raise ValueError(f"uniforms must have shape {list(shape)} for method {method!r} (B={B}, K={K}), "
+                             f"got {list(uniforms.shape)}")
+        if uniforms.device != log_weights.device:
+            raise ValueError(f"uniforms must be on {log_weights.device} like log_weights, got {uniforms.device}")
+        if not uniforms.dtype.is_floating_point:
+            raise TypeError(f"uniforms must be a floating-point tensor in [0, 1), got dtype {uniforms.dtype}")
+        u = uniforms.to(torch.float64)
+    return u.reshape(B, 1) if method == "systematic" else u
+
+
+def _check_state(state, B, K, device, name="state"):
+    if not isinstance(state, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(state).__name__}")
+    if state.dim() < 2 or state.shape[0] != B or state.shape[1] != K:
+        raise ValueError(f"{name} must have shape [B, K, ...] = [{B}, {K}, ...], got {list(state.shape)}")
+    if state.device != device:
+        raise ValueError(f"{name} must be on {device} like the other tensors, got {state.device}")
+
+
+def _check_ancestors(ancestors, state):
+    if not isinstance(ancestors, torch.Tensor):
+        raise TypeError(f"ancestors must be a torch.Tensor, got {type(ancestors).__name__}")
+    if ancestors.dim() != 2:
+        raise ValueError(f"ancestors must be 2-D [B, K], got shape {list(ancestors.shape)}")
+    if ancestors.dtype.is_floating_point or ancestors.dtype == torch.bool or ancestors.dtype.is_complex:
+        raise TypeError(f"ancestors must be an integer tensor, got dtype {ancestors.dtype}")
+    _check_state(state, ancestors.shape[0], ancestors.shape[1], ancestors.device)
+    return ancestors.to(torch.int64)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# public wrappers
+
+
+def resample(log_weights: torch.Tensor, method: str = "systematic", ess_threshold: float = 1.0,
+             uniforms: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+             on_degenerate: str = "raise", state: Optional[torch.Tensor] = None,
+             backend: str = "auto") -> ResampleResult:
+    """Resample B independent groups of K particles in one fused pass.
+
+    Args:
+        log_weights: [B, K] unnormalized log-weights, float32 or float64 (half types are computed in
+            float32). NaN counts as -inf. Non-contiguous input is accepted.
+        method: "systematic" (default), "stratified", "multinomial" or "residual".
+        ess_threshold: resample a group when its ESS < ess_threshold * K; >= 1 always resamples, 0 never.
+        uniforms: optional explicit randomness in [0, 1): shape [B] for systematic, [B, K] otherwise.
+            Given the same uniforms every backend returns the same ancestors.
+        generator: a torch.Generator for the uniforms when ``uniforms`` is None (eager only).
+        on_degenerate: "raise" (ValueError naming the groups with no finite weight) or "uniform"
+            (resample those groups uniformly and flag them in ``degenerate``).
+        state: optional per-particle tensor [B, K, ...], reordered by the ancestors in the same pass.
+        backend: "auto", "cuda", "triton", "cpu" or "reference".
+
+    Returns:
+        :class:`ResampleResult` (ancestors, log_weights, ess, log_norm, resampled, degenerate, state).
+
+    Example:
+        >>> import torch, fusedlab
+        >>> lw = torch.tensor([[0.0, 0.0, -1e9, 0.0], [0.0, -0.1, -0.2, -0.3]])
+        >>> r = fusedlab.smc.resample(lw, ess_threshold=0.9, uniforms=torch.tensor([0.5, 0.5]))
+        >>> r.ancestors.tolist()
+        [[0, 1, 3, 3], [0, 1, 2, 3]]
+        >>> r.resampled.tolist(), [round(e, 3) for e in r.ess.tolist()]
+        ([True, False], [3.0, 3.978])
+    """
+    log_weights = _check_log_weights(log_weights)
+    _check_method(method)
+    if not isinstance(ess_threshold, (int, float)) or not math.isfinite(ess_threshold) or ess_threshold < 0:
+        raise ValueError(f"ess_threshold must be a finite number >= 0, got {ess_threshold!r}")
+    if on_degenerate not in _ON_DEGENERATE:
+        raise ValueError(f"on_degenerate must be one of {_ON_DEGENERATE}, got {on_degenerate!r}")
+    B, K = log_weights.shape
+    if state is not None:
+        _check_state(state, B, K, log_weights.device)
+    u = _uniforms(log_weights, method, uniforms, generator)
+    which = _backend.resolve(backend, _FAMILY, log_weights.device)
+    thr = float(ess_threshold)
+    state_out = None
+    if which == "reference":
+        anc, lw_out, ess, log_norm, status = ref.resample(log_weights, u, method, thr)
+        if state is not None:
+            state_out = ref.gather(state, anc)
+    elif state is None:
+        op = torch.ops.fusedlab.resample_triton if which == "triton" else torch.ops.fusedlab.resample
+        anc, lw_out, ess, log_norm, status = op(log_weights, u, method, thr)
+    else:
+        op = torch.ops.fusedlab.resample_gather_triton if which == "triton" else torch.ops.fusedlab.resample_gather
+        anc, lw_out, ess, log_norm, status, state_out = op(log_weights, u, method, thr, state)
+    degenerate = (status & ref.STATUS_DEGENERATE) != 0
+    if on_degenerate == "raise":
+        _raise_if_degenerate(degenerate)
+    return ResampleResult(anc, lw_out, ess, log_norm, (status & ref.STATUS_RESAMPLED) != 0, degenerate, state_out)
+
+
+def _raise_if_degenerate(degenerate):
+    if torch.compiler.is_compiling():  # no host sync inside a compiled graph: a device-side assertion
+        torch._assert_async(~degenerate.any(), "fusedlab.resample: a group has no finite log-weight")
+        return
+    if bool(degenerate.any()):
+        groups = torch.nonzero(degenerate).flatten().tolist()
+        shown = ", ".join(map(str, groups[:10])) + (", ..." if len(groups) > 10 else "")
+        raise ValueError(f"log_weights: group(s) {shown} have no finite log-weight (all -inf or NaN, or +inf); "
+                         "pass on_degenerate='uniform' to resample them uniformly instead")
+
+
+def gather(state: torch.Tensor, ancestors: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Reorder a per-particle tensor: out[b, i, ...] = state[b, ancestors[b, i], ...], in one fused pass.
+
+    Any trailing shape and dtype; differentiable in ``state``.
+
+    Example:
+        >>> import torch, fusedlab
+        >>> x = torch.arange(6.0).reshape(1, 3, 2)
+        >>> fusedlab.smc.gather(x, torch.tensor([[2, 2, 0]])).tolist()
+        [[[4.0, 5.0], [4.0, 5.0], [0.0, 1.0]]]
+    """
+    ancestors = _check_ancestors(ancestors, state)
+    which = _backend.resolve(backend, _FAMILY, state.device)
+    if which == "reference":
+        return ref.gather(state, ancestors)
+    if which == "triton":
+        return torch.ops.fusedlab.gather_triton(state, ancestors)
+    return torch.ops.fusedlab.gather(state, ancestors)
+
+
+def gather_(state: torch.Tensor, ancestors: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """In-place :func:`gather`: state[b, i, ...] <- state[b, ancestors[b, i], ...]; returns ``state``.
+
+    On the CPU only one group's worth of extra memory is used; state must be contiguous.
+    """
+    ancestors = _check_ancestors(ancestors, state)
+    if not state.is_contiguous():
+        raise ValueError("state must be contiguous for the in-place gather_ (use gather for strided input)")
+    which = _backend.resolve(backend, _FAMILY, state.device)
+    if which in ("cpu", "cuda"):
+        torch.ops.fusedlab.gather_(state, ancestors)
+    else:
+        state.copy_(gather(state, ancestors, backend=which))
+    return state

@@ -1,0 +1,2 @@
+"""Plain PyTorch ports of each op family's algorithm: readable, float64-capable, the test oracle."""
+from fusedlab.reference import resample  # noqa: F401

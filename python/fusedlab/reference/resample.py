@@ -1,0 +1,124 @@
+"""Plain PyTorch reference for batched particle resampling: the oracle every kernel is tested against.
+
+Semantics (shared by every backend; see docs/api.md):
+
+per group b of K log-weights x (NaN counts as -inf):
+  m = max x; the group is *degenerate* when m is not finite (no finite weight, or a +inf weight).
+  w_j = exp(x_j - m) in float64;  S = sum w;  ESS = S^2 / sum w^2;  log_norm = m + log S - log K.
+  resample when ess_threshold >= 1 or ESS < ess_threshold * K. A degenerate group is always resampled
+  uniformly over its K particles (w_j = 1) and reports ESS = 0, log_norm = -inf; the Python wrapper raises
+  for it unless on_degenerate="uniform".
+  CDF C_j = cumsum(w)_j / S, and C_j = 1 for j >= the last positive weight.
+  points p_i: systematic (i + U)/K, stratified (i + U_i)/K, multinomial sort(U)_i;
+  ancestor i = first j with C_j > p_i (clamped to the last positive weight), so zero weights are never chosen.
+  residual: n_j = floor(K w_j / S) deterministic copies in particle order, then R = K - sum n_j draws by the
+  multinomial rule on the residual weights K w_j / S - n_j with points sort(U[:R]).
+  log_weights after: 0 where resampled, x - (m + log S) + log K where carried (mean weight stays 1).
+status bits: 1 = resampled, 2 = degenerate.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+METHODS = ("multinomial", "stratified", "systematic", "residual")
+
+STATUS_RESAMPLED = 1
+STATUS_DEGENERATE = 2
+
+
+def uniforms_per_group(method: str, K: int) -> int:
+    """How many uniforms each group consumes: one for systematic, K for the others."""
+    return 1 if method == "systematic" else K
+
+
+def _inverse_cdf(cdf: torch.Tensor, points: torch.Tensor, last: int) -> torch.Tensor:
+    # first j with cdf[j] > p  ==  number of j with cdf[j] <= p  (cdf is non-decreasing)
+    idx = torch.searchsorted(cdf, points, right=True)
+    return idx.clamp_(max=last)
+
+
+def _group(x: torch.Tensor, u: torch.Tensor, method: str, ess_threshold: float):
+    K = x.numel()
+    x = torch.where(torch.isnan(x), torch.full_like(x, -math.inf), x)
+    m = x.max()
+    degenerate = not bool(torch.isfinite(m))
+    if degenerate:
+        w = torch.ones(K, dtype=torch.float64)
+        ess = torch.tensor(0.0, dtype=torch.float64)
+        log_norm = torch.tensor(-math.inf, dtype=torch.float64)
+        resample = True
+    else:
+        w = torch.exp(x - m)
+        s = w.sum()
+        ess = s * s / (w * w).sum()
+        log_norm = m + torch.log(s) - math.log(K)
+        resample = ess_threshold >= 1.0 or bool(ess < ess_threshold * K)
+    status = (STATUS_RESAMPLED if resample else 0) | (STATUS_DEGENERATE if degenerate else 0)
+    if not resample:
+        lw_out = x - (m + torch.log(w.sum())) + math.log(K)
+        return torch.arange(K), lw_out, ess, log_norm, status
+    s = w.sum()
+    positive = torch.nonzero(w > 0).flatten()
+    last = int(positive[-1])
+    if method == "residual":
+        kw = K * w / s
+        n = torch.floor(kw)
+        det = torch.repeat_interleave(torch.arange(K), n.to(torch.int64))
+        R = K - det.numel()
+        if R == 0:
+            anc = det
+        else:
+            r = kw - n
+            rlast = int(torch.nonzero(r > 0).flatten()[-1])
+            cdf = torch.cumsum(r, 0) / r.sum()
+            cdf[rlast:] = 1.0
+            pts = torch.sort(u[:R]).values
+            anc = torch.cat([det, _inverse_cdf(cdf, pts, rlast)])
+    else:
+        cdf = torch.cumsum(w, 0) / s
+        cdf[last:] = 1.0
+        i = torch.arange(K, dtype=torch.float64)
+        if method == "systematic":
+            pts = (i + u[0]) / K
+        elif method == "stratified":
+            pts = (i + u) / K
+        else:
+            pts = torch.sort(u).values
+        anc = _inverse_cdf(cdf, pts, last)
+    return anc, torch.zeros(K, dtype=torch.float64), ess, log_norm, status
+
+
+def resample(log_weights: torch.Tensor, uniforms: torch.Tensor, method: str, ess_threshold: float):
+    """Reference of ``torch.ops.fusedlab.resample``: a Python loop over groups, float64 throughout.
+
+    ``uniforms`` is [B, 1] for systematic and [B, K] otherwise. Returns (ancestors int64 [B, K],
+    log_weights [B, K] in the input dtype, ess float64 [B], log_norm float64 [B], status uint8 [B]).
+    """
+    B, K = log_weights.shape
+    dev, dt = log_weights.device, log_weights.dtype
+    lw = log_weights.detach().to("cpu", torch.float64)
+    u = uniforms.detach().to("cpu", torch.float64)
+    anc = torch.empty(B, K, dtype=torch.int64)
+    lw_out = torch.empty(B, K, dtype=torch.float64)
+    ess = torch.empty(B, dtype=torch.float64)
+    log_norm = torch.empty(B, dtype=torch.float64)
+    status = torch.empty(B, dtype=torch.uint8)
+    for b in range(B):
+        a, l, e, z, s = _group(lw[b], u[b], method, ess_threshold)
+        anc[b], lw_out[b], ess[b], log_norm[b], status[b] = a, l, e, z, s
+    return (anc.to(dev), lw_out.to(device=dev, dtype=dt), ess.to(dev), log_norm.to(dev), status.to(dev))
+
+
+def gather(state: torch.Tensor, ancestors: torch.Tensor) -> torch.Tensor:
+    """Reference of ``torch.ops.fusedlab.gather``: out[b, i, ...] = state[b, ancestors[b, i], ...]."""
+    B, K = ancestors.shape
+    idx = ancestors.reshape(B, K, *([1] * (state.dim() - 2))).expand(B, K, *state.shape[2:])
+    return torch.gather(state, 1, idx)
+
+
+def offspring_counts(ancestors: torch.Tensor, K: int) -> torch.Tensor:
+    """Number of children of each particle: [B, K] int64."""
+    out = torch.zeros(ancestors.shape[0], K, dtype=torch.int64, device=ancestors.device)
+    return out.scatter_add_(1, ancestors, torch.ones_like(ancestors))

@@ -1,0 +1,13 @@
+"""Sequential Monte Carlo building blocks: batched resampling and particle-state reordering.
+
+    >>> import torch, fusedlab
+    >>> g = torch.Generator().manual_seed(0)
+    >>> lw = torch.randn(4, 8, generator=g)             # 4 groups of 8 particles
+    >>> state = torch.randn(4, 8, 3, generator=g)       # any per-particle tensor
+    >>> r = fusedlab.smc.resample(lw, method="stratified", generator=g, state=state)
+    >>> r.ancestors.shape, r.state.shape, r.resampled.all().item()
+    (torch.Size([4, 8]), torch.Size([4, 8, 3]), True)
+"""
+from fusedlab.ops.resample import METHODS, ResampleResult, gather, gather_, resample
+
+__all__ = ["METHODS", "ResampleResult", "gather", "gather_", "resample"]

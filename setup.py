@@ -1,0 +1,70 @@
+"""Build of fusedlab: `fusedlab._C` (op schemas + C++ CPU kernels) always, `fusedlab._C_cuda` (CUDA kernels)
+when the installed torch has CUDA and nvcc is found.
+
+Environment: FUSEDLAB_NO_CUDA=1 skips the CUDA extension; TORCH_CUDA_ARCH_LIST picks the GPU targets
+(default "8.0;9.0a+PTX"); MAX_JOBS bounds parallel compile jobs; FUSEDLAB_DEBUG=1 keeps debug info.
+"""
+import glob
+import os
+
+from setuptools import setup
+
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+INCLUDE = [os.path.join(ROOT, "csrc", "include")]
+DEBUG = os.environ.get("FUSEDLAB_DEBUG") == "1"
+CXX_FLAGS = ["-O3", "-std=c++17", "-fvisibility=hidden"] + (["-g"] if DEBUG else ["-g0"])
+
+
+def rel(paths):
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+def want_cuda():
+    if os.environ.get("FUSEDLAB_NO_CUDA") == "1":
+        return False
+    import torch
+
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+ext_modules = [
+    cpp_extension.CppExtension(
+        "fusedlab._C",
+        rel([os.path.join(ROOT, "csrc", "fusedlab.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))),
+        include_dirs=INCLUDE,
+        extra_compile_args={"cxx": CXX_FLAGS + ["-fopenmp"]},
+        extra_link_args=["-fopenmp"],
+        py_limited_api=True,
+    )
+]
+
+if want_cuda():
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a+PTX")
+    ext_modules.append(
+        cpp_extension.CUDAExtension(
+            "fusedlab._C_cuda",
+            rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp"))),
+            include_dirs=INCLUDE,
+            extra_compile_args={
+                "cxx": CXX_FLAGS,
+                "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+            },
+            py_limited_api=True,
+        )
+    )
+
+setup(
+    package_dir={"fusedlab": "python/fusedlab", "fusedlab.triton_kernels": "triton_kernels"},
+    packages=[
+        "fusedlab",
+        "fusedlab.ops",
+        "fusedlab.reference",
+        "fusedlab.smc",
+        "fusedlab.triton_kernels",
+    ],
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=False)},
+    options={"bdist_wheel": {"py_limited_api": "cp311"}},
+)

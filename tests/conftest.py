@@ -1,0 +1,30 @@
+"""Test setup: the Triton interpreter on machines without a GPU, fresh seeds, NaN-poisoned buffers."""
+import os
+
+import torch
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated (import time): set it before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fusedlab  # noqa: E402,F401
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def gen():
+    """A generator with a fresh seed per test (printed on failure through the test id's captured output)."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"seed={seed}")
+    return torch.Generator().manual_seed(seed)
