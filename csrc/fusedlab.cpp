@@ -10,12 +10,13 @@ PyMODINIT_FUNC PyInit__C(void) {
 }
 
 TORCH_LIBRARY(fusedlab, m) {
-  // ---- resample: batched particle resampling (python/fusedlab/ops/resample.py documents the semantics)
+  // ---- resample: batched particle resampling (python/fusedlab/reference/resample.py defines the semantics).
+  // The floating-point output comes first: opcheck's autograd test sums the outputs in order.
   m.def("resample(Tensor log_weights, Tensor uniforms, str method, float ess_threshold) -> "
-        "(Tensor ancestors, Tensor log_weights_out, Tensor ess, Tensor log_norm, Tensor status)");
+        "(Tensor log_weights_out, Tensor ancestors, Tensor ess, Tensor log_norm, Tensor status)");
   // resample, then reorder a per-particle state [B, K, ...] by the ancestors, in one pass per group.
   m.def("resample_gather(Tensor log_weights, Tensor uniforms, str method, float ess_threshold, Tensor state) -> "
-        "(Tensor ancestors, Tensor log_weights_out, Tensor ess, Tensor log_norm, Tensor status, Tensor state_out)");
+        "(Tensor log_weights_out, Tensor ancestors, Tensor ess, Tensor log_norm, Tensor status, Tensor state_out)");
   m.def("gather(Tensor state, Tensor ancestors) -> Tensor");
   m.def("gather_(Tensor(a!) state, Tensor ancestors) -> ()");
 }

@@ -151,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       }
     });
   });
-  return {anc, lw_out, ess_t, ln_t, status, st_out};
+  return {lw_out, anc, ess_t, ln_t, status, st_out};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> resample_cpu(

@@ -40,8 +40,8 @@ def _fake_resample(log_weights, uniforms, method, ess_threshold):
     B, K = log_weights.shape
     f64 = dict(dtype=torch.float64, device=log_weights.device)
     return (
-        log_weights.new_empty((B, K), dtype=torch.int64),
         torch.empty_like(log_weights, memory_format=torch.contiguous_format),
+        log_weights.new_empty((B, K), dtype=torch.int64),
         torch.empty((B,), **f64),
         torch.empty((B,), **f64),
         log_weights.new_empty((B,), dtype=torch.uint8),
@@ -93,11 +93,11 @@ def _gather_backward(grad_out, ancestors, state_shape):
 
 
 def _setup_resample(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0], output[4], output[0])
+    ctx.save_for_backward(inputs[0], output[4], output[1])
     ctx.state_shape = tuple(inputs[4].shape) if len(inputs) > 4 else None
 
 
-def _backward_resample(ctx, g_anc, g_lw, g_ess, g_norm, g_status, g_state=None):
+def _backward_resample(ctx, g_lw, g_anc, g_ess, g_norm, g_status, g_state=None):
     log_weights, status, ancestors = ctx.saved_tensors
     grads = [_grad_log_weights(log_weights, status, g_lw, g_ess, g_norm), None, None, None]
     if ctx.state_shape is not None:
@@ -132,7 +132,8 @@ def _resample_triton(log_weights: torch.Tensor, uniforms: torch.Tensor, method: 
                      ess_threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from fusedlab.triton_kernels import resample as tk
 
-    return tk.resample(log_weights, uniforms, method, ess_threshold, None)[:5]
+    anc, lw_out, ess, log_norm, status, _ = tk.resample(log_weights, uniforms, method, ess_threshold, None)
+    return lw_out, anc, ess, log_norm, status
 
 
 @torch.library.custom_op("fusedlab::resample_gather_triton", mutates_args=())
@@ -141,7 +142,8 @@ def _resample_gather_triton(log_weights: torch.Tensor, uniforms: torch.Tensor, m
                                                           torch.Tensor, torch.Tensor]:
     from fusedlab.triton_kernels import resample as tk
 
-    return tuple(tk.resample(log_weights, uniforms, method, ess_threshold, state))
+    anc, lw_out, ess, log_norm, status, state_out = tk.resample(log_weights, uniforms, method, ess_threshold, state)
+    return lw_out, anc, ess, log_norm, status, state_out
 
 
 @torch.library.custom_op("fusedlab::gather_triton", mutates_args=())
@@ -275,15 +277,15 @@ def resample(log_weights: torch.Tensor, method: str = "systematic", ess_threshol
     thr = float(ess_threshold)
     state_out = None
     if which == "reference":
-        anc, lw_out, ess, log_norm, status = ref.resample(log_weights, u, method, thr)
+        lw_out, anc, ess, log_norm, status = ref.resample(log_weights, u, method, thr)
         if state is not None:
             state_out = ref.gather(state, anc)
     elif state is None:
         op = torch.ops.fusedlab.resample_triton if which == "triton" else torch.ops.fusedlab.resample
-        anc, lw_out, ess, log_norm, status = op(log_weights, u, method, thr)
+        lw_out, anc, ess, log_norm, status = op(log_weights, u, method, thr)
     else:
         op = torch.ops.fusedlab.resample_gather_triton if which == "triton" else torch.ops.fusedlab.resample_gather
-        anc, lw_out, ess, log_norm, status, state_out = op(log_weights, u, method, thr, state)
+        lw_out, anc, ess, log_norm, status, state_out = op(log_weights, u, method, thr, state)
     degenerate = (status & ref.STATUS_DEGENERATE) != 0
     if on_degenerate == "raise":
         _raise_if_degenerate(degenerate)

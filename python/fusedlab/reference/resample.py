@@ -93,8 +93,8 @@ def _group(x: torch.Tensor, u: torch.Tensor, method: str, ess_threshold: float):
 def resample(log_weights: torch.Tensor, uniforms: torch.Tensor, method: str, ess_threshold: float):
     """Reference of ``torch.ops.fusedlab.resample``: a Python loop over groups, float64 throughout.
 
-    ``uniforms`` is [B, 1] for systematic and [B, K] otherwise. Returns (ancestors int64 [B, K],
-    log_weights [B, K] in the input dtype, ess float64 [B], log_norm float64 [B], status uint8 [B]).
+    ``uniforms`` is [B, 1] for systematic and [B, K] otherwise. Returns (log_weights [B, K] in the input
+    dtype, ancestors int64 [B, K], ess float64 [B], log_norm float64 [B], status uint8 [B]).
     """
     B, K = log_weights.shape
     dev, dt = log_weights.device, log_weights.dtype
@@ -108,7 +108,7 @@ def resample(log_weights: torch.Tensor, uniforms: torch.Tensor, method: str, ess
     for b in range(B):
         a, l, e, z, s = _group(lw[b], u[b], method, ess_threshold)
         anc[b], lw_out[b], ess[b], log_norm[b], status[b] = a, l, e, z, s
-    return (anc.to(dev), lw_out.to(device=dev, dtype=dt), ess.to(dev), log_norm.to(dev), status.to(dev))
+    return (lw_out.to(device=dev, dtype=dt), anc.to(dev), ess.to(dev), log_norm.to(dev), status.to(dev))
 
 
 def gather(state: torch.Tensor, ancestors: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,362 @@
+"""Batched resampling on the C++ CPU path and the reference: exactness, statistics, op registration, errors."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import fusedlab
+from fusedlab.reference import resample as ref
+
+METHODS = fusedlab.smc.METHODS
+
+
+def draw_uniforms(method, B, K, gen):
+    return torch.rand((B,) if method == "systematic" else (B, K), dtype=torch.float64, generator=gen)
+
+
+def random_log_weights(B, K, gen, dtype=torch.float64, dead=0.2, scale=3.0):
+    lw = torch.randn(B, K, generator=gen, dtype=torch.float64) * scale
+    lw[torch.rand(B, K, generator=gen) < dead] = -math.inf
+    lw[:, 0] = torch.where(torch.isinf(lw).all(-1), torch.zeros(B, dtype=torch.float64), lw[:, 0])  # keep one alive
+    return lw.to(dtype)
+
+
+def assert_same(a, b, rtol=1e-12):
+    assert torch.equal(a.ancestors, b.ancestors)
+    assert torch.equal(a.resampled, b.resampled) and torch.equal(a.degenerate, b.degenerate)
+    torch.testing.assert_close(a.log_weights, b.log_weights, rtol=rtol, atol=rtol, equal_nan=True)
+    torch.testing.assert_close(a.ess, b.ess, rtol=rtol, atol=0)
+    torch.testing.assert_close(a.log_norm, b.log_norm, rtol=rtol, atol=rtol)
+
+
+# ------------------------------------------------------------------------------------------------ exactness
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("thr", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpu_matches_reference(method, thr, dtype, gen):
+    B, K = 37, 53
+    lw = random_log_weights(B, K, gen, dtype)
+    lw[3, 5] = math.nan
+    u = draw_uniforms(method, B, K, gen)
+    a = fusedlab.smc.resample(lw, method, thr, uniforms=u, backend="cpu")
+    b = fusedlab.smc.resample(lw, method, thr, uniforms=u, backend="reference")
+    assert_same(a, b, rtol=1e-12 if dtype == torch.float64 else 1e-6)
+    assert a.log_weights.dtype == dtype and a.ess.dtype == torch.float64 and a.ancestors.dtype == torch.int64
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 6), K=st.integers(1, 70), method=st.sampled_from(METHODS),
+       thr=st.sampled_from([0.0, 0.3, 0.7, 1.0, 2.0]), dead=st.floats(0.0, 0.9), seed=st.integers(0, 2**31 - 1))
+def test_cpu_matches_reference_hypothesis(B, K, method, thr, dead, seed):
+    gen = torch.Generator().manual_seed(seed)
+    lw = random_log_weights(B, K, gen, dead=dead)
+    u = draw_uniforms(method, B, K, gen)
+    assert_same(fusedlab.smc.resample(lw, method, thr, uniforms=u, backend="cpu"),
+                fusedlab.smc.resample(lw, method, thr, uniforms=u, backend="reference"))
+
+
+def test_log_norm_ess_and_carried_weights(gen):
+    lw = torch.randn(5, 9, generator=gen, dtype=torch.float64)
+    r = fusedlab.smc.resample(lw, ess_threshold=0.0)
+    w = torch.softmax(lw, -1)
+    torch.testing.assert_close(r.log_norm, torch.logsumexp(lw, -1) - math.log(9))
+    torch.testing.assert_close(r.ess, 1.0 / (w * w).sum(-1))
+    assert not r.resampled.any()
+    assert torch.equal(r.ancestors, torch.arange(9).expand(5, 9))
+    torch.testing.assert_close(r.log_weights.exp().mean(-1), torch.ones(5, dtype=torch.float64))  # mean 1, kept
+    torch.testing.assert_close(torch.softmax(r.log_weights, -1), w)
+
+
+def test_threshold_semantics(gen):
+    lw = torch.zeros(2, 6, dtype=torch.float64)  # ESS = K exactly
+    assert fusedlab.smc.resample(lw, ess_threshold=1.0).resampled.all()
+    assert not fusedlab.smc.resample(lw, ess_threshold=0.99).resampled.any()
+    lw = torch.tensor([[0.0, -50.0, -50.0, -50.0]])
+    assert not fusedlab.smc.resample(lw, ess_threshold=0.0).resampled.any()
+    assert fusedlab.smc.resample(lw, ess_threshold=0.5).resampled.all()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_zero_weight_never_selected(method, gen):
+    lw = torch.log(torch.tensor([[0.0, 0.5, 0.5], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]], dtype=torch.float64))
+    u = torch.zeros((3,) if method == "systematic" else (3, 3), dtype=torch.float64)  # u = 0 exactly
+    for backend in ("cpu", "reference"):
+        r = fusedlab.smc.resample(lw, method, uniforms=u, backend=backend)
+        assert (r.ancestors[0] != 0).all() and (r.ancestors[1] == 2).all() and (r.ancestors[2] == 0).all()
+    lw = random_log_weights(64, 50, gen, dead=0.7)
+    r = fusedlab.smc.resample(lw, method, generator=gen)
+    assert torch.isfinite(torch.gather(lw, 1, r.ancestors)).all()
+
+
+def test_nan_counts_as_minus_inf(gen):
+    lw = random_log_weights(4, 10, gen)
+    lw2 = lw.clone()
+    lw[:, 3] = math.nan
+    lw2[:, 3] = -math.inf
+    u = draw_uniforms("stratified", 4, 10, gen)
+    assert_same(fusedlab.smc.resample(lw, "stratified", uniforms=u), fusedlab.smc.resample(lw2, "stratified", uniforms=u))
+
+
+def test_degenerate_groups(gen):
+    lw = torch.randn(4, 5, generator=gen)
+    lw[1] = -math.inf
+    lw[2] = math.nan
+    lw[3, 2] = math.inf
+    with pytest.raises(ValueError, match=r"group\(s\) 1, 2, 3"):
+        fusedlab.smc.resample(lw)
+    r = fusedlab.smc.resample(lw, on_degenerate="uniform", ess_threshold=0.0, generator=gen)
+    assert r.degenerate.tolist() == [False, True, True, True]
+    assert r.resampled.tolist() == [False, True, True, True]
+    assert torch.isinf(r.log_norm[1:]).all() and (r.ess[1:] == 0).all()
+    assert (r.log_weights[1:] == 0).all() and torch.isfinite(r.log_weights).all()
+    counts = ref.offspring_counts(r.ancestors, 5)[1:]
+    assert (counts == 1).all()  # systematic on equal weights: every particle exactly once
+
+
+def test_residual_deterministic_part():
+    w = torch.tensor([[0.5, 0.25, 0.125, 0.125]], dtype=torch.float64)
+    r = fusedlab.smc.resample(w.log(), "residual", uniforms=torch.rand(1, 4, dtype=torch.float64))
+    assert r.ancestors.tolist() == [[0, 0, 1, 2]] or r.ancestors.tolist() == [[0, 0, 1, 3]]
+    r = fusedlab.smc.resample(torch.tensor([[0.0, 0.0]]), "residual", uniforms=torch.rand(1, 2, dtype=torch.float64))
+    assert r.ancestors.tolist() == [[0, 1]]
+
+
+def test_noncontiguous_and_half_inputs(gen):
+    base = torch.randn(9, 6, generator=gen, dtype=torch.float64)
+    lw = base.t()  # [6, 9], non-contiguous
+    assert not lw.is_contiguous()
+    u = draw_uniforms("stratified", 6, 9, gen)
+    assert_same(fusedlab.smc.resample(lw, "stratified", uniforms=u), fusedlab.smc.resample(lw.contiguous(), "stratified", uniforms=u))
+    h = lw.to(torch.bfloat16)
+    r = fusedlab.smc.resample(h, "stratified", uniforms=u)
+    assert r.log_weights.dtype == torch.float32
+    assert_same(r, fusedlab.smc.resample(h.float(), "stratified", uniforms=u))
+
+
+def test_autocast_and_deterministic(gen):
+    lw = torch.randn(8, 16, generator=gen)
+    u = draw_uniforms("systematic", 8, 16, gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = fusedlab.smc.resample(lw, uniforms=u)
+    assert a.log_weights.dtype == torch.float32
+    torch.use_deterministic_algorithms(True)
+    try:
+        b = fusedlab.smc.resample(lw, uniforms=u)
+        state = torch.randn(8, 16, 3, generator=gen)
+        g1, g2 = fusedlab.smc.gather(state, b.ancestors), fusedlab.smc.gather(state, b.ancestors)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert_same(a, b)
+    assert torch.equal(g1, g2)
+
+
+def test_generator_reproducible():
+    lw = torch.randn(16, 32)
+    a = fusedlab.smc.resample(lw, "multinomial", generator=torch.Generator().manual_seed(7))
+    b = fusedlab.smc.resample(lw, "multinomial", generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a.ancestors, b.ancestors)
+
+
+# ------------------------------------------------------------------------------------------------ gather
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.bool, torch.complex64])
+@pytest.mark.parametrize("trailing", [(), (16,), (3, 5)])
+def test_gather(dtype, trailing, gen):
+    B, K = 5, 11
+    state = (torch.randn(B, K, *trailing, generator=gen) * 10).to(dtype)
+    anc = torch.randint(0, K, (B, K), generator=gen)
+    expect = ref.gather(state, anc)
+    assert torch.equal(fusedlab.smc.gather(state, anc), expect)
+    assert torch.equal(fusedlab.smc.gather(state, anc, backend="reference"), expect)
+    inplace = state.clone()
+    assert fusedlab.smc.gather_(inplace, anc) is inplace
+    assert torch.equal(inplace, expect)
+    if trailing:  # strided state
+        strided = state.transpose(0, -1).contiguous().transpose(0, -1)  # same shape, other strides
+        assert not strided.is_contiguous()
+        assert torch.equal(fusedlab.smc.gather(strided, anc), ref.gather(strided, anc))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fused_resample_gather(method, gen):
+    B, K = 9, 13
+    lw = random_log_weights(B, K, gen)
+    state = torch.randn(B, K, 2, 3, generator=gen)
+    u = draw_uniforms(method, B, K, gen)
+    r = fusedlab.smc.resample(lw, method, 0.5, uniforms=u, state=state)
+    assert torch.equal(r.state, ref.gather(state, r.ancestors))
+    assert_same(r, fusedlab.smc.resample(lw, method, 0.5, uniforms=u))
+
+
+def test_gather_rejects_out_of_range():
+    with pytest.raises(RuntimeError, match="ancestors must lie in"):
+        fusedlab.smc.gather(torch.zeros(1, 3), torch.tensor([[0, 3, 1]]))
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+# Offspring counts N_j over B independent groups sharing one weight vector W: E[N_j] = K W_j for every scheme.
+# The per-group variance of N_j is at most K W_j (1 - W_j) (multinomial, the largest), so the mean over B
+# groups is tested within 5.5 standard errors: a false failure has probability < 4e-8 per particle, < 2e-6
+# over the 4 schemes x 12 particles (and the seed is fixed, so the test is repeatable).
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_unbiased_offspring(method):
+    gen = torch.Generator().manual_seed(1234)
+    K, B = 12, 40000
+    W = torch.distributions.Dirichlet(torch.ones(K)).sample().double()
+    lw = W.log().expand(B, K).contiguous()
+    r = fusedlab.smc.resample(lw, method, generator=gen)
+    counts = ref.offspring_counts(r.ancestors, K).double()
+    se = torch.sqrt(K * W * (1 - W) / B)
+    z = (counts.mean(0) - K * W).abs() / se.clamp_min(1e-12)
+    assert (z < 5.5).all(), z
+
+
+def test_lower_variance_than_multinomial():
+    # Systematic and stratified offspring counts are floor/ceil of K W_j or close: far below the
+    # multinomial variance K W (1 - W). With B = 20000 groups the estimates have < 3% relative error,
+    # so the factor-of-1.5 margin cannot fail by chance (fixed seed).
+    gen = torch.Generator().manual_seed(99)
+    K, B = 16, 20000
+    W = torch.distributions.Dirichlet(torch.ones(K)).sample().double()
+    lw = W.log().expand(B, K).contiguous()
+    var = {}
+    for method in METHODS:
+        counts = ref.offspring_counts(fusedlab.smc.resample(lw, method, generator=gen).ancestors, K).double()
+        var[method] = counts.var(0).sum().item()
+    multi = (K * W * (1 - W)).sum().item()
+    assert abs(var["multinomial"] / multi - 1) < 0.1, (var, multi)
+    for method in ("systematic", "stratified", "residual"):
+        assert var[method] * 1.5 < var["multinomial"], var
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_matches_particles_library(method, gen):
+    """The `particles` library's own schemes, replayed with the same random numbers, give the same ancestors."""
+    resampling = pytest.importorskip("particles.resampling")
+    K = 40
+    for trial in range(20):
+        W = torch.distributions.Dirichlet(torch.ones(K) * 0.5).sample((1,), ).double()[0].numpy()
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+        np.random.seed(seed)
+        theirs = getattr(resampling, method)(W)
+        np.random.seed(seed)
+        if method == "systematic":
+            u = np.random.rand(1)
+        elif method == "stratified":
+            u = np.random.rand(K)
+        elif method == "multinomial":
+            u = resampling.uniform_spacings(K)
+        else:
+            R = K - int(np.floor(K * W).sum())
+            u = np.concatenate([resampling.uniform_spacings(R), np.zeros(K - R)]) if R else np.zeros(K)
+        lw = torch.from_numpy(np.log(W))[None]
+        ut = torch.from_numpy(np.asarray(u, dtype=np.float64)).reshape((1,) if method == "systematic" else (1, K))
+        ours = fusedlab.smc.resample(lw, method, uniforms=ut).ancestors[0].numpy()
+        assert np.array_equal(ours, theirs), (trial, ours, theirs)
+
+
+# ------------------------------------------------------------------------------------------------ registration
+
+
+def _opcheck_inputs(gen, K=6, B=3):
+    lw = torch.randn(B, K, generator=gen, dtype=torch.float64, requires_grad=True)
+    u = torch.rand(B, K, generator=gen, dtype=torch.float64)
+    state = torch.randn(B, K, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    return lw, u, state
+
+
+@pytest.mark.parametrize("thr", [0.0, 1.0])
+def test_opcheck(thr, gen):
+    lw, u, state = _opcheck_inputs(gen)
+    torch.library.opcheck(torch.ops.fusedlab.resample.default, (lw, u, "stratified", thr))
+    torch.library.opcheck(torch.ops.fusedlab.resample_gather.default, (lw, u, "stratified", thr, state))
+    anc = torch.randint(0, 6, (3, 6), generator=gen)
+    torch.library.opcheck(torch.ops.fusedlab.gather.default, (state, anc))
+    torch.library.opcheck(torch.ops.fusedlab.gather_.default, (state.detach().clone(), anc))
+
+
+def test_gradcheck(gen):
+    lw, u, state = _opcheck_inputs(gen)
+
+    def carried(x):
+        r = fusedlab.smc.resample(x, "stratified", 0.0, uniforms=u)
+        return r.log_weights, r.ess, r.log_norm
+
+    torch.autograd.gradcheck(carried, (lw,))
+    x = lw.detach().clone()
+    x[0, 1] = -math.inf  # a dead particle gets zero gradient and the rest stay exact
+    x.requires_grad_(True)
+    torch.autograd.gradcheck(lambda y: fusedlab.smc.resample(y, "stratified", 0.0, uniforms=u).log_norm, (x,))
+    anc = torch.randint(0, 6, (3, 6), generator=gen)
+    torch.autograd.gradcheck(lambda s: fusedlab.smc.gather(s, anc), (state,))
+    torch.autograd.gradcheck(lambda s: fusedlab.smc.resample(lw.detach(), "stratified", 1.0, uniforms=u, state=s).state,
+                             (state,))
+
+
+def test_torch_compile_fullgraph(gen):
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True, backend="inductor")
+    def step(lw, u, state):
+        r = fusedlab.smc.resample(lw, "systematic", 0.5, uniforms=u)
+        return r.log_weights, r.log_norm, fusedlab.smc.gather(state, r.ancestors)
+
+    lw = torch.randn(4, 8, generator=gen)
+    u = torch.rand(4, dtype=torch.float64, generator=gen)
+    state = torch.randn(4, 8, 3, generator=gen)
+    got = step(lw, u, state)
+    r = fusedlab.smc.resample(lw, "systematic", 0.5, uniforms=u)
+    torch.testing.assert_close(got[0], r.log_weights)
+    torch.testing.assert_close(got[1], r.log_norm)
+    torch.testing.assert_close(got[2], ref.gather(state, r.ancestors))
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize("call, exc, pattern", [
+    (lambda: fusedlab.smc.resample(torch.zeros(5)), ValueError, "log_weights must be 2-D"),
+    (lambda: fusedlab.smc.resample(torch.zeros(2, 0)), ValueError, "K >= 1"),
+    (lambda: fusedlab.smc.resample(torch.zeros(2, 3, dtype=torch.int64)), TypeError, "floating-point"),
+    (lambda: fusedlab.smc.resample(torch.zeros(2, 3), method="sytematic"), ValueError, "did you mean 'systematic'"),
+    (lambda: fusedlab.smc.resample(torch.zeros(2, 3), uniforms=torch.rand(2, 3)), ValueError, r"uniforms must have shape \[2\]"),
+    (lambda: fusedlab.smc.resample(torch.zeros(2, 3), "stratified", uniforms=torch.rand(2)), ValueError, r"\[2, 3\]"),
+    (lambda: fusedlab.smc.resample(torch.zeros(2, 3), uniforms=torch.rand(2, device="meta")), ValueError, "uniforms must be on cpu"),
+    (lambda: fusedlab.smc.resample(torch.zeros(2, 3), ess_threshold=-1), ValueError, "ess_threshold"),
+    (lambda: fusedlab.smc.resample(torch.zeros(2, 3), ess_threshold=math.nan), ValueError, "ess_threshold"),
+    (lambda: fusedlab.smc.resample(torch.zeros(2, 3), on_degenerate="skip"), ValueError, "on_degenerate"),
+    (lambda: fusedlab.smc.resample(torch.zeros(2, 3), backend="gpu"), ValueError, "backend must be one of"),
+    (lambda: fusedlab.smc.resample(torch.zeros(2, 3), state=torch.zeros(2, 4)), ValueError, r"state must have shape \[B, K, ...\] = \[2, 3"),
+    (lambda: fusedlab.smc.resample(torch.zeros(2, 3), uniforms=torch.rand(2), generator=torch.Generator()), ValueError, "not both"),
+    (lambda: fusedlab.smc.gather(torch.zeros(2, 3), torch.zeros(2, 3)), TypeError, "ancestors must be an integer"),
+    (lambda: fusedlab.smc.gather(torch.zeros(2, 4), torch.zeros(2, 3, dtype=torch.int64)), ValueError, "state must have shape"),
+    (lambda: fusedlab.smc.gather_(torch.zeros(3, 2).t(), torch.zeros(2, 3, dtype=torch.int64)), ValueError, "contiguous"),
+])
+def test_errors_name_the_argument(call, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        call()
+
+
+def test_cpp_checks_name_the_argument():
+    with pytest.raises(RuntimeError, match="method must be one of"):
+        torch.ops.fusedlab.resample(torch.zeros(2, 3), torch.rand(2, 1, dtype=torch.float64), "sorted", 1.0)
+    with pytest.raises(RuntimeError, match="uniforms must be float64"):
+        torch.ops.fusedlab.resample(torch.zeros(2, 3), torch.rand(2, 1), "systematic", 1.0)
+    with pytest.raises(RuntimeError, match=r"uniforms must have shape \[2, 3\]"):
+        torch.ops.fusedlab.resample(torch.zeros(2, 3), torch.rand(2, 1, dtype=torch.float64), "stratified", 1.0)
+
+
+def test_backends_listing():
+    b = fusedlab.backends()
+    assert b[0] == "auto" and b[-2:] == ["cpu", "reference"]
+    if not torch.cuda.is_available():
+        assert "cuda" not in b
+        with pytest.raises((RuntimeError, ValueError), match="backend='cuda' is not available|needs CUDA tensors"):
+            fusedlab.smc.resample(torch.zeros(2, 3), backend="cuda")
