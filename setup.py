@@ -14,7 +14,7 @@ from torch.utils import cpp_extension
 ROOT = os.path.dirname(os.path.abspath(__file__))
 INCLUDE = [os.path.join(ROOT, "csrc", "include")]
 DEBUG = os.environ.get("FUSEDLAB_DEBUG") == "1"
-CXX_FLAGS = ["-O3", "-std=c++17", "-fvisibility=hidden"] + (["-g"] if DEBUG else ["-g0"])
+CXX_FLAGS = ["-O3", "-fvisibility=hidden"] + (["-g"] if DEBUG else ["-g0"])
 
 
 def rel(paths):
@@ -60,6 +60,7 @@ setup(
     packages=[
         "fusedlab",
         "fusedlab.ops",
+        "fusedlab.perf",
         "fusedlab.reference",
         "fusedlab.smc",
         "fusedlab.triton_kernels",

@@ -3,13 +3,9 @@ import os
 
 import torch
 
-# Triton reads TRITON_INTERPRET when a kernel is decorated (import time): set it before anything imports triton.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
 
-import pytest  # noqa: E402
-
-import fusedlab  # noqa: E402,F401
+import fusedlab  # noqa: F401  (the root conftest.py has already chosen the Triton interpreter when no GPU)
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "fusedlab/checks.h"
+#include "fusedlab/cpu_math.h"
 #include "fusedlab/resample.h"
 
 namespace fusedlab {
@@ -25,6 +26,12 @@ struct Scratch {
   std::vector<double> w, cdf, points;
 };
 
+// w[j] <- exp(w[j] - m), vectorized (one clone per instruction set, picked at load time).
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void exp_shifted(double* w, int64_t K, double m) {
+  for (int64_t j = 0; j < K; ++j) w[j] = cpu::exp_nonpositive(w[j] - m);
+}
+
 // Resample one group of K log-weights. Writes K ancestors and K log-weights; returns the status bits.
 template <typename scalar_t>
 uint8_t resample_group(const scalar_t* x_in, const double* u, int32_t method, double ess_threshold, int64_t K,
@@ -32,23 +39,30 @@ uint8_t resample_group(const scalar_t* x_in, const double* u, int32_t method, do
   s.w.resize(K);
   s.cdf.resize(K);
   double m = -INFINITY;
-  for (int64_t j = 0; j < K; ++j) m = std::max(m, clean_log_weight(static_cast<double>(x_in[j])));
+  for (int64_t j = 0; j < K; ++j) {
+    const double x = clean_log_weight(static_cast<double>(x_in[j]));
+    s.w[j] = x;
+    m = x > m ? x : m;
+  }
   const bool degenerate = !std::isfinite(m);
+  if (degenerate) std::fill(s.w.begin(), s.w.end(), 1.0);
+  else exp_shifted(s.w.data(), K, m);
+  // Running sums: the unnormalized CDF doubles as the sum of weights.
   double sw = 0.0, sw2 = 0.0;
   for (int64_t j = 0; j < K; ++j) {
-    const double w = degenerate ? 1.0 : std::exp(clean_log_weight(static_cast<double>(x_in[j])) - m);
-    s.w[j] = w;
-    sw += w;
-    sw2 += w * w;
+    sw += s.w[j];
+    sw2 += s.w[j] * s.w[j];
+    s.cdf[j] = sw;
   }
   const double e = degenerate ? 0.0 : ess(sw, sw2);
   *ess_out = e;
   *log_norm_out = degenerate ? -INFINITY : log_norm(m, sw, K);
   const bool res = degenerate || should_resample(e, ess_threshold, K);
   if (!res) {
+    const double log_total = m + std::log(sw), log_k = std::log(static_cast<double>(K));
     for (int64_t j = 0; j < K; ++j) {
       anc[j] = j;
-      lw_out[j] = static_cast<scalar_t>(carried_log_weight(clean_log_weight(static_cast<double>(x_in[j])), m, sw, K));
+      lw_out[j] = static_cast<scalar_t>(carried_log_weight(clean_log_weight(static_cast<double>(x_in[j])), log_total, log_k));
     }
     return 0;
   }
@@ -71,11 +85,16 @@ uint8_t resample_group(const scalar_t* x_in, const double* u, int32_t method, do
   }
   // CDF, exactly 1 from the last positive weight on.
   int64_t last = 0;
-  double c = 0.0;
+  if (method == kResidual) {
+    double c = 0.0;
+    for (int64_t j = 0; j < K; ++j) {
+      c += w[j];
+      s.cdf[j] = c;
+    }
+  }
   for (int64_t j = 0; j < K; ++j) {
-    c += w[j];
-    s.cdf[j] = c / total;
-    if (w[j] > 0.0) last = j;
+    s.cdf[j] = s.cdf[j] / total;
+    last = w[j] > 0.0 ? j : last;
   }
   for (int64_t j = last; j < K; ++j) s.cdf[j] = 1.0;
 
@@ -95,9 +114,27 @@ uint8_t resample_group(const scalar_t* x_in, const double* u, int32_t method, do
 
 int64_t grain_for(int64_t work_per_item) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_item)); }
 
-// Copy rows of a group: dst[i] = src[anc[i]], rows of `row_bytes` bytes.
+// Copy rows of a group: dst[i] = src[anc[i]], rows of `row_bytes` bytes. Common small row sizes get a
+// constant-size copy the compiler turns into a few moves instead of a memcpy call per row.
+template <int64_t kBytes>
+void gather_rows_fixed(const char* src, char* dst, const int64_t* anc, int64_t K) {
+  for (int64_t i = 0; i < K; ++i) std::memcpy(dst + i * kBytes, src + anc[i] * kBytes, kBytes);
+}
+
 void gather_group(const char* src, char* dst, const int64_t* anc, int64_t K, int64_t row_bytes) {
-  for (int64_t i = 0; i < K; ++i) std::memcpy(dst + i * row_bytes, src + anc[i] * row_bytes, row_bytes);
+  switch (row_bytes) {
+    case 1: return gather_rows_fixed<1>(src, dst, anc, K);
+    case 2: return gather_rows_fixed<2>(src, dst, anc, K);
+    case 4: return gather_rows_fixed<4>(src, dst, anc, K);
+    case 8: return gather_rows_fixed<8>(src, dst, anc, K);
+    case 16: return gather_rows_fixed<16>(src, dst, anc, K);
+    case 32: return gather_rows_fixed<32>(src, dst, anc, K);
+    case 64: return gather_rows_fixed<64>(src, dst, anc, K);
+    case 128: return gather_rows_fixed<128>(src, dst, anc, K);
+    case 256: return gather_rows_fixed<256>(src, dst, anc, K);
+    default:
+      for (int64_t i = 0; i < K; ++i) std::memcpy(dst + i * row_bytes, src + anc[i] * row_bytes, row_bytes);
+  }
 }
 
 void check_ancestor_range(const at::Tensor& anc) {

@@ -38,9 +38,12 @@ FL_HD FL_INLINE double log_norm(double max_lw, double sum_w, int64_t K) {
 // Effective sample size from the sums of the max-shifted weights and of their squares.
 FL_HD FL_INLINE double ess(double sum_w, double sum_w2) { return sum_w * sum_w / sum_w2; }
 
-// Carried log-weight: normalized so the group's weights keep mean 1 (x - logsumexp(x) + log K).
+// Carried log-weight: normalized so the group's weights keep mean 1 (x - logsumexp(x) + log K), with
+// log_total = max + log(sum of shifted weights) and log_k = log K computed once per group.
+FL_HD FL_INLINE double carried_log_weight(double x, double log_total, double log_k) { return x - log_total + log_k; }
+
 FL_HD FL_INLINE double carried_log_weight(double x, double max_lw, double sum_w, int64_t K) {
-  return x - (max_lw + log(sum_w)) + log(static_cast<double>(K));
+  return carried_log_weight(x, max_lw + log(sum_w), log(static_cast<double>(K)));
 }
 
 // Systematic and stratified points: (i + u) / K.

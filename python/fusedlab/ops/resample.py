@@ -259,9 +259,9 @@ def resample(log_weights: torch.Tensor, method: str = "systematic", ess_threshol
         >>> lw = torch.tensor([[0.0, 0.0, -1e9, 0.0], [0.0, -0.1, -0.2, -0.3]])
         >>> r = fusedlab.smc.resample(lw, ess_threshold=0.9, uniforms=torch.tensor([0.5, 0.5]))
         >>> r.ancestors.tolist()
-        [[0, 1, 3, 3], [0, 1, 2, 3]]
+        [[0, 1, 1, 3], [0, 1, 2, 3]]
         >>> r.resampled.tolist(), [round(e, 3) for e in r.ess.tolist()]
-        ([True, False], [3.0, 3.978])
+        ([True, False], [3.0, 3.951])
     """
     log_weights = _check_log_weights(log_weights)
     _check_method(method)

@@ -1,0 +1,183 @@
+"""python -m fusedlab info | demo | bench
+
+info   versions, backends and the device
+demo   the main job: every op family on every backend available here, checked against the reference and
+       timed against the peer a user would otherwise use, in one table
+bench  the benchmark points of each family, written as json + markdown + a PNG plot
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+import fusedlab
+from fusedlab import perf
+from fusedlab.perf import resample as perf_resample
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def info() -> str:
+    lines = [
+        f"fusedlab {fusedlab.__version__}",
+        f"python   {sys.version.split()[0]}",
+        f"torch    {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
+    ]
+    try:
+        import triton
+
+        lines.append(f"triton   {triton.__version__}" + (" (interpreter)" if os.environ.get("TRITON_INTERPRET") == "1" else ""))
+    except ImportError:
+        lines.append("triton   not installed")
+    lines += [f"device   {machine()}", f"backends {', '.join(fusedlab.backends())}"]
+    return "\n".join(lines)
+
+
+def _devices_and_backends():
+    """(device, backends to run there): CPU tensors go to the C++ kernel; CUDA tensors to each GPU backend."""
+    plans = [("cpu", ["cpu"])]
+    if torch.cuda.is_available():
+        plans.append(("cuda", [b for b in ("cuda", "triton") if b in fusedlab.backends()]))
+    return plans
+
+
+def _table(rows, cols):
+    widths = [max(len(c), *(len(str(r.get(k, ""))) for r in rows)) for c, k in cols]
+    line = lambda vals: "| " + " | ".join(str(v).ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
+    out = [line([c for c, _ in cols]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line([r.get(k, "") for _, k in cols]) for r in rows]
+    return "\n".join(out)
+
+
+def _fmt(rows, errors):
+    shown = []
+    for r in rows:
+        if r["op"].startswith("peer"):
+            continue
+        shown.append({
+            "op": r["op"], "backend": r["backend"], "shape": f"{r['B']}x{r['K']}x{r['D']}",
+            "err": f"{errors[r['backend']]:.1e}", "time": f"{r['ms']:.4f} ms",
+            "plain": f"{r['vs_plain']:.2f}x", "naive": f"{r['vs_naive']:.2f}x", "clone": f"{r['over_clone']:.2f}x",
+        })
+    return shown
+
+
+COLS = [("op", "op"), ("backend", "backend"), ("B x K x D", "shape"), ("max err vs reference", "err"),
+        ("time (median)", "time"), ("speedup vs plain torch", "plain"), ("speedup vs naive", "naive"),
+        ("time / clone", "clone")]
+
+
+def demo(min_run_time=0.2, shapes=perf_resample.SHAPES):
+    from tqdm import tqdm
+
+    print(info(), "\n")
+    all_rows = []
+    for device, backends in _devices_and_backends():
+        errors = {be: perf_resample.check(be, device) for be in backends}
+        with tqdm(total=len(shapes), desc=f"resample on {device}", leave=False) as bar:
+            rows = perf_resample.rows(device, backends, shapes, min_run_time, progress=bar)
+        all_rows += _fmt(rows, errors)
+    print(_table(all_rows, COLS))
+    print("\nmax err: differing ancestors + largest abs. error of log-weights and log_norm, every method and "
+          "threshold (0 = identical). Speedups are median-time ratios measured in this process; "
+          "'time / clone' compares with copying the state once, the floor.")
+    return all_rows
+
+
+def bench(out_dir, min_run_time=0.5, shapes=perf_resample.SHAPES):
+    from tqdm import tqdm
+
+    os.makedirs(out_dir, exist_ok=True)
+    tag = "gpu" if torch.cuda.is_available() else "cpu"
+    results = {"machine": machine(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "rows": []}
+    for device, backends in _devices_and_backends():
+        errors = {be: perf_resample.check(be, device) for be in backends}
+        with tqdm(total=len(shapes), desc=f"resample on {device}") as bar:
+            rows = perf_resample.rows(device, backends, shapes, min_run_time, progress=bar)
+        for r in rows:
+            r["device"] = device
+            r["max_err"] = errors.get(r["backend"])
+        results["rows"] += rows
+    base = os.path.join(out_dir, f"resample_{tag}")
+    with open(base + ".json", "w") as f:
+        json.dump(results, f, indent=1)
+    md_rows = [dict(r, ms=f"{r['ms']:.4f}", **{k: f"{r[k]:.2f}" for k in ("vs_plain", "vs_naive", "over_clone") if k in r})
+               for r in results["rows"]]
+    cols = [("device", "device"), ("op", "op"), ("backend", "backend"), ("B", "B"), ("K", "K"), ("D", "D"),
+            ("median ms", "ms"), ("speedup vs plain", "vs_plain"), ("speedup vs naive", "vs_naive"),
+            ("time / clone", "over_clone")]
+    with open(base + ".md", "w") as f:
+        f.write(f"# resample + gather, {results['machine']} (torch {results['torch']}, {results['date']})\n\n")
+        f.write(_table(md_rows, cols) + "\n")
+    _plot(results, base + ".png")
+    print(open(base + ".md").read())
+    print(f"wrote {base}.json, .md, .png")
+
+
+def _plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    shapes = sorted({(r["B"], r["K"]) for r in rows}, key=lambda s: s[0] * s[1])
+    impls = sorted({(r["device"], r["op"] if r["op"].startswith("peer") else f"fusedlab[{r['backend']}]") for r in rows})
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / len(impls)
+    for i, (dev, name) in enumerate(impls):
+        ys = []
+        for s in shapes:
+            match = [r["ms"] for r in rows if r["device"] == dev and (r["B"], r["K"]) == s and
+                     (r["op"] == name or f"fusedlab[{r['backend']}]" == name and not r["op"].startswith("peer"))]
+            ys.append(match[0] if match else float("nan"))
+        ax.bar([x + i * width for x in range(len(shapes))], ys, width, label=f"{name} ({dev})")
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(shapes))], [f"{b}x{k}" for b, k in shapes])
+    ax.set_yscale("log")
+    ax.set_ylabel("median time (ms, log scale)")
+    ax.set_xlabel("B groups x K particles (state D = 16 float32)")
+    ax.set_title(f"resample + gather: {results['machine']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m fusedlab", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("info", help="versions, backends and device")
+    d = sub.add_parser("demo", help="every family on every backend: checked and timed against the peer")
+    d.add_argument("--quick", action="store_true", help="one small shape, short timing (for smoke tests)")
+    b = sub.add_parser("bench", help="benchmark target points -> json, markdown and PNG")
+    b.add_argument("--out", default="bench/results")
+    b.add_argument("--quick", action="store_true")
+    args = p.parse_args(argv)
+    quick = dict(min_run_time=0.01, shapes=((4, 8),)) if getattr(args, "quick", False) else {}
+    if args.cmd == "info":
+        print(info())
+    elif args.cmd == "demo":
+        demo(**quick)
+    else:
+        bench(args.out, **quick)
+
+
+if __name__ == "__main__":
+    main()

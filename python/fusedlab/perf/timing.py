@@ -1,0 +1,28 @@
+"""Wall-clock timing with synchronization, median and 20th/80th percentiles."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.benchmark import Timer
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    q20_ms: float
+    q80_ms: float
+
+    def __str__(self):
+        return f"{self.median_ms:.4f} ms"
+
+
+def measure(fn, min_run_time: float = 0.2) -> Timing:
+    """Time ``fn()`` (CUDA work is synchronized by torch's Timer); warm up once first."""
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    m = Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    times = sorted(m.times)
+    q = lambda p: times[min(len(times) - 1, int(p * len(times)))] * 1e3  # noqa: E731
+    return Timing(m.median * 1e3, q(0.2), q(0.8))
