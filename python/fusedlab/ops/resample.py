@@ -286,10 +286,11 @@ def resample(log_weights: torch.Tensor, method: str = "systematic", ess_threshol
     else:
         op = torch.ops.fusedlab.resample_gather_triton if which == "triton" else torch.ops.fusedlab.resample_gather
         lw_out, anc, ess, log_norm, status, state_out = op(log_weights, u, method, thr, state)
-    degenerate = (status & ref.STATUS_DEGENERATE) != 0
+    # status is 0 (carried), 1 (resampled) or 3 (degenerate, hence resampled): one comparison per flag
+    degenerate = status > ref.STATUS_RESAMPLED
     if on_degenerate == "raise":
         _raise_if_degenerate(degenerate)
-    return ResampleResult(anc, lw_out, ess, log_norm, (status & ref.STATUS_RESAMPLED) != 0, degenerate, state_out)
+    return ResampleResult(anc, lw_out, ess, log_norm, status.bool(), degenerate, state_out)
 
 
 def _raise_if_degenerate(degenerate):

@@ -1,0 +1,50 @@
+"""Every example runs in its --smoke mode (20 s or less), and the command-line entry points work."""
+import glob
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = sorted(glob.glob(os.path.join(ROOT, "examples", "*.py")))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("path", EXAMPLES, ids=[os.path.basename(p) for p in EXAMPLES])
+def test_example_smoke(path, tmp_path):
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, path, "--smoke"], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert time.perf_counter() - t0 < 20 + 10, "a --smoke run should take 20 s or less"  # +10 s interpreter start
+
+
+def test_particle_filter_estimates_the_likelihood():
+    """The batched PF's log-likelihood estimates are centred near the Kalman value: with B = 32 replicates
+    of K = 64 particles the estimate's sd is about 0.7, so |mean error| < 1 fails by chance < 1e-6."""
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    try:
+        import particle_filter as pf
+    finally:
+        sys.path.pop(0)
+    rows = pf.main(["--smoke"])
+    for r in rows:
+        if r["K"] == 64:
+            assert abs(r["bias"]) < 1.0 and r["sd"] < 1.5, r
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("cmd", [["info"], ["demo", "--quick"]])
+def test_cli(cmd):
+    out = subprocess.run([sys.executable, "-m", "fusedlab", *cmd], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "backends" in out.stdout
+
+
+def test_bench_quick(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "fusedlab", "bench", "--quick", "--out", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for ext in ("json", "md", "png"):
+        assert (tmp_path / f"resample_cpu.{ext}").stat().st_size > 0
