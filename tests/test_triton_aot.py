@@ -1,0 +1,134 @@
+"""Ahead-of-time compile of every Triton kernel in triton_kernels/ for sm_90, no GPU needed.
+
+Each module lists the specializations it launches (``aot_configs()``, built by the same functions as the
+launches); every one is compiled with triton.compile for a GPUTarget("cuda", 90, 32) and its PTX is run
+through Triton's bundled ``ptxas -arch=sm_90a -v`` for register and spill counts. A compile error fails,
+a jitted kernel missing from ``aot_configs()`` fails, and a spill fails unless ALLOWED_SPILLS names the
+kernel with a reason and a bound. FUSEDLAB_AOT_FULL=1 compiles every block size instead of a sample.
+
+The compile runs in a subprocess without TRITON_INTERPRET: the root conftest.py selects the interpreter
+before triton is imported, and its patched kernels cannot be compiled.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+# kernel name -> (most spill-store bytes per thread allowed, why)
+ALLOWED_SPILLS = {
+    "_resample_kernel": (
+        64,
+        "ptxas parks a few loop-invariant values (scratch addresses, predicates; 4-48 bytes per thread) in "
+        "local memory: stored once before the loop over groups, reloaded at most once per chunk of 512 lanes "
+        "from L1, next to the chunk's float64 exp, cumsum and log2(BLOCK_K)-step search",
+    ),
+}
+
+_SCRIPT = r"""
+import importlib, json, os, pkgutil, re, subprocess, sys, tempfile, time
+import triton
+import triton.compiler
+from triton.backends.compiler import GPUTarget
+from triton.runtime.jit import JITFunction
+import fusedlab.triton_kernels as pkg
+
+ptxas, full = sys.argv[1], sys.argv[2] == "1"
+target = GPUTarget("cuda", 90, 32)
+for info in pkgutil.iter_modules(pkg.__path__):
+    mod = importlib.import_module(pkg.__name__ + "." + info.name)
+    jitted = {n: f for n, f in vars(mod).items() if isinstance(f, JITFunction)}
+    configs = list(mod.aot_configs(full=full)) if hasattr(mod, "aot_configs") else []
+    # kernels launched, plus the helpers they call (inlined; they are never launched alone)
+    reached = {c["kernel"].__name__ for c in configs}
+    grew = True
+    while grew:
+        grew = False
+        for name in list(reached):
+            for other, fn in jitted.items():
+                if other not in reached and re.search(r"\b%s\s*\(" % re.escape(other), jitted[name].src):
+                    reached.add(other)
+                    grew = True
+    print(json.dumps({"module": info.name, "kernels": sorted(jitted), "unlisted": sorted(set(jitted) - reached)}))
+    for c in configs:
+        rec = {"module": info.name, "name": c["name"], "kernel": c["kernel"].__name__, "options": c["options"]}
+        t0 = time.time()
+        try:
+            src = triton.compiler.ASTSource(fn=c["kernel"], signature=c["signature"], constexprs=c["constexprs"],
+                                            attrs=c.get("attrs"))
+            ptx = triton.compile(src, target=target, options=c["options"]).asm["ptx"]
+            with tempfile.TemporaryDirectory() as d:
+                path = os.path.join(d, "k.ptx")
+                with open(path, "w") as f:
+                    f.write(ptx)
+                out = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", os.path.join(d, "k.cubin")],
+                                     capture_output=True, text=True)
+            if out.returncode != 0:
+                rec["error"] = "ptxas: " + out.stderr[-3000:]
+            else:
+                regs = re.search(r"Used (\d+) registers", out.stderr)
+                spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out.stderr)
+                stack = re.search(r"(\d+) bytes stack frame", out.stderr)
+                rec.update(registers=int(regs.group(1)), spill_stores=int(spill.group(1)),
+                           spill_loads=int(spill.group(2)), stack=int(stack.group(1)))
+        except Exception as e:
+            rec["error"] = repr(e)[-3000:]
+        rec["seconds"] = round(time.time() - t0, 2)
+        print(json.dumps(rec), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def aot():
+    if not os.path.exists(PTXAS):
+        pytest.skip("Triton's NVIDIA backend (bundled ptxas) is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    full = os.environ.get("FUSEDLAB_AOT_FULL") == "1"
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT, PTXAS, "1" if full else "0"], env=env,
+                          capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, f"AOT compile script failed:\n{proc.stderr[-6000:]}"
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    modules = [r for r in lines if "unlisted" in r]
+    records = [r for r in lines if "name" in r]
+    print(f"\n{'kernel config':<62} {'warps':>5} {'regs':>5} {'spill st/ld':>12} {'stack':>6} {'s':>6}")
+    for r in records:
+        if "error" in r:
+            print(f"{r['name']:<62} ERROR")
+            continue
+        print(f"{r['name']:<62} {r['options']['num_warps']:>5} {r['registers']:>5} "
+              f"{str(r['spill_stores']) + '/' + str(r['spill_loads']):>12} {r['stack']:>6} {r['seconds']:>6}")
+    return modules, records
+
+
+def test_every_kernel_is_listed(aot):
+    modules, records = aot
+    assert modules, "no module found under fusedlab.triton_kernels"
+    for m in modules:
+        assert not m["unlisted"], (f"triton_kernels/{m['module']}.py: jitted kernels {m['unlisted']} are neither in "
+                                   "aot_configs() nor called by a kernel that is")
+    assert {r["module"] for r in records} == {m["module"] for m in modules if m["kernels"]}
+
+
+def test_every_config_compiles_for_sm90(aot):
+    _, records = aot
+    errors = [f"{r['name']}: {r['error']}" for r in records if "error" in r]
+    assert not errors, "\n\n".join(errors)
+
+
+def test_no_unexpected_spills(aot):
+    _, records = aot
+    bad = []
+    for r in records:
+        if "error" in r or r["spill_stores"] == 0 and r["spill_loads"] == 0:
+            continue
+        bound, why = ALLOWED_SPILLS.get(r["kernel"], (0, ""))
+        assert not bound or why, "an allowed spill needs a reason"
+        if r["spill_stores"] > bound:
+            bad.append(f"{r['name']}: {r['spill_stores']} bytes spill stores, {r['spill_loads']} loads "
+                       f"(allowed {bound}), {r['registers']} registers")
+    assert not bad, "register spills:\n" + "\n".join(bad)
