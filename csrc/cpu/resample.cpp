@@ -24,6 +24,7 @@ using namespace fusedlab::resample;
 // Per-thread scratch, reused across the groups one thread handles.
 struct Scratch {
   std::vector<double> w, cdf, points;
+  std::vector<int64_t> count;
 };
 
 // w[j] <- exp(w[j] - m), vectorized (one clone per instruction set, picked at load time).
@@ -84,7 +85,6 @@ uint8_t resample_group(const scalar_t* x_in, const double* u, int32_t method, do
     for (int64_t j = 0; j < K; ++j) total += s.w[j];
   }
   // CDF, exactly 1 from the last positive weight on.
-  int64_t last = 0;
   if (method == kResidual) {
     double c = 0.0;
     for (int64_t j = 0; j < K; ++j) {
@@ -92,22 +92,32 @@ uint8_t resample_group(const scalar_t* x_in, const double* u, int32_t method, do
       s.cdf[j] = c;
     }
   }
-  for (int64_t j = 0; j < K; ++j) {
-    s.cdf[j] = s.cdf[j] / total;
-    last = w[j] > 0.0 ? j : last;
-  }
+  int64_t last = K - 1;
+  while (last > 0 && !(w[last] > 0.0)) --last;
+  for (int64_t j = 0; j < last; ++j) s.cdf[j] = s.cdf[j] / total;
   for (int64_t j = last; j < K; ++j) s.cdf[j] = 1.0;
 
   const int64_t M = K - n_det;
-  s.points.resize(M);
-  if (method == kSystematic) {
-    for (int64_t i = 0; i < M; ++i) s.points[i] = grid_point(i, u[0], K);
-  } else if (method == kStratified) {
-    for (int64_t i = 0; i < M; ++i) s.points[i] = grid_point(i, u[i], K);
-  } else {  // multinomial and the residual remainder: sorted uniforms
-    std::copy(u, u + M, s.points.begin());
-    std::sort(s.points.begin(), s.points.end());
+  if (method == kSystematic || method == kStratified) {
+    // Grid points: count the points below each C_j in closed form, histogram the counts, and a prefix sum
+    // gives ancestor i = #{j < last : C_j <= p_i}. The divisions are independent (they pipeline) and no
+    // branch depends on the data, unlike a merge.
+    s.points.resize(K + 3);
+    s.points[0] = s.points[K + 1] = s.points[K + 2] = INFINITY;
+    const int64_t stride = method == kSystematic ? 0 : 1;
+    for (int64_t i = 0; i < K; ++i) s.points[i + 1] = grid_point(i, u[i * stride], K);
+    s.count.assign(K + 1, 0);
+    for (int64_t j = 0; j < last; ++j) ++s.count[grid_count_below(s.cdf[j], K, s.points.data())];
+    int64_t a = 0;
+    for (int64_t i = 0; i < K; ++i) {
+      a += s.count[i];
+      anc[i] = a;
+    }
+    return status;
   }
+  s.points.resize(M);
+  std::copy(u, u + M, s.points.begin());  // multinomial and the residual remainder: sorted uniforms
+  std::sort(s.points.begin(), s.points.end());
   merge_sorted_points(s.cdf.data(), last, s.points.data(), M, anc + n_det);
   return status;
 }

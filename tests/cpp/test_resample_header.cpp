@@ -38,6 +38,13 @@ int main() {
     for (int64_t j = 0; j < K; ++j) { c += w[j]; cdf[j] = j >= last ? 1.0 : c / s; }
     std::vector<double> pts(K);
     for (int64_t i = 0; i < K; ++i) pts[i] = grid_point(i, trial % 7 == 0 ? 0.0 : unif(rng), K);
+    std::vector<double> padded(K + 3, INFINITY);
+    for (int64_t i = 0; i < K; ++i) padded[i + 1] = pts[i];
+    for (int64_t j = 0; j < K; ++j) {
+      int64_t below = 0;
+      for (int64_t i = 0; i < K; ++i) below += pts[i] < cdf[j];
+      CHECK(grid_count_below(cdf[j], K, padded.data()) == below, "grid count K=%ld j=%ld", (long)K, (long)j);
+    }
     std::vector<int64_t> merged(K);
     merge_sorted_points(cdf.data(), last, pts.data(), K, merged.data());
     for (int64_t i = 0; i < K; ++i) {

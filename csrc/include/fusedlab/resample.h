@@ -51,6 +51,18 @@ FL_HD FL_INLINE double grid_point(int64_t i, double u, int64_t K) {
   return (static_cast<double>(i) + u) / static_cast<double>(K);
 }
 
+// Number of grid points p_i = (i + u_i) / K (systematic or stratified, u_i in [0, 1)) strictly below c.
+// p_i lies in [i/K, (i+1)/K), so the count is floor(K c) up to one rounding step either way: points up to
+// s - 2 are below c, points from s + 2 on are not, and the three around s = floor(K c) are compared exactly.
+// `padded` holds the K points at [1, K], with +inf at 0, K + 1 and K + 2, so no index needs a bound check.
+// Equal to comparing c with every point, in constant time and without a data-dependent branch.
+FL_HD FL_INLINE int64_t grid_count_below(double c, int64_t K, const double* padded) {
+  double est = floor(c * static_cast<double>(K));
+  est = est < 0.0 ? 0.0 : (est > static_cast<double>(K) ? static_cast<double>(K) : est);
+  const int64_t s = static_cast<int64_t>(est);
+  return (s > 1 ? s - 1 : 0) + (padded[s] < c) + (padded[s + 1] < c) + (padded[s + 2] < c);
+}
+
 // First j in [0, last] with cdf[j] > p, by binary search; `last` is the last positive weight, whose CDF
 // value is exactly 1, so every p in [0, 1) finds an index and p >= 1 clamps to `last`.
 FL_HD FL_INLINE int64_t search_cdf(const double* cdf, int64_t last, double p) {
