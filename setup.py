@@ -49,7 +49,7 @@ if want_cuda():
             include_dirs=INCLUDE,
             extra_compile_args={
                 "cxx": CXX_FLAGS,
-                "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+                "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
             },
             py_limited_api=True,
         )

@@ -327,7 +327,10 @@ def gather(state: torch.Tensor, ancestors: torch.Tensor, backend: str = "auto") 
 def gather_(state: torch.Tensor, ancestors: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """In-place :func:`gather`: state[b, i, ...] <- state[b, ancestors[b, i], ...]; returns ``state``.
 
-    On the CPU only one group's worth of extra memory is used; state must be contiguous.
+    ``state`` must be contiguous. Extra memory: one group's worth per thread on the CPU; none on CUDA for
+    groups of at most 32 KiB (staged in shared memory), a full-size temporary for larger groups and on the
+    Triton backend. Out-of-range ancestors raise on the CPU; on CUDA they are a device-side assertion, as in
+    torch's own index kernels.
     """
     ancestors = _check_ancestors(ancestors, state)
     if not state.is_contiguous():

@@ -1,0 +1,182 @@
+// CUDA glue of the resample family: argument checks (same messages as the CPU kernels), allocation and
+// launches on the current stream. The kernels and launch plans live in fusedlab/resample_cuda.cuh.
+//
+// Out-of-range ancestors passed to gather / gather_ are caught on the device (CUDA_KERNEL_ASSERT, as in
+// torch's index kernels: the error surfaces at the next synchronizing call and leaves the context unusable)
+// rather than by a host check, which would need a device-to-host copy and a sync on every call.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/macros/Macros.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <string>
+#include <tuple>
+
+#define FL_KERNEL_ASSERT(cond) CUDA_KERNEL_ASSERT(cond)
+#include "fusedlab/checks.h"
+#include "fusedlab/resample_cuda.cuh"
+
+namespace fusedlab {
+namespace {
+
+using namespace fusedlab::resample;
+namespace rc = fusedlab::resample::cuda;
+
+int sm_count(c10::DeviceIndex device) {
+  static std::atomic<int> cache[64];
+  if (device >= 0 && device < 64) {
+    const int known = cache[device].load(std::memory_order_relaxed);
+    if (known > 0) return known;
+  }
+  int n = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+  if (device >= 0 && device < 64) cache[device].store(n, std::memory_order_relaxed);
+  return n;
+}
+
+void check_group_size(int64_t K, const char* op) {
+  TORCH_CHECK(K <= rc::kMaxK, "fusedlab.", op, ": the CUDA kernels take at most 2^30 particles per group, got K = ",
+              K);
+}
+
+int64_t row_bytes_of(const at::Tensor& state, int64_t B, int64_t K) {
+  return B > 0 && K > 0 ? state.numel() / (B * K) * static_cast<int64_t>(state.element_size()) : 0;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> resample_impl(
+    const at::Tensor& log_weights, const at::Tensor& uniforms, const std::string& method_name,
+    double ess_threshold, const at::Tensor* state) {
+  const int32_t method = parse_resample_method(method_name);
+  check_resample_args(log_weights, uniforms, method, ess_threshold);
+  check_group_size(log_weights.size(1), "resample");
+  const c10::cuda::CUDAGuard guard(log_weights.device());
+  const at::Tensor lw = log_weights.contiguous();
+  const at::Tensor u = uniforms.contiguous();
+  const int64_t B = lw.size(0), K = lw.size(1);
+  auto anc = at::empty({B, K}, lw.options().dtype(at::kLong));
+  auto lw_out = at::empty_like(lw);
+  auto ess_t = at::empty({B}, lw.options().dtype(at::kDouble));
+  auto ln_t = at::empty({B}, lw.options().dtype(at::kDouble));
+  auto status = at::empty({B}, lw.options().dtype(at::kByte));
+  at::Tensor st, st_out;
+  int64_t row_bytes = 0;
+  if (state != nullptr) {
+    check_gather_args(*state, anc);
+    st = state->contiguous();
+    st_out = at::empty_like(st);
+    row_bytes = row_bytes_of(st, B, K);
+  } else {
+    st_out = at::empty({0}, lw.options());
+  }
+  if (B == 0) return {lw_out, anc, ess_t, ln_t, status, st_out};
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int sms = sm_count(lw.device().index());
+  const rc::ResamplePlan plan = rc::plan_resample(B, K, method, sms);
+  at::Tensor ws_cdf, ws_count;  // freed stream-ordered by the caching allocator
+  if (!plan.shared) {
+    ws_cdf = at::empty({plan.grid, K}, lw.options().dtype(at::kDouble));
+    if (plan.counts) ws_count = at::empty({plan.grid, K}, lw.options().dtype(at::kInt));
+  }
+  const bool copy_state = row_bytes > 0;
+  const bool fused = copy_state && rc::use_fused_gather(B, K, row_bytes, sms);
+  AT_DISPATCH_FLOATING_TYPES(lw.scalar_type(), "fusedlab_resample_cuda", [&] {
+    rc::ResampleParams<scalar_t> p;
+    p.lw = lw.data_ptr<scalar_t>();
+    p.u = u.data_ptr<double>();
+    p.lw_out = lw_out.data_ptr<scalar_t>();
+    p.anc = anc.data_ptr<int64_t>();
+    p.ess = ess_t.data_ptr<double>();
+    p.log_norm = ln_t.data_ptr<double>();
+    p.status = status.data_ptr<uint8_t>();
+    p.ws_cdf = plan.shared ? nullptr : ws_cdf.data_ptr<double>();
+    p.ws_count = plan.shared || !plan.counts ? nullptr : ws_count.data_ptr<int>();
+    p.B = B;
+    p.K = static_cast<int>(K);
+    p.u_cols = static_cast<int>(u.size(1));
+    p.method = method;
+    p.ess_threshold = ess_threshold;
+    rc::RowsParams g{};
+    if (fused) {
+      const rc::RowsPlan r = rc::plan_rows(st.data_ptr(), st_out.data_ptr(), row_bytes);
+      g = rc::RowsParams{st.data_ptr(), st_out.data_ptr(), r.row_vecs, r.vec_bytes, r.log2_lanes};
+    }
+    C10_CUDA_CHECK(rc::launch_resample<scalar_t>(p, plan, fused ? &g : nullptr, stream));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  if (copy_state && !fused) {
+    rc::launch_gather(st.data_ptr(), st_out.data_ptr(), anc.data_ptr<int64_t>(), B, static_cast<int>(K), row_bytes,
+                      sms, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {lw_out, anc, ess_t, ln_t, status, st_out};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> resample_cuda(
+    const at::Tensor& log_weights, const at::Tensor& uniforms, c10::string_view method, double ess_threshold) {
+  auto r = resample_impl(log_weights, uniforms, std::string(method), ess_threshold, nullptr);
+  return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r), std::get<4>(r)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> resample_gather_cuda(
+    const at::Tensor& log_weights, const at::Tensor& uniforms, c10::string_view method, double ess_threshold,
+    const at::Tensor& state) {
+  return resample_impl(log_weights, uniforms, std::string(method), ess_threshold, &state);
+}
+
+at::Tensor gather_cuda(const at::Tensor& state, const at::Tensor& ancestors) {
+  check_gather_args(state, ancestors);
+  check_group_size(ancestors.size(1), "gather");
+  const c10::cuda::CUDAGuard guard(state.device());
+  const at::Tensor st = state.contiguous();
+  const at::Tensor anc = ancestors.contiguous();
+  auto out = at::empty_like(st);
+  const int64_t B = anc.size(0), K = anc.size(1);
+  if (st.numel() == 0) return out;
+  rc::launch_gather(st.data_ptr(), out.data_ptr(), anc.data_ptr<int64_t>(), B, static_cast<int>(K),
+                    row_bytes_of(st, B, K), sm_count(st.device().index()), c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// In place: a group that fits in shared memory is staged there (no extra global memory); larger groups are
+// gathered into a temporary and copied back, since rows may be both read and overwritten.
+void gather_inplace_cuda(at::Tensor& state, const at::Tensor& ancestors) {
+  check_gather_args(state, ancestors);
+  TORCH_CHECK(state.is_contiguous(), "fusedlab.gather_: state must be contiguous for the in-place form");
+  check_group_size(ancestors.size(1), "gather_");
+  const c10::cuda::CUDAGuard guard(state.device());
+  const at::Tensor anc = ancestors.contiguous();
+  const int64_t B = anc.size(0), K = anc.size(1);
+  if (state.numel() == 0) return;
+  const int64_t row_bytes = row_bytes_of(state, B, K);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (rc::launch_gather_inplace_staged(state.data_ptr(), anc.data_ptr<int64_t>(), B, static_cast<int>(K), row_bytes,
+                                       stream)) {
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  at::Tensor tmp = at::empty_like(state);
+  rc::launch_gather(state.data_ptr(), tmp.data_ptr(), anc.data_ptr<int64_t>(), B, static_cast<int>(K), row_bytes,
+                    sm_count(state.device().index()), stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  C10_CUDA_CHECK(cudaMemcpyAsync(state.data_ptr(), tmp.data_ptr(), static_cast<size_t>(B * K * row_bytes),
+                                 cudaMemcpyDeviceToDevice, stream));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedlab, CUDA, m) {
+  m.impl("resample", &resample_cuda);
+  m.impl("resample_gather", &resample_gather_cuda);
+  m.impl("gather", &gather_cuda);
+  m.impl("gather_", &gather_inplace_cuda);
+}
+
+}  // namespace fusedlab

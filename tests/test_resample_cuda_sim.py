@@ -1,0 +1,176 @@
+"""The CUDA resample kernels run on the host (tests/cuda/host_sim.h: a std::thread per CUDA thread, a barrier
+per __syncthreads, built with ThreadSanitizer when the compiler supports it) against the reference.
+
+This checks the kernels' logic and barrier placement without a GPU; it does not check device-specific
+behaviour (warp shuffles inside cub, the memory model of real hardware, launch configuration).
+"""
+import math
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from fusedlab.reference import resample as ref
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = ("multinomial", "stratified", "systematic", "residual")
+METHOD_ID = {m: i for i, m in enumerate(METHODS)}  # the enum order of fusedlab/resample.h
+SHARED_MAX_K = 4096
+
+
+def _compile(out, flags):
+    cmd = ["g++", "-std=c++20", "-O1", "-g", "-pthread", *flags, f"-I{ROOT}/csrc/include", f"-I{ROOT}/tests/cuda",
+           os.path.join(ROOT, "tests", "cuda", "resample_sim.cpp"), "-o", out]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+    if shutil.which("g++") is None:
+        pytest.skip("g++ not found: the host simulation of the CUDA kernels needs a C++20 compiler")
+    out = str(tmp_path_factory.mktemp("sim") / "resample_sim")
+    r = _compile(out, ["-fsanitize=thread"])
+    if r.returncode != 0 or subprocess.run([out, "fastdiv"], capture_output=True).returncode != 0:
+        r = _compile(out, [])  # no ThreadSanitizer runtime here: still run the logic
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def _run(sim, *args):
+    r = subprocess.run([sim, *map(str, args)], capture_output=True, text=True, timeout=240,
+                       env={**os.environ, "TSAN_OPTIONS": "halt_on_error=1 exitcode=66"})
+    assert r.returncode == 0, f"rc={r.returncode}\n{r.stdout}\n{r.stderr[-6000:]}"
+    return r.stdout
+
+
+def _log_weights(B, K, gen, dtype):
+    lw = torch.randn(B, K, generator=gen, dtype=torch.float64) * 3
+    lw[torch.rand(B, K, generator=gen) < 0.2] = -math.inf
+    lw[torch.rand(B, K, generator=gen) < 0.05] = math.nan
+    lw[:, 0] = torch.randn(B, generator=gen, dtype=torch.float64)  # one alive per group
+    if B >= 3:
+        lw[1] = -math.inf  # degenerate
+    if B >= 4:
+        lw[2, :] = -math.inf
+        lw[2, K // 2] = 1.5  # a single live particle
+    if B >= 5 and K >= 3:
+        lw[3, 1] = math.inf  # +inf: degenerate too
+    return lw.to(dtype)
+
+
+def _resample(sim, tmp_path, lw, u, method, thr, grid, shared, state=None):
+    B, K = lw.shape
+    row_bytes = 0 if state is None else state[0, 0].numel() * state.element_size()
+    lw.contiguous().numpy().tofile(tmp_path / "lw.bin")
+    u.contiguous().numpy().tofile(tmp_path / "u.bin")
+    if state is not None:
+        state.contiguous().view(torch.uint8).numpy().tofile(tmp_path / "state.bin")
+    (tmp_path / "params.txt").write_text(
+        f"{B} {K} {METHOD_ID[method]} {thr!r} {lw.element_size()} {grid} {int(shared)} {row_bytes}\n")
+    _run(sim, "resample", tmp_path)
+
+    def load(name, dtype, shape):
+        return torch.from_numpy(np.fromfile(tmp_path / name, dtype=dtype).reshape(shape))
+
+    out = dict(lw=load("lw_out.bin", np.float32 if lw.dtype == torch.float32 else np.float64, (B, K)),
+               anc=load("anc.bin", np.int64, (B, K)), ess=load("ess.bin", np.float64, (B,)),
+               log_norm=load("log_norm.bin", np.float64, (B,)), status=load("status.bin", np.uint8, (B,)))
+    if state is not None:
+        raw = np.fromfile(tmp_path / "state_out.bin", dtype=np.uint8)
+        out["state"] = torch.from_numpy(raw).view(state.dtype).reshape(state.shape)
+    return out
+
+
+def _check(got, lw, u, method, thr):
+    want_lw, want_anc, want_ess, want_ln, want_status = ref.resample(lw, u, method, thr)
+    assert torch.equal(got["status"], want_status)
+    assert torch.equal(got["anc"], want_anc)
+    tol = 1e-6 if lw.dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(got["lw"], want_lw, rtol=tol, atol=tol, equal_nan=True)
+    torch.testing.assert_close(got["ess"], want_ess, rtol=1e-12, atol=0)
+    torch.testing.assert_close(got["log_norm"], want_ln, rtol=1e-12, atol=1e-12)
+
+
+CASES = [  # B, K, grid (blocks; fewer than B exercises the grid-stride loop), scratch in shared memory
+    (3, 1, 3, True),
+    (5, 7, 2, True),
+    (4, 33, 4, False),
+    (3, 300, 2, True),
+    (2, 513, 1, False),
+]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_resample_kernel_matches_reference(sim, tmp_path, gen, method, dtype):
+    for B, K, grid, shared in CASES:
+        for thr in (0.0, 0.5, 1.0):
+            lw = _log_weights(B, K, gen, dtype)
+            u = torch.rand(B, 1 if method == "systematic" else K, generator=gen, dtype=torch.float64)
+            got = _resample(sim, tmp_path, lw, u, method, thr, grid, shared)
+            _check(got, lw, u, method, thr)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("method", METHODS)
+def test_resample_kernel_large_group_workspace(sim, tmp_path, gen, method):
+    B, K = 2, SHARED_MAX_K + 904  # the global-workspace path the glue takes for K > 4096
+    lw = _log_weights(B, K, gen, torch.float64)
+    lw[1, : K // 2] = -math.inf  # no longer degenerate
+    lw[1, 3] = 0.0
+    u = torch.rand(B, 1 if method == "systematic" else K, generator=gen, dtype=torch.float64)
+    _check(_resample(sim, tmp_path, lw, u, method, 1.0, 1, False), lw, u, method, 1.0)
+
+
+@pytest.mark.timeout(300)
+def test_residual_edge_cases(sim, tmp_path, gen):
+    K = 12
+    lw = torch.zeros(4, K, dtype=torch.float64)  # equal weights: every copy deterministic, R = 0
+    lw[1, :4] = -math.inf  # K w / S = 1.5 for the 8 live ones: 8 copies, 4 residual draws
+    lw[2] = torch.log(torch.arange(1, K + 1, dtype=torch.float64))
+    lw[3, 5] = 40.0  # one particle takes (nearly) all
+    u = torch.rand(4, K, generator=gen, dtype=torch.float64)
+    for shared in (True, False):
+        _check(_resample(sim, tmp_path, lw, u, "residual", 1.0, 2, shared), lw, u, "residual", 1.0)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("dtype,trail", [(torch.float32, ()), (torch.float32, (16,)), (torch.bfloat16, ()),
+                                         (torch.bfloat16, (3, 5)), (torch.int64, (3, 5)), (torch.uint8, (3,))])
+def test_gather_kernels_match_reference(sim, tmp_path, gen, dtype, trail):
+    B, K = 3, 37
+    state = (torch.randn(B, K, *trail, generator=gen) * 100).to(dtype)
+    anc = torch.randint(0, K, (B, K), generator=gen)
+    anc[0] = K - 1
+    row_bytes = state[0, 0].numel() * state.element_size()
+    state.view(torch.uint8).numpy().tofile(tmp_path / "state.bin")
+    anc.numpy().tofile(tmp_path / "anc.bin")
+    (tmp_path / "params.txt").write_text(f"{B} {K} {row_bytes} 2\n")
+    _run(sim, "gather", tmp_path)
+    want = ref.gather(state, anc)
+    for name in ("out.bin", "out_wide.bin", "inplace.bin"):
+        raw = np.fromfile(tmp_path / name, dtype=np.uint8)
+        got = torch.from_numpy(raw).view(dtype).reshape(state.shape)
+        assert torch.equal(got, want), name
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("method", ["systematic", "multinomial", "residual"])
+def test_fused_resample_gather_kernel(sim, tmp_path, gen, method):
+    B, K = 4, 45
+    lw = _log_weights(B, K, gen, torch.float32)
+    u = torch.rand(B, 1 if method == "systematic" else K, generator=gen, dtype=torch.float64)
+    for state in (torch.randn(B, K, 6, generator=gen), torch.randint(0, 1000, (B, K, 3), generator=gen),
+                  torch.randn(B, K, generator=gen).to(torch.bfloat16)):
+        for shared in (True, False):
+            got = _resample(sim, tmp_path, lw, u, method, 0.5, 3, shared, state)
+            _check(got, lw, u, method, 0.5)
+            assert torch.equal(got["state"], ref.gather(state, got["anc"]))
+
+
+def test_fastdiv(sim):
+    assert "fastdiv ok" in _run(sim, "fastdiv")
