@@ -25,6 +25,7 @@ using namespace fusedlab::resample;
 struct Scratch {
   std::vector<double> w, cdf, points;
   std::vector<int64_t> count;
+  std::vector<double> iota;
 };
 
 // w[j] <- exp(w[j] - m), vectorized (one clone per instruction set, picked at load time).
@@ -99,18 +100,32 @@ uint8_t resample_group(const scalar_t* x_in, const double* u, int32_t method, do
 
   const int64_t M = K - n_det;
   if (method == kSystematic || method == kStratified) {
-    // Grid points: count the points below each C_j in closed form, histogram the counts, and a prefix sum
-    // gives ancestor i = #{j < last : C_j <= p_i}. The divisions are independent (they pipeline) and no
-    // branch depends on the data, unlike a merge.
+    // Grid points: count the points below each C_j in closed form; ancestor i = #{j < last : C_j <= p_i}.
+    // The counts are non-decreasing in j, so marking slot count_j with j + 1 (later j overwrite) and taking
+    // a running max gives exactly that number, with plain stores instead of a histogram's read-modify-write
+    // chain; the divisions are independent (they pipeline) and no branch depends on the data.
     s.points.resize(K + 3);
     s.points[0] = s.points[K + 1] = s.points[K + 2] = INFINITY;
-    const int64_t stride = method == kSystematic ? 0 : 1;
-    for (int64_t i = 0; i < K; ++i) s.points[i + 1] = grid_point(i, u[i * stride], K);
+    double* pts = s.points.data() + 1;
+    // (i + u) / K as grid_point computes it, with i read from a table so the loop vectorizes
+    if (static_cast<int64_t>(s.iota.size()) < K) {
+      s.iota.resize(K);
+      for (int64_t i = 0; i < K; ++i) s.iota[i] = static_cast<double>(i);
+    }
+    const double* iota = s.iota.data();
+    const double kd = static_cast<double>(K);
+    if (method == kSystematic) {
+      const double u0 = u[0];
+      for (int64_t i = 0; i < K; ++i) pts[i] = (iota[i] + u0) / kd;
+    } else {
+      for (int64_t i = 0; i < K; ++i) pts[i] = (iota[i] + u[i]) / kd;
+    }
     s.count.assign(K + 1, 0);
-    for (int64_t j = 0; j < last; ++j) ++s.count[grid_count_below(s.cdf[j], K, s.points.data())];
+    int64_t* mark = s.count.data();
+    for (int64_t j = 0; j < last; ++j) mark[grid_count_below(s.cdf[j], K, s.points.data())] = j + 1;
     int64_t a = 0;
     for (int64_t i = 0; i < K; ++i) {
-      a += s.count[i];
+      a = mark[i] > a ? mark[i] : a;
       anc[i] = a;
     }
     return status;
@@ -191,11 +206,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     char* dst = state ? static_cast<char*>(st_out.data_ptr()) : nullptr;
     at::parallel_for(0, B, grain_for(K * 8 + row_bytes / 8), [&](int64_t b0, int64_t b1) {
       Scratch s;
-      for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t b = b0; b < b1; ++b)
         sp[b] = resample_group<scalar_t>(x + b * K, up + b * U, method, ess_threshold, K, ap + b * K, lo + b * K,
                                          ep + b, np_ + b, s);
-        if (dst) gather_group(src + b * K * row_bytes, dst + b * K * row_bytes, ap + b * K, K, row_bytes);
-      }
+      // The same thread then moves its groups' states: interleaving the copies with the resampling per group
+      // measured slower (the copy evicts the next group's inputs).
+      if (dst)
+        for (int64_t b = b0; b < b1; ++b)
+          gather_group(src + b * K * row_bytes, dst + b * K * row_bytes, ap + b * K, K, row_bytes);
     });
   });
   return {lw_out, anc, ess_t, ln_t, status, st_out};

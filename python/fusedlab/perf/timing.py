@@ -22,7 +22,8 @@ def measure(fn, min_run_time: float = 0.2) -> Timing:
     fn()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    m = Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    # torch's Timer runs single-threaded unless told otherwise
+    m = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(min_run_time=min_run_time)
     times = sorted(m.times)
     q = lambda p: times[min(len(times) - 1, int(p * len(times)))] * 1e3  # noqa: E731
     return Timing(m.median * 1e3, q(0.2), q(0.8))
