@@ -60,6 +60,7 @@ setup(
     packages=[
         "fusedlab",
         "fusedlab.ops",
+        "fusedlab.optim",
         "fusedlab.perf",
         "fusedlab.reference",
         "fusedlab.smc",

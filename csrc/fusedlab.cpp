@@ -19,4 +19,8 @@ TORCH_LIBRARY(fusedlab, m) {
         "(Tensor log_weights_out, Tensor ancestors, Tensor ess, Tensor log_norm, Tensor status, Tensor state_out)");
   m.def("gather(Tensor state, Tensor ancestors) -> Tensor");
   m.def("gather_(Tensor(a!) state, Tensor ancestors) -> ()");
+
+  // ---- newton_schulz: Muon's orthogonalization (python/fusedlab/reference/newton_schulz.py). `coefficients`
+  // holds (a, b, c) for each step; the result is in `dtype`, the computation dtype.
+  m.def("newton_schulz(Tensor G, float[] coefficients, float norm_scale, float eps, ScalarType dtype) -> Tensor");
 }

@@ -14,6 +14,12 @@ BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
 # (bench/results/). Until a family has a measurement, the CUDA C++ kernel is preferred.
 AUTO_GPU_PREFERENCE = {"resample": ("cuda", "triton")}
 
+# The implementations each family has so far ("reference" runs on any device).
+FAMILY_BACKENDS = {
+    "resample": ("cuda", "triton", "cpu", "reference"),
+    "newton_schulz": ("cpu", "reference"),
+}
+
 
 @functools.lru_cache(maxsize=None)
 def cuda_kernels_loaded() -> bool:
@@ -53,14 +59,17 @@ def resolve(backend: str, family: str, device: torch.device) -> str:
     """Map a user's `backend=` to the implementation that will run, with an error naming what is missing."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    has = FAMILY_BACKENDS[family]
     if backend == "auto":
-        if device.type == "cpu":
+        if device.type == "cpu" and "cpu" in has:
             return "cpu"
         if device.type == "cuda":
             for cand in AUTO_GPU_PREFERENCE.get(family, ("cuda", "triton")):
-                if cand in backends():
+                if cand in has and cand in backends():
                     return cand
         return "reference"
+    if backend not in has:
+        raise ValueError(f"backend={backend!r}: the {family} family has no such kernel yet (it has {has})")
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
     if backend == "cuda":

@@ -2,6 +2,7 @@
 
 Each op is also reachable as ``torch.ops.fusedlab.<name>`` (the C++ schema in csrc/fusedlab.cpp).
 """
+from fusedlab.ops.newton_schulz import newton_schulz
 from fusedlab.ops.resample import ResampleResult, gather, gather_, resample
 
-__all__ = ["ResampleResult", "gather", "gather_", "resample"]
+__all__ = ["ResampleResult", "gather", "gather_", "newton_schulz", "resample"]

@@ -1,0 +1,86 @@
+"""Newton-Schulz orthogonalization, Muon's inner loop: ``newton_schulz``.
+
+Semantics: python/fusedlab/reference/newton_schulz.py. The C++ CPU kernel runs the whole iteration over a
+batch of same-shaped matrices in one op, with the epilogues fused into baddbmm.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import torch
+
+from fusedlab import _backend
+from fusedlab.reference import newton_schulz as ref
+
+_FAMILY = "newton_schulz"
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+@torch.library.register_fake("fusedlab::newton_schulz")
+def _fake_newton_schulz(G, coefficients, norm_scale, eps, dtype):
+    return torch.empty(G.shape, dtype=dtype, device=G.device)
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_has_bf16_matmul() -> bool:
+    cpu = torch.cpu
+    try:
+        return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without these probes: assume no native bf16 matmul
+        return False
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 where the hardware multiplies bf16 natively (GPUs, AVX-512-BF16 or AMX CPUs), else float32."""
+    if device.type == "cuda" or (device.type == "cpu" and _cpu_has_bf16_matmul()):
+        return torch.bfloat16
+    return torch.float32
+
+
+def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients="keller", eps: float = 1e-7,
+                  dtype: Optional[torch.dtype] = None, backend: str = "auto") -> torch.Tensor:
+    """Approximate orthogonal factor of each matrix in ``G`` [..., m, n] by ``steps`` Newton-Schulz steps.
+
+    Args:
+        G: [..., m, n] floating tensor, a batch of same-shaped matrices.
+        steps: number of iterations.
+        coefficients: "keller" ((3.4445, -4.7750, 2.0315) every step, torch.optim.Muon's), "polar_express"
+            (the 5-step set of modded-nanogpt and Dion, normalized by 1.02 ||G||), one (a, b, c) triple, or a
+            sequence of per-step triples (the last repeats when there are fewer than ``steps``).
+        eps: the Frobenius norm (computed in float32 without underflow) is clamped at eps, as torch does.
+        dtype: computation and result dtype; default bfloat16 where the hardware has bf16 matrix units,
+            else float32.
+        backend: "auto", "cpu" or "reference" (GPU kernels for this family are not written yet; CUDA
+            tensors run the reference, i.e. the same math as plain torch ops).
+
+    Example:
+        >>> import torch, fusedlab
+        >>> G = torch.randn(4, 32, 64, generator=torch.Generator().manual_seed(0))
+        >>> X = fusedlab.ops.newton_schulz(G, dtype=torch.float32)
+        >>> X.shape, X.dtype
+        (torch.Size([4, 32, 64]), torch.float32)
+        >>> s = torch.linalg.svdvals(X)                      # singular values pushed into Keller's band
+        >>> bool(s.min() > 0.6 and s.max() < 1.2)
+        True
+    """
+    if not isinstance(G, torch.Tensor):
+        raise TypeError(f"G must be a torch.Tensor, got {type(G).__name__}")
+    if G.dim() < 2:
+        raise ValueError(f"G must be [..., m, n] with at least 2 dims, got shape {tuple(G.shape)}")
+    if not G.dtype.is_floating_point:
+        raise TypeError(f"G must be a floating-point tensor, got dtype {G.dtype}")
+    triples, scale = ref.resolve_coefficients(coefficients, steps)
+    if not all(math.isfinite(v) for t in triples for v in t):
+        raise ValueError(f"coefficients must be finite, got {triples}")
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    dtype = default_dtype(G.device) if dtype is None else dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype}")
+    which = _backend.resolve(backend, _FAMILY, G.device)
+    if which == "reference":
+        return ref.newton_schulz(G, steps, coefficients, eps, dtype)
+    flat = [float(v) for t in triples for v in t]
+    return torch.ops.fusedlab.newton_schulz(G, flat, float(scale), float(eps), dtype)

@@ -1,0 +1,113 @@
+"""Muon: momentum, then Newton-Schulz orthogonalization of each matrix update (fusedlab.ops.newton_schulz).
+
+A drop-in for torch.optim.Muon (same constructor, defaults and update), plus: weights with more than two
+dims (conv filters, flattened to [out, -1]), coefficient sets by name, and parameters of one shape
+orthogonalized together in one batched call.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+
+from fusedlab.ops.newton_schulz import newton_schulz
+from fusedlab.reference.newton_schulz import resolve_coefficients
+
+_ADJUST = (None, "original", "match_rms_adamw")
+
+
+def _finite_nonneg(name, value):
+    v = float(value.item()) if isinstance(value, torch.Tensor) else value
+    if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def adjusted_lr(lr: float, adjust_lr_fn, rows: int, cols: int) -> float:
+    """torch.optim.Muon's rules: "original" sqrt(max(1, rows/cols)); "match_rms_adamw" 0.2 sqrt(max(rows, cols))."""
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return lr * math.sqrt(max(1.0, rows / cols))
+    return lr * 0.2 * math.sqrt(max(rows, cols))
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon with torch.optim.Muon's constructor and update rule.
+
+    Each step, per parameter p with gradient g: buf <- lerp(buf, g, 1 - momentum); update = lerp(g, buf,
+    momentum) (Nesterov) or buf; O = newton_schulz(update viewed as [out, -1]); p <- p (1 - lr wd);
+    p <- p - adjusted_lr O. Gradients are never modified.
+
+    Extra keyword arguments: ``ns_dtype`` (the Newton-Schulz computation dtype; default bfloat16 where the
+    hardware multiplies bf16 natively, as torch does everywhere) and ``backend`` (as for every fusedlab op).
+
+    Example:
+        >>> import torch, fusedlab
+        >>> model = torch.nn.Linear(16, 32, bias=False)
+        >>> opt = fusedlab.optim.Muon(model.parameters(), lr=0.02)
+        >>> model(torch.randn(8, 16)).square().mean().backward()
+        >>> opt.step()
+    """
+
+    def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
+                 ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-7, ns_steps=5, adjust_lr_fn=None, *,
+                 ns_dtype=None, backend="auto"):
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("lr: a tensor lr must have one element")
+        _finite_nonneg("lr", lr)
+        _finite_nonneg("weight_decay", weight_decay)
+        _finite_nonneg("momentum", momentum)
+        _finite_nonneg("eps", eps)
+        if not isinstance(ns_steps, int) or not 0 <= ns_steps < 100:
+            raise ValueError(f"ns_steps must be an int in [0, 100), got {ns_steps!r}")
+        if adjust_lr_fn not in _ADJUST:
+            raise ValueError(f"adjust_lr_fn must be one of {_ADJUST}, got {adjust_lr_fn!r}")
+        triples, _ = resolve_coefficients(ns_coefficients, ns_steps)  # validates names and shapes
+        if not all(math.isfinite(v) for t in triples for v in t):
+            raise ValueError(f"ns_coefficients must be finite, got {ns_coefficients!r}")
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                        ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
+                        ns_dtype=ns_dtype, backend=backend)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim < 2:
+                    raise ValueError(f"Muon orthogonalizes matrices: got a {p.ndim}-D parameter of shape "
+                                     f"{tuple(p.shape)}; optimize gains, biases and embeddings with AdamW")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr = group["lr"]
+            lr = float(lr.item()) if isinstance(lr, torch.Tensor) else lr
+            momentum, wd = group["momentum"], group["weight_decay"]
+            # updates grouped by (shape, dtype, device): one batched Newton-Schulz call per group
+            batches = defaultdict(list)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if g.is_sparse:
+                    raise RuntimeError("Muon does not support sparse gradients")
+                if torch.is_complex(p):
+                    raise RuntimeError("Muon does not support complex parameters")
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(g, memory_format=torch.preserve_format)
+                buf = state["momentum_buffer"]
+                buf.lerp_(g, 1 - momentum)
+                update = g.lerp(buf, momentum) if group["nesterov"] else buf
+                update = update.reshape(update.shape[0], -1)
+                batches[(tuple(update.shape), update.dtype, update.device)].append((p, update))
+            for (shape, _, _), items in batches.items():
+                stacked = torch.stack([u for _, u in items]) if len(items) > 1 else items[0][1].unsqueeze(0)
+                ortho = newton_schulz(stacked, group["ns_steps"], group["ns_coefficients"], group["eps"],
+                                      group["ns_dtype"], group["backend"])
+                step_lr = adjusted_lr(lr, group["adjust_lr_fn"], shape[0], shape[1])
+                for (p, _), o in zip(items, ortho.unbind(0)):
+                    p.mul_(1 - lr * wd)
+                    p.add_(o.view(p.shape), alpha=-step_lr)
+        return loss

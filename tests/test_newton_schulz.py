@@ -1,0 +1,108 @@
+"""Newton-Schulz: the C++ CPU kernel against the float64 reference and against torch.optim.Muon's own code."""
+import math
+
+import pytest
+import torch
+from torch.optim._muon import _zeropower_via_newtonschulz as torch_ns
+
+import fusedlab
+from fusedlab.reference import newton_schulz as ref
+
+KELLER = (3.4445, -4.7750, 2.0315)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (48, 96), (96, 48), (3, 32, 80), (2, 2, 40, 24), (1, 7)])
+@pytest.mark.parametrize("coefficients", ["keller", "polar_express"])
+def test_cpu_matches_reference_float64(shape, coefficients, gen):
+    G = torch.randn(shape, generator=gen, dtype=torch.float64)
+    got = fusedlab.ops.newton_schulz(G, coefficients=coefficients, dtype=torch.float64)
+    torch.testing.assert_close(got, ref.newton_schulz(G, 5, coefficients, dtype=torch.float64), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(128, 64), (64, 192), (4, 96, 96)])
+def test_float32_path_within_1e4(shape, gen):
+    G = torch.randn(shape, generator=gen)
+    got = fusedlab.ops.newton_schulz(G, dtype=torch.float32)
+    assert rel(got, ref.newton_schulz(G.double())) < 1e-4
+
+
+def test_torch_order_reference_is_torch(gen):
+    G = torch.randn(96, 160, generator=gen)
+    assert torch.equal(ref.newton_schulz_torch_order(G), torch_ns(G, KELLER, 5, 1e-7))
+    assert torch.equal(ref.newton_schulz_torch_order(G.T), torch_ns(G.T, KELLER, 5, 1e-7))
+
+
+@pytest.mark.parametrize("shape", [(128, 128), (96, 256), (256, 96)])
+def test_bf16_error_at_most_twice_torch(shape, gen):
+    """The tolerance rule: against a float64 Newton-Schulz with the same coefficients, the bf16 kernel errs at
+    most twice as much as torch's own bf16 computation (measured as the mean over 4 draws)."""
+    ours, theirs = 0.0, 0.0
+    for _ in range(4):
+        G = torch.randn(shape, generator=gen)
+        exact = ref.newton_schulz(G.double())
+        ours += rel(fusedlab.ops.newton_schulz(G, dtype=torch.bfloat16), exact)
+        theirs += rel(torch_ns(G, KELLER, 5, 1e-7), exact)
+    assert ours <= 2 * theirs, (ours, theirs)
+
+
+@pytest.mark.parametrize("coefficients, band", [("keller", (0.45, 1.25)), ("polar_express", (0.8, 1.2))])
+def test_singular_values_in_band(coefficients, band, gen):
+    """Singular values spanning a factor 100 (after Frobenius normalization about [0.004, 0.4]) land in the
+    set's band (scalar analysis: Keller [0.47, 1.20], Polar Express [0.84, 1.12] for inputs in [1e-3, 1]);
+    the singular vectors are the input's, as in the exact polar factor U V^T."""
+    m, n = 64, 128
+    U, _ = torch.linalg.qr(torch.randn(m, m, generator=gen, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, m, generator=gen, dtype=torch.float64))
+    s = torch.logspace(-2, 0, m, dtype=torch.float64)
+    G = (U * s) @ V.T * 3.7
+    X = fusedlab.ops.newton_schulz(G, coefficients=coefficients, dtype=torch.float32)
+    sv = torch.linalg.svdvals(X.double())
+    assert band[0] < sv.min() and sv.max() < band[1], (sv.min(), sv.max())
+    proj = U.T @ X.double() @ V  # diag(s') when X = U diag(s') V^T
+    off = proj - torch.diag(torch.diagonal(proj))
+    assert off.norm() / proj.norm() < 2e-2
+
+
+def test_zero_scale_invariance_and_rank_deficient(gen):
+    assert torch.equal(fusedlab.ops.newton_schulz(torch.zeros(2, 8, 16), dtype=torch.float32), torch.zeros(2, 8, 16))
+    G = torch.randn(32, 48, generator=gen)
+    base = fusedlab.ops.newton_schulz(G, dtype=torch.float32)
+    for scale in (1e-15, 1e-6, 1e6, 1e15):
+        got = fusedlab.ops.newton_schulz(G * scale, dtype=torch.float32, eps=1e-30)
+        assert rel(got, base) < 1e-5, scale
+    low = torch.randn(32, 3, generator=gen) @ torch.randn(3, 48, generator=gen)
+    out = fusedlab.ops.newton_schulz(low)
+    assert torch.isfinite(out).all()
+
+
+def test_opcheck(gen):
+    G = torch.randn(2, 16, 24, generator=gen)
+    flat = [v for _ in range(3) for v in KELLER]
+    for dt in (torch.float32, torch.bfloat16):
+        torch.library.opcheck(torch.ops.fusedlab.newton_schulz.default, (G, flat, 1.0, 1e-7, dt))
+
+
+def test_torch_compile_fullgraph(gen):
+    torch._dynamo.reset()
+    f = torch.compile(lambda g: fusedlab.ops.newton_schulz(g, dtype=torch.float32), fullgraph=True)
+    G = torch.randn(3, 16, 40, generator=gen)
+    torch.testing.assert_close(f(G), fusedlab.ops.newton_schulz(G, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("call, exc, pattern", [
+    (lambda: fusedlab.ops.newton_schulz(torch.zeros(5)), ValueError, "at least 2 dims"),
+    (lambda: fusedlab.ops.newton_schulz(torch.zeros(2, 3, dtype=torch.int32)), TypeError, "floating-point"),
+    (lambda: fusedlab.ops.newton_schulz(torch.zeros(2, 3), coefficients="kellerr"), ValueError, "coefficients must be one of"),
+    (lambda: fusedlab.ops.newton_schulz(torch.zeros(2, 3), coefficients=[(1.0, 2.0)]), ValueError, "triple"),
+    (lambda: fusedlab.ops.newton_schulz(torch.zeros(2, 3), coefficients=(math.nan, 1.0, 1.0)), ValueError, "finite"),
+    (lambda: fusedlab.ops.newton_schulz(torch.zeros(2, 3), eps=-1.0), ValueError, "eps"),
+    (lambda: fusedlab.ops.newton_schulz(torch.zeros(2, 3), dtype=torch.int8), ValueError, "dtype"),
+    (lambda: fusedlab.ops.newton_schulz(torch.zeros(2, 3), backend="triton"), ValueError, "no such kernel yet"),
+])
+def test_errors(call, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        call()
