@@ -109,3 +109,37 @@ def test_sparse_grad_rejected():
     p.grad = torch.zeros(4, 4).to_sparse()
     with pytest.raises(RuntimeError, match="sparse"):
         fusedlab.optim.Muon([p]).step()
+
+
+def test_muon_with_aux_adam_matches_its_parts(gen):
+    model = torch.nn.Sequential(torch.nn.Embedding(12, 16), torch.nn.Linear(16, 24), torch.nn.LayerNorm(24))
+    model.add_module("head", torch.nn.Linear(24, 12, bias=False))
+    hidden, other = fusedlab.optim.split_muon_params(model)
+    assert [p.shape for p in hidden] == [torch.Size([24, 16])]
+    assert {tuple(p.shape) for p in other} == {(12, 16), (24,), (12, 24)}
+    twin = copy.deepcopy(model)
+    t_hidden, t_other = fusedlab.optim.split_muon_params(twin)
+    opt = fusedlab.optim.MuonWithAuxAdam([dict(params=hidden, use_muon=True, lr=0.05),
+                                          dict(params=other, use_muon=False, lr=1e-2, weight_decay=0.1)])
+    muon = fusedlab.optim.Muon(t_hidden, lr=0.05, momentum=0.95, weight_decay=0.0)
+    adam = torch.optim.AdamW(t_other, lr=1e-2, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.1)
+    for _ in range(3):
+        x = torch.randint(0, 12, (4, 5), generator=gen)
+        for m, opts in ((model, [opt]), (twin, [muon, adam])):
+            for o in opts:
+                o.zero_grad()
+            m(x).square().mean().backward()
+            for o in opts:
+                o.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_muon_with_aux_adam_errors():
+    p = torch.nn.Parameter(torch.zeros(4, 4))
+    with pytest.raises(ValueError, match="use_muon"):
+        fusedlab.optim.MuonWithAuxAdam([dict(params=[p])])
+    with pytest.raises(ValueError, match="unknown keys"):
+        fusedlab.optim.MuonWithAuxAdam([dict(params=[p], use_muon=True, betas=(0.9, 0.99))])
+    with pytest.raises(ValueError, match="1-D parameter"):
+        fusedlab.optim.MuonWithAuxAdam([dict(params=[torch.nn.Parameter(torch.zeros(3))], use_muon=True)])

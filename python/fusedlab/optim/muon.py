@@ -81,33 +81,125 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr = group["lr"]
-            lr = float(lr.item()) if isinstance(lr, torch.Tensor) else lr
-            momentum, wd = group["momentum"], group["weight_decay"]
-            # updates grouped by (shape, dtype, device): one batched Newton-Schulz call per group
-            batches = defaultdict(list)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if g.is_sparse:
-                    raise RuntimeError("Muon does not support sparse gradients")
-                if torch.is_complex(p):
-                    raise RuntimeError("Muon does not support complex parameters")
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(g, memory_format=torch.preserve_format)
-                buf = state["momentum_buffer"]
-                buf.lerp_(g, 1 - momentum)
-                update = g.lerp(buf, momentum) if group["nesterov"] else buf
-                update = update.reshape(update.shape[0], -1)
-                batches[(tuple(update.shape), update.dtype, update.device)].append((p, update))
-            for (shape, _, _), items in batches.items():
-                stacked = torch.stack([u for _, u in items]) if len(items) > 1 else items[0][1].unsqueeze(0)
-                ortho = newton_schulz(stacked, group["ns_steps"], group["ns_coefficients"], group["eps"],
-                                      group["ns_dtype"], group["backend"])
-                step_lr = adjusted_lr(lr, group["adjust_lr_fn"], shape[0], shape[1])
-                for (p, _), o in zip(items, ortho.unbind(0)):
-                    p.mul_(1 - lr * wd)
-                    p.add_(o.view(p.shape), alpha=-step_lr)
+            self._step_group(group)
         return loss
+
+    def _step_group(self, group):
+        """One Muon update of a param group; also used by MuonWithAuxAdam (self is any Optimizer)."""
+        lr = group["lr"]
+        lr = float(lr.item()) if isinstance(lr, torch.Tensor) else lr
+        momentum, wd = group["momentum"], group["weight_decay"]
+        # updates grouped by (shape, dtype, device): one batched Newton-Schulz call per group
+        batches = defaultdict(list)
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            g = p.grad
+            if g.is_sparse:
+                raise RuntimeError("Muon does not support sparse gradients")
+            if torch.is_complex(p):
+                raise RuntimeError("Muon does not support complex parameters")
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(g, memory_format=torch.preserve_format)
+            buf = state["momentum_buffer"]
+            buf.lerp_(g, 1 - momentum)
+            update = g.lerp(buf, momentum) if group["nesterov"] else buf
+            update = update.reshape(update.shape[0], -1)
+            batches[(tuple(update.shape), update.dtype, update.device)].append((p, update))
+        for (shape, _, _), items in batches.items():
+            stacked = torch.stack([u for _, u in items]) if len(items) > 1 else items[0][1].unsqueeze(0)
+            ortho = newton_schulz(stacked, group["ns_steps"], group["ns_coefficients"], group["eps"],
+                                  group["ns_dtype"], group["backend"])
+            step_lr = adjusted_lr(lr, group["adjust_lr_fn"], shape[0], shape[1])
+            for (p, _), o in zip(items, ortho.unbind(0)):
+                p.mul_(1 - lr * wd)
+                p.add_(o.view(p.shape), alpha=-step_lr)
+
+def split_muon_params(model: torch.nn.Module, embedding_types=(torch.nn.Embedding,), head_names=("lm_head", "head")):
+    """Split a model's parameters into the two groups Muon is meant for.
+
+    Muon: hidden weights with two or more dims. AdamW: embeddings, output heads (modules whose attribute
+    name ends in one of ``head_names``), and every 1-D parameter (gains, biases). Returns
+    ``(muon_params, adam_params)``, each a list of parameters that require grad.
+    """
+    skip = set()
+    for name, module in model.named_modules():
+        if isinstance(module, embedding_types) or name.split(".")[-1] in head_names:
+            skip.update(id(p) for p in module.parameters(recurse=False))
+    muon, adam = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (muon if p.ndim >= 2 and id(p) not in skip else adam).append(p)
+    return muon, adam
+
+
+class MuonWithAuxAdam(torch.optim.Optimizer):
+    """One optimizer over param groups flagged ``use_muon``: Muon for hidden matrices, AdamW for the rest.
+
+    Muon groups take Muon's keys (defaults lr 0.02, momentum 0.95, weight_decay 0, as in the reference
+    implementation); AdamW groups take lr (3e-4), betas ((0.9, 0.95)), eps (1e-10) and weight_decay (0).
+
+    Example:
+        >>> import torch, fusedlab
+        >>> model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+        >>> hidden, other = fusedlab.optim.split_muon_params(model)
+        >>> opt = fusedlab.optim.MuonWithAuxAdam([dict(params=hidden, use_muon=True),
+        ...                                       dict(params=other, use_muon=False)])
+        >>> model(torch.tensor([[1, 2, 3]])).sum().backward()
+        >>> opt.step()
+    """
+
+    MUON_DEFAULTS = dict(lr=0.02, momentum=0.95, weight_decay=0.0, nesterov=True,
+                         ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-7, ns_steps=5, adjust_lr_fn=None,
+                         ns_dtype=None, backend="auto")
+    ADAM_DEFAULTS = dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.0)
+
+    def __init__(self, param_groups):
+        groups = []
+        for i, g in enumerate(param_groups):
+            if "use_muon" not in g:
+                raise ValueError(f"param_groups[{i}] needs a 'use_muon' flag (True for hidden matrices)")
+            defaults = self.MUON_DEFAULTS if g["use_muon"] else self.ADAM_DEFAULTS
+            unknown = set(g) - set(defaults) - {"params", "use_muon"}
+            if unknown:
+                raise ValueError(f"param_groups[{i}] (use_muon={g['use_muon']}) has unknown keys {sorted(unknown)}")
+            groups.append({**defaults, **g})
+        super().__init__(groups, {})
+        # Muon's checks, once per Muon group, through a throwaway instance on the same parameters
+        for g in self.param_groups:
+            if g["use_muon"]:
+                Muon(g["params"], **{k: g[k] for k in self.MUON_DEFAULTS})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["use_muon"]:
+                Muon._step_group(self, group)  # noqa: SLF001
+            else:
+                self._adam_group(group)
+        return loss
+
+    def _adam_group(self, group):
+        beta1, beta2 = group["betas"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] += 1
+            state["exp_avg"].lerp_(p.grad, 1 - beta1)
+            state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+            bias1 = 1 - beta1 ** state["step"]
+            bias2 = 1 - beta2 ** state["step"]
+            denom = (state["exp_avg_sq"] / bias2).sqrt_().add_(group["eps"])
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+            p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / bias1)
