@@ -10,6 +10,7 @@ import math
 from collections import defaultdict
 
 import torch
+import torch.distributed as dist
 
 from fusedlab.ops.newton_schulz import newton_schulz
 from fusedlab.reference.newton_schulz import resolve_coefficients
@@ -38,7 +39,11 @@ class Muon(torch.optim.Optimizer):
     p <- p - adjusted_lr O. Gradients are never modified.
 
     Extra keyword arguments: ``ns_dtype`` (the Newton-Schulz computation dtype; default bfloat16 where the
-    hardware multiplies bf16 natively, as torch does everywhere) and ``backend`` (as for every fusedlab op).
+    hardware multiplies bf16 natively, as torch does everywhere), ``backend`` (as for every fusedlab op) and
+    ``process_group``: when torch.distributed is initialized with more than one rank (the default group, or
+    this one), gradients are expected to be identical on every rank (as after DDP's all-reduce); each rank
+    orthogonalizes its share of the matrices and the results are all-gathered, so every rank ends with the
+    parameters one process would compute.
 
     Example:
         >>> import torch, fusedlab
@@ -50,7 +55,7 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
                  ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-7, ns_steps=5, adjust_lr_fn=None, *,
-                 ns_dtype=None, backend="auto"):
+                 ns_dtype=None, backend="auto", process_group=None):
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("lr: a tensor lr must have one element")
         _finite_nonneg("lr", lr)
@@ -68,6 +73,7 @@ class Muon(torch.optim.Optimizer):
                         ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
                         ns_dtype=ns_dtype, backend=backend)
         super().__init__(params, defaults)
+        self.process_group = process_group
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim < 2:
@@ -107,14 +113,31 @@ class Muon(torch.optim.Optimizer):
             update = g.lerp(buf, momentum) if group["nesterov"] else buf
             update = update.reshape(update.shape[0], -1)
             batches[(tuple(update.shape), update.dtype, update.device)].append((p, update))
+        pg = getattr(self, "process_group", None)
+        world = dist.get_world_size(pg) if dist.is_available() and dist.is_initialized() else 1
         for (shape, _, _), items in batches.items():
             stacked = torch.stack([u for _, u in items]) if len(items) > 1 else items[0][1].unsqueeze(0)
-            ortho = newton_schulz(stacked, group["ns_steps"], group["ns_coefficients"], group["eps"],
-                                  group["ns_dtype"], group["backend"])
+            ns = lambda x: newton_schulz(x, group["ns_steps"], group["ns_coefficients"], group["eps"],  # noqa: E731
+                                         group["ns_dtype"], group["backend"])
+            ortho = ns(stacked) if world == 1 else _sharded(ns, stacked, world, pg)
             step_lr = adjusted_lr(lr, group["adjust_lr_fn"], shape[0], shape[1])
             for (p, _), o in zip(items, ortho.unbind(0)):
                 p.mul_(1 - lr * wd)
                 p.add_(o.view(p.shape), alpha=-step_lr)
+
+def _sharded(ns, stacked, world, pg):
+    """Orthogonalize this rank's contiguous share of the batch, then all-gather every share."""
+    n = stacked.shape[0]
+    per = -(-n // world)
+    pad = per * world - n
+    if pad:
+        stacked = torch.cat([stacked, stacked.new_zeros((pad, *stacked.shape[1:]))])
+    rank = dist.get_rank(pg)
+    mine = ns(stacked[rank * per:(rank + 1) * per]).contiguous()
+    shares = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(shares, mine, group=pg)
+    return torch.cat(shares)[:n]
+
 
 def split_muon_params(model: torch.nn.Module, embedding_types=(torch.nn.Embedding,), head_names=("lm_head", "head")):
     """Split a model's parameters into the two groups Muon is meant for.

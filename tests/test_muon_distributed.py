@@ -1,0 +1,49 @@
+"""Distributed Muon: 2 gloo processes on the CPU end with exactly the parameters of one process."""
+import os
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fusedlab
+
+SHAPES = [(32, 16)] * 3 + [(16, 48), (24, 24)]  # 3 of one shape: split unevenly over 2 ranks
+
+
+def params_and_grads(steps=3):
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in SHAPES]
+    grads = [[torch.randn(s, generator=g) for s in SHAPES] for _ in range(steps)]
+    return params, grads
+
+
+def train(params, grads):
+    opt = fusedlab.optim.Muon(params, lr=0.05, ns_dtype=torch.float32)
+    for gs in grads:
+        for p, x in zip(params, gs):
+            p.grad = x.clone()
+        opt.step()
+    return [p.detach() for p in params]
+
+
+def _worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        params, grads = params_and_grads()
+        torch.save(train(params, grads), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not dist.is_available() or sys.platform == "win32", reason="needs torch.distributed with gloo")
+def test_two_gloo_ranks_match_one_process(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    params, grads = params_and_grads()
+    single = train(params, grads)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        for a, b in zip(got, single):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
