@@ -18,6 +18,7 @@ import torch
 
 import fusedlab
 from fusedlab import perf
+from fusedlab.perf import newton_schulz as perf_ns
 from fusedlab.perf import resample as perf_resample
 
 
@@ -65,38 +66,55 @@ def _table(rows, cols):
     return "\n".join(out)
 
 
-def _fmt(rows, errors):
+def _resample_display(rows, errors):
     shown = []
     for r in rows:
         if r["op"].startswith("peer"):
             continue
         shown.append({
             "op": r["op"], "backend": r["backend"], "shape": f"{r['B']}x{r['K']}x{r['D']}",
-            "err": f"{errors[r['backend']]:.1e}", "time": f"{r['ms']:.4f} ms",
-            "plain": f"{r['vs_plain']:.2f}x", "naive": f"{r['vs_naive']:.2f}x", "clone": f"{r['over_clone']:.2f}x",
+            "err": f"{errors[r['backend']]:.1e}", "time": f"{r['ms']:.4f} ms", "peer": "plain torch systematic",
+            "speedup": f"{r['vs_plain']:.2f}x",
+            "note": f"{r['vs_naive']:.1f}x vs naive multinomial; {r['over_clone']:.1f}x the time of state.clone()",
         })
     return shown
 
 
-COLS = [("op", "op"), ("backend", "backend"), ("B x K x D", "shape"), ("max err vs reference", "err"),
-        ("time (median)", "time"), ("speedup vs plain torch", "plain"), ("speedup vs naive", "naive"),
-        ("time / clone", "clone")]
+def _ns_display(rows, errors):
+    return [{"op": r["op"], "backend": r["backend"], "shape": r["shape"],
+             "err": f"{errors[r['backend']]:.1e}" if r["backend"] in errors else "",
+             "time": f"{r['ms']:.3f} ms", "peer": r["peer"], "speedup": f"{r['speedup']:.2f}x", "note": r["note"]}
+            for r in rows]
 
 
-def demo(min_run_time=0.2, shapes=perf_resample.SHAPES):
+COLS = [("op", "op"), ("backend", "backend"), ("shape", "shape"), ("max err vs reference", "err"),
+        ("time (median)", "time"), ("peer", "peer"), ("speedup vs peer", "speedup"), ("notes", "note")]
+
+
+def demo(quick=False):
     from tqdm import tqdm
 
     print(info(), "\n")
+    min_run_time = 0.01 if quick else 0.2
     all_rows = []
     for device, backends in _devices_and_backends():
+        shapes = ((4, 8),) if quick else perf_resample.SHAPES
         errors = {be: perf_resample.check(be, device) for be in backends}
         with tqdm(total=len(shapes), desc=f"resample on {device}", leave=False) as bar:
             rows = perf_resample.rows(device, backends, shapes, min_run_time, progress=bar)
-        all_rows += _fmt(rows, errors)
+        all_rows += _resample_display(rows, errors)
+        ns_backends = [b for b in backends if b in ("cpu",)] or ["reference"]
+        errors = {be: perf_ns.check(be, device) for be in ns_backends}
+        shapes = perf_ns.QUICK_SHAPES if quick else perf_ns.SHAPES
+        with tqdm(total=len(shapes) + 1, desc=f"newton_schulz on {device}", leave=False) as bar:
+            rows = perf_ns.rows(device, ns_backends, shapes, min_run_time, progress=bar)
+            rows.append(perf_ns.optimizer_row(device, quick, min_run_time))
+            bar.update(1)
+        all_rows += _ns_display(rows, errors)
     print(_table(all_rows, COLS))
-    print("\nmax err: differing ancestors + largest abs. error of log-weights and log_norm, every method and "
-          "threshold (0 = identical). Speedups are median-time ratios measured in this process; "
-          "'time / clone' compares with copying the state once, the floor.")
+    print("\nmax err, resample: differing ancestors + largest abs. error of log-weights and log_norm over every "
+          "method and threshold (0 = identical); newton_schulz: relative error of the float32 kernel against "
+          "float64. Speedups are median-time ratios measured in this process.")
     return all_rows
 
 
@@ -170,13 +188,13 @@ def main(argv=None):
     b.add_argument("--out", default="bench/results")
     b.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
-    quick = dict(min_run_time=0.01, shapes=((4, 8),)) if getattr(args, "quick", False) else {}
+    quick = getattr(args, "quick", False)
     if args.cmd == "info":
         print(info())
     elif args.cmd == "demo":
-        demo(**quick)
+        demo(quick)
     else:
-        bench(args.out, **quick)
+        bench(args.out, **(dict(min_run_time=0.01, shapes=((4, 8),)) if quick else {}))
 
 
 if __name__ == "__main__":

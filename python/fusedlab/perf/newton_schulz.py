@@ -1,0 +1,72 @@
+"""Newton-Schulz and the Muon step: ours against what a user would otherwise run.
+
+Peers: torch.optim.Muon's own Newton-Schulz applied matrix by matrix (its optimizer has no batching), and a
+torch.optim.Muon step on the same parameters and gradients.
+"""
+from __future__ import annotations
+
+import torch
+from torch.optim._muon import _zeropower_via_newtonschulz as torch_ns
+
+import fusedlab
+from fusedlab.perf.timing import measure
+from fusedlab.reference import newton_schulz as ref
+
+KELLER = (3.4445, -4.7750, 2.0315)
+SHAPES = ((1, 1024, 1024), (64, 256, 256), (1, 768, 3072))  # (batch, m, n)
+QUICK_SHAPES = ((2, 32, 48),)
+GPT2_SMALL = [(768, 768)] * 48 + [(3072, 768)] * 12 + [(768, 3072)] * 12  # the issue's optimizer benchmark
+
+
+def torch_loop(G):
+    return torch.stack([torch_ns(g, KELLER, 5, 1e-7) for g in G.unbind(0)])
+
+
+def check(backend, device, seed=0):
+    """Relative error of the float32 kernel against the float64 reference on fresh inputs."""
+    g = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for shape in ((3, 24, 40), (40, 24), (2, 32, 32)):
+        G = torch.randn(shape, generator=g, dtype=torch.float64)
+        got = fusedlab.ops.newton_schulz(G.float().to(device), dtype=torch.float32, backend=backend).double().cpu()
+        exact = ref.newton_schulz(G)
+        worst = max(worst, ((got - exact).norm() / exact.norm()).item())
+    return worst
+
+
+def rows(device, backends, shapes=SHAPES, min_run_time=0.2, progress=None):
+    out = []
+    for bsz, m, n in shapes:
+        G = torch.randn(bsz, m, n, generator=torch.Generator().manual_seed(1)).to(device)
+        peer = measure(lambda: torch_loop(G), min_run_time)
+        for be in backends:
+            t = measure(lambda be=be: fusedlab.ops.newton_schulz(G, dtype=torch.bfloat16, backend=be), min_run_time)
+            flops = bsz * 5 * (4 * min(m, n) ** 2 * max(m, n) + 2 * min(m, n) ** 3)
+            out.append(dict(family="newton_schulz", op="newton_schulz (bf16, 5 steps)", backend=be,
+                            shape=f"{bsz}x{m}x{n}", ms=t.median_ms, peer="torch.optim.Muon's NS, per matrix",
+                            peer_ms=peer.median_ms, speedup=peer.median_ms / t.median_ms,
+                            note=f"{flops / t.median_ms / 1e6:.0f} GFLOP/s"))
+        if progress is not None:
+            progress.update(1)
+    return out
+
+
+def optimizer_row(device, quick=False, min_run_time=0.2):
+    """One optimizer step over a GPT-2-small-shaped set of matrices (a small set when quick)."""
+    shapes = [(64, 32)] * 4 if quick else GPT2_SMALL
+    g = torch.Generator().manual_seed(2)
+    grads = [torch.randn(s, generator=g).to(device) for s in shapes]
+
+    def make(cls):
+        params = [torch.nn.Parameter(torch.zeros(s, device=device)) for s in shapes]
+        for p, x in zip(params, grads):
+            p.grad = x
+        return cls(params, lr=0.02)
+
+    ours, theirs = make(fusedlab.optim.Muon), make(torch.optim.Muon)
+    runs = 1 if not quick else 3
+    t_ours = min(measure(ours.step, min_run_time).median_ms for _ in range(runs))
+    t_theirs = min(measure(theirs.step, min_run_time).median_ms for _ in range(runs))
+    return dict(family="newton_schulz", op="Muon optimizer step", backend="auto",
+                shape=f"{len(shapes)} matrices" + ("" if quick else " (GPT-2 small)"), ms=t_ours,
+                peer="torch.optim.Muon step", peer_ms=t_theirs, speedup=t_theirs / t_ours, note="")
