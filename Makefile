@@ -35,7 +35,7 @@ test: install
 	$(PY) -m pytest -q --durations=15 tests python/fusedlab docs README.md
 
 test-fast: install
-	$(PY) -m pytest -q -x -m "not slow" tests
+	$(PY) -m pytest -q -x tests --deselect tests/test_cuda_compile.py --deselect tests/test_resample_cuda_sim.py
 
 bench: install
 	$(PY) -m pytest -q bench --benchmark-json=bench/results/bench_cpu.json

@@ -2,7 +2,7 @@
 when the installed torch has CUDA and nvcc is found.
 
 Environment: FUSEDLAB_NO_CUDA=1 skips the CUDA extension; TORCH_CUDA_ARCH_LIST picks the GPU targets
-(default "8.0;9.0a+PTX"); MAX_JOBS bounds parallel compile jobs; FUSEDLAB_DEBUG=1 keeps debug info.
+(default "8.0;9.0a;9.0+PTX": sm_80, sm_90a, and PTX that newer GPUs compile); MAX_JOBS bounds parallel compile jobs; FUSEDLAB_DEBUG=1 keeps debug info.
 """
 import glob
 import os
@@ -41,7 +41,7 @@ ext_modules = [
 ]
 
 if want_cuda():
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a+PTX")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a;9.0+PTX")  # PTX of plain 9.0 runs on newer GPUs
     ext_modules.append(
         cpp_extension.CUDAExtension(
             "fusedlab._C_cuda",

@@ -31,10 +31,10 @@ $PY -m fusedlab info 2>&1 | tee -a "$LOG"
 status=0
 for fam in "${families[@]}"; do
   echo "== $fam: GPU tests" | tee -a "$LOG"
-  timeout 240 $PY -m pytest -q -m gpu "tests/test_${fam}_gpu.py" -p no:cacheprovider \
+  timeout 200 $PY -m pytest -q -m gpu "tests/test_${fam}_gpu.py" -p no:cacheprovider \
     --junitxml="$OUT/${fam}_tests.xml" 2>&1 | tail -25 | tee -a "$LOG" || status=1
   echo "== $fam: benchmark target points" | tee -a "$LOG"
-  timeout 120 $PY -m fusedlab bench --out "$OUT" 2>&1 | tail -30 | tee -a "$LOG" || status=1
+  timeout 90 $PY -m fusedlab bench --out "$OUT" 2>&1 | tail -30 | tee -a "$LOG" || status=1
 done
 echo "== done (status $status); results in $OUT" | tee -a "$LOG"
 exit $status

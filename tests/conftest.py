@@ -1,4 +1,4 @@
-"""Test setup: the Triton interpreter on machines without a GPU, fresh seeds, NaN-poisoned buffers."""
+"""Test setup: GPU tests skipped without a GPU, a fresh random seed per test (printed with its output)."""
 import os
 
 import torch

@@ -25,9 +25,11 @@ def need(backend):
 
 
 def poison_allocator(mb=64):
-    """Leave NaN bytes in the caching allocator's free blocks, so outputs a kernel fails to write show up."""
-    x = torch.full((mb << 18,), math.nan, dtype=torch.float32, device=DEV)
-    del x
+    """Leave NaN bytes in the caching allocator's free blocks, so outputs a kernel fails to write show up:
+    one large block for the large pool, and many blocks of 4 KiB to 512 KiB for the small pool (<= 1 MiB)."""
+    blocks = [torch.full((mb << 18,), math.nan, dtype=torch.float32, device=DEV)]
+    blocks += [torch.full((n,), math.nan, dtype=torch.float32, device=DEV) for n in [1 << 10] * 64 + [1 << 17] * 32]
+    del blocks
 
 
 def log_weights(B, K, gen, dtype, degenerate=True):

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedlab.reference import resample as _ref
+
 #: Largest BLOCK_K (next power of two of K) handled here. Larger groups: backend="cuda" or "cpu".
 MAX_BLOCK_K = 1 << 20
 #: Lanes a program works on at once; K is walked in chunks of this size (a power of two).
@@ -44,7 +46,7 @@ MAX_GRID_D = 65535
 #: Upper bound of the per-program scratch of one launch; fewer programs run when groups are huge.
 SCRATCH_BYTES = 256 << 20
 
-METHOD_IDS = {"multinomial": 0, "stratified": 1, "systematic": 2, "residual": 3}
+METHOD_IDS = {name: i for i, name in enumerate(_ref.METHODS)}  # the order of resample.h's enum
 
 # Raw words the state is copied as: any dtype moves bit-for-bit, as the widest word dividing a row.
 _WORDS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
@@ -165,7 +167,7 @@ def _resample_kernel(lw_ptr, u_ptr, anc_ptr, lw_out_ptr, ess_ptr, log_norm_ptr, 
         tl.store(ess_ptr + b, ess)
         tl.store(log_norm_ptr + b, tl.where(degenerate, NEG_INF, m + log_s - log_k))
         do_resample = degenerate | (ess_threshold >= 1.0) | (ess < ess_threshold * K)
-        tl.store(status_ptr + b, (tl.where(do_resample, 1, 0) | tl.where(degenerate, 2, 0)).to(tl.uint8))
+        tl.store(status_ptr + b, (tl.where(do_resample, 1, 0) | tl.where(degenerate, 2, 0)).to(tl.uint8))  # ref.STATUS_*
 
         if do_resample:
             for c0 in range(0, K, CHUNK):
@@ -406,12 +408,9 @@ def _as_words(rows: int, *tensors: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _check_state(state, B: int, K: int, device) -> None:
-    if not isinstance(state, torch.Tensor):
-        raise TypeError(f"state must be a torch.Tensor, got {type(state).__name__}")
-    if state.dim() < 2 or state.shape[0] != B or state.shape[1] != K:
-        raise ValueError(f"state must have shape [B, K, ...] = [{B}, {K}, ...], got {list(state.shape)}")
-    if state.device != device:
-        raise ValueError(f"state must be on {device} like the other tensors, got {state.device}")
+    from fusedlab.ops.resample import check_state  # one copy of the message; imported late (ops imports us)
+
+    check_state(state, B, K, device)
 
 
 def resample(log_weights: torch.Tensor, uniforms: torch.Tensor, method: str, ess_threshold: float,

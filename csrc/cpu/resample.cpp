@@ -24,12 +24,12 @@ using namespace fusedlab::resample;
 // Per-thread scratch, reused across the groups one thread handles.
 struct Scratch {
   std::vector<double> w, cdf, points;
-  std::vector<int64_t> count;
+  std::vector<int64_t> mark;  // ancestor marks, see the grid path
   std::vector<double> iota;
 };
 
 // w[j] <- exp(w[j] - m), vectorized (one clone per instruction set, picked at load time).
-__attribute__((target_clones("avx512f", "avx2", "default")))
+FL_TARGET_CLONES
 void exp_shifted(double* w, int64_t K, double m) {
   for (int64_t j = 0; j < K; ++j) w[j] = cpu::exp_nonpositive(w[j] - m);
 }
@@ -120,8 +120,8 @@ uint8_t resample_group(const scalar_t* x_in, const double* u, int32_t method, do
     } else {
       for (int64_t i = 0; i < K; ++i) pts[i] = (iota[i] + u[i]) / kd;
     }
-    s.count.assign(K + 1, 0);
-    int64_t* mark = s.count.data();
+    s.mark.assign(K + 1, 0);
+    int64_t* mark = s.mark.data();
     for (int64_t j = 0; j < last; ++j) mark[grid_count_below(s.cdf[j], K, s.points.data())] = j + 1;
     int64_t a = 0;
     for (int64_t i = 0; i < K; ++i) {
@@ -187,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor st, st_out;
   int64_t row_bytes = 0;
   if (state != nullptr) {
-    check_gather_args(*state, anc);
+    check_gather_args(*state, anc, "resample_gather");
     st = state->contiguous();
     st_out = at::empty_like(st);
     row_bytes = K > 0 && B > 0 ? st.numel() / (B * K) * st.element_size() : 0;
@@ -253,7 +253,7 @@ at::Tensor gather_cpu(const at::Tensor& state, const at::Tensor& ancestors) {
 // In place: each group is gathered into a per-thread buffer of one group and copied back, so the extra
 // memory is one group's state, not the whole tensor.
 void gather_inplace_cpu(at::Tensor& state, const at::Tensor& ancestors) {
-  check_gather_args(state, ancestors);
+  check_gather_args(state, ancestors, "gather_");
   TORCH_CHECK(state.is_contiguous(), "fusedlab.gather_: state must be contiguous for the in-place form");
   const at::Tensor anc = ancestors.contiguous();
   check_ancestor_range(anc);

@@ -67,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor st, st_out;
   int64_t row_bytes = 0;
   if (state != nullptr) {
-    check_gather_args(*state, anc);
+    check_gather_args(*state, anc, "resample_gather");
     st = state->contiguous();
     st_out = at::empty_like(st);
     row_bytes = row_bytes_of(st, B, K);
@@ -148,7 +148,7 @@ at::Tensor gather_cuda(const at::Tensor& state, const at::Tensor& ancestors) {
 // In place: a group that fits in shared memory is staged there (no extra global memory); larger groups are
 // gathered into a temporary and copied back, since rows may be both read and overwritten.
 void gather_inplace_cuda(at::Tensor& state, const at::Tensor& ancestors) {
-  check_gather_args(state, ancestors);
+  check_gather_args(state, ancestors, "gather_");
   TORCH_CHECK(state.is_contiguous(), "fusedlab.gather_: state must be contiguous for the in-place form");
   check_group_size(ancestors.size(1), "gather_");
   const c10::cuda::CUDAGuard guard(state.device());

@@ -17,7 +17,6 @@ import time
 import torch
 
 import fusedlab
-from fusedlab import perf
 from fusedlab.perf import newton_schulz as perf_ns
 from fusedlab.perf import resample as perf_resample
 

@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <fstream>
 #include <iterator>
+#include <limits>
 #include <string>
 
 namespace frc = fusedlab::resample::cuda;
@@ -33,9 +34,10 @@ static int run_resample(const std::string& dir, int64_t B, int K, int method, do
                         int64_t row_bytes) {
   auto lw = read_file(dir + "/lw.bin");
   auto u = read_file(dir + "/u.bin");
-  std::vector<T> lw_out(B * K);
+  // NaN-poisoned: 0 is a valid value of lw_out (resampled) and ess (degenerate), so a missed write must show
+  std::vector<T> lw_out(B * K, std::numeric_limits<T>::quiet_NaN());
   std::vector<int64_t> anc(B * K, -7);
-  std::vector<double> ess(B), ln(B);
+  std::vector<double> ess(B, std::numeric_limits<double>::quiet_NaN()), ln(B, std::numeric_limits<double>::quiet_NaN());
   std::vector<uint8_t> status(B, 0xff);
   const frc::ResamplePlan plan = frc::plan_resample(B, K, method, 132);
   std::vector<double> ws_cdf(shared ? 0 : grid * static_cast<size_t>(K), 12345.0);

@@ -14,8 +14,9 @@ namespace fusedlab {
 inline int32_t parse_resample_method(const std::string& method) {
   for (int32_t i = 0; i < 4; ++i)
     if (method == resample::kMethodNames[i]) return i;
-  TORCH_CHECK(false, "fusedlab.resample: method must be one of 'multinomial', 'stratified', 'systematic', "
-              "'residual', got '", method, "'");
+  TORCH_CHECK(false, "fusedlab.resample: method must be one of '", resample::kMethodNames[0], "', '",
+              resample::kMethodNames[1], "', '", resample::kMethodNames[2], "', '", resample::kMethodNames[3],
+              "', got '", method, "'");
 }
 
 inline void check_resample_args(const at::Tensor& lw, const at::Tensor& u, int32_t method,
@@ -35,14 +36,18 @@ inline void check_resample_args(const at::Tensor& lw, const at::Tensor& u, int32
   TORCH_CHECK(ess_threshold >= 0.0, "fusedlab.resample: ess_threshold must be >= 0, got ", ess_threshold);
 }
 
-inline void check_gather_args(const at::Tensor& state, const at::Tensor& anc) {
-  TORCH_CHECK(anc.dim() == 2, "fusedlab.gather: ancestors must be 2-D [B, K], got shape ", anc.sizes());
-  TORCH_CHECK(anc.scalar_type() == at::kLong, "fusedlab.gather: ancestors must be int64, got ", anc.scalar_type());
+// `anc` is the ancestors argument (gather) or the ancestors the op will compute (resample_gather, whose
+// message then names log_weights as the reference shape).
+inline void check_gather_args(const at::Tensor& state, const at::Tensor& anc, const char* op = "gather") {
+  const bool fused = std::string(op) != "gather" && std::string(op) != "gather_";
+  const char* like = fused ? "log_weights" : "ancestors";
+  TORCH_CHECK(anc.dim() == 2, "fusedlab.", op, ": ancestors must be 2-D [B, K], got shape ", anc.sizes());
+  TORCH_CHECK(anc.scalar_type() == at::kLong, "fusedlab.", op, ": ancestors must be int64, got ", anc.scalar_type());
   TORCH_CHECK(state.dim() >= 2 && state.size(0) == anc.size(0) && state.size(1) == anc.size(1),
-              "fusedlab.gather: state must have shape [B, K, ...] = [", anc.size(0), ", ", anc.size(1),
-              ", ...] like ancestors, got ", state.sizes());
-  TORCH_CHECK(state.device() == anc.device(), "fusedlab.gather: ancestors must be on ", state.device(),
-              " like state, got ", anc.device());
+              "fusedlab.", op, ": state must have shape [B, K, ...] = [", anc.size(0), ", ", anc.size(1),
+              ", ...] like ", like, ", got ", state.sizes());
+  TORCH_CHECK(state.device() == anc.device(), "fusedlab.", op, ": state must be on ", anc.device(), " like ", like,
+              ", got ", state.device());
 }
 
 }  // namespace fusedlab

@@ -5,6 +5,13 @@
 
 #include <cstdint>
 
+// One clone per x86 instruction set, picked at load time; elsewhere a plain function.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__APPLE__)
+#define FL_TARGET_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FL_TARGET_CLONES
+#endif
+
 namespace fusedlab {
 namespace cpu {
 

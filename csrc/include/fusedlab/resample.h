@@ -42,10 +42,6 @@ FL_HD FL_INLINE double ess(double sum_w, double sum_w2) { return sum_w * sum_w /
 // log_total = max + log(sum of shifted weights) and log_k = log K computed once per group.
 FL_HD FL_INLINE double carried_log_weight(double x, double log_total, double log_k) { return x - log_total + log_k; }
 
-FL_HD FL_INLINE double carried_log_weight(double x, double max_lw, double sum_w, int64_t K) {
-  return carried_log_weight(x, max_lw + log(sum_w), log(static_cast<double>(K)));
-}
-
 // Systematic and stratified points: (i + u) / K.
 FL_HD FL_INLINE double grid_point(int64_t i, double u, int64_t K) {
   return (static_cast<double>(i) + u) / static_cast<double>(K);

@@ -215,9 +215,10 @@ __device__ FL_INLINE void resample_group(const ResampleParams<scalar_t>& p, int6
     p.status[b] = static_cast<uint8_t>((res ? kResampled : 0) | (degenerate ? kDegenerate : 0));
   }
   if (!res) {  // uniform over the block: every thread returns here
+    const double log_total = m + log(sw), log_k = log(static_cast<double>(K));
     for (int j = tid; j < K; j += kThreads) {
       anc[j] = j;
-      lw_out[j] = static_cast<scalar_t>(carried_log_weight(clean_log_weight(static_cast<double>(x[j])), m, sw, K));
+      lw_out[j] = static_cast<scalar_t>(carried_log_weight(clean_log_weight(static_cast<double>(x[j])), log_total, log_k));
     }
     return;
   }

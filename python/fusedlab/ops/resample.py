@@ -68,8 +68,8 @@ def _grad_log_weights(log_weights, status, g_lw, g_ess, g_norm):
     Carried groups: lw_out = x - logsumexp(x) + log K; log_norm = logsumexp(x) - log K; ess = 1 / sum p^2
     with p = softmax(x). Resampled groups have lw_out = 0. NaN and -inf inputs get zero gradient.
     """
-    x = torch.nan_to_num(log_weights.detach().double(), nan=-math.inf, posinf=-math.inf)
-    alive = torch.isfinite(x).any(-1, keepdim=True)
+    x = torch.nan_to_num(log_weights.detach().double(), nan=-math.inf)
+    alive = ((status & ref.STATUS_DEGENERATE) == 0).unsqueeze(-1)  # degenerate groups: constant outputs
     p = torch.where(alive, torch.softmax(torch.where(alive, x, torch.zeros_like(x)), -1), torch.zeros_like(x))
     p = torch.where(torch.isfinite(x), p, torch.zeros_like(p))
     grad = torch.zeros_like(x)
@@ -87,9 +87,12 @@ def _grad_log_weights(log_weights, status, g_lw, g_ess, g_norm):
 
 
 def _gather_backward(grad_out, ancestors, state_shape):
+    # children's gradients summed into their ancestor, in float32 at least (half types would lose them)
     B, K = ancestors.shape
     idx = ancestors.reshape(B, K, *([1] * (len(state_shape) - 2))).expand(grad_out.shape)
-    return torch.zeros(state_shape, dtype=grad_out.dtype, device=grad_out.device).scatter_add_(1, idx, grad_out)
+    acc = torch.promote_types(grad_out.dtype, torch.float32)
+    out = torch.zeros(state_shape, dtype=acc, device=grad_out.device).scatter_add_(1, idx, grad_out.to(acc))
+    return out.to(grad_out.dtype)
 
 
 def _setup_resample(ctx, inputs, output):
@@ -121,6 +124,22 @@ for _name, _fake in (("resample", _fake_resample), ("resample_gather", _fake_res
 torch.library.register_autograd("fusedlab::resample", _backward_resample, setup_context=_setup_resample)
 torch.library.register_autograd("fusedlab::resample_gather", _backward_resample, setup_context=_setup_resample)
 torch.library.register_autograd("fusedlab::gather", _backward_gather, setup_context=_setup_gather)
+
+
+class _ReferenceResample(torch.autograd.Function):
+    """The reference, with the kernels' gradient formula, so backend="reference" differentiates the same way."""
+
+    @staticmethod
+    def forward(ctx, log_weights, uniforms, method, ess_threshold):
+        out = ref.resample(log_weights, uniforms, method, ess_threshold)
+        ctx.save_for_backward(log_weights, out[4])
+        ctx.mark_non_differentiable(out[1], out[4])
+        return out
+
+    @staticmethod
+    def backward(ctx, g_lw, g_anc, g_ess, g_norm, g_status):
+        log_weights, status = ctx.saved_tensors
+        return _grad_log_weights(log_weights, status, g_lw, g_ess, g_norm), None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -205,10 +224,16 @@ def _uniforms(log_weights, method, uniforms, generator):
         if not uniforms.dtype.is_floating_point:
             raise TypeError(f"uniforms must be a floating-point tensor in [0, 1), got dtype {uniforms.dtype}")
         u = uniforms.to(torch.float64)
+        in_range = ((u >= 0) & (u < 1)).all()
+        if u.device.type == "cpu" and not torch.compiler.is_compiling():
+            if not bool(in_range):
+                raise ValueError("uniforms must lie in [0, 1) (NaN is not allowed)")
+        else:  # no host sync on a GPU or inside a compiled graph: a device-side assertion
+            torch._assert_async(in_range, "fusedlab.resample: uniforms must lie in [0, 1)")
     return u.reshape(B, 1) if method == "systematic" else u
 
 
-def _check_state(state, B, K, device, name="state"):
+def check_state(state, B, K, device, name="state"):
     if not isinstance(state, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(state).__name__}")
     if state.dim() < 2 or state.shape[0] != B or state.shape[1] != K:
@@ -224,7 +249,7 @@ def _check_ancestors(ancestors, state):
         raise ValueError(f"ancestors must be 2-D [B, K], got shape {list(ancestors.shape)}")
     if ancestors.dtype.is_floating_point or ancestors.dtype == torch.bool or ancestors.dtype.is_complex:
         raise TypeError(f"ancestors must be an integer tensor, got dtype {ancestors.dtype}")
-    _check_state(state, ancestors.shape[0], ancestors.shape[1], ancestors.device)
+    check_state(state, ancestors.shape[0], ancestors.shape[1], ancestors.device)
     return ancestors.to(torch.int64)
 
 
@@ -246,8 +271,9 @@ def resample(log_weights: torch.Tensor, method: str = "systematic", ess_threshol
         uniforms: optional explicit randomness in [0, 1): shape [B] for systematic, [B, K] otherwise.
             Given the same uniforms every backend returns the same ancestors.
         generator: a torch.Generator for the uniforms when ``uniforms`` is None (eager only).
-        on_degenerate: "raise" (ValueError naming the groups with no finite weight) or "uniform"
-            (resample those groups uniformly and flag them in ``degenerate``).
+        on_degenerate: "raise" (ValueError naming the groups with no finite weight; on a GPU this check
+            synchronizes with the host) or "uniform" (resample those groups uniformly and flag them in
+            ``degenerate``; no synchronization).
         state: optional per-particle tensor [B, K, ...], reordered by the ancestors in the same pass.
         backend: "auto", "cuda", "triton", "cpu" or "reference".
 
@@ -271,13 +297,13 @@ def resample(log_weights: torch.Tensor, method: str = "systematic", ess_threshol
         raise ValueError(f"on_degenerate must be one of {_ON_DEGENERATE}, got {on_degenerate!r}")
     B, K = log_weights.shape
     if state is not None:
-        _check_state(state, B, K, log_weights.device)
+        check_state(state, B, K, log_weights.device)
     u = _uniforms(log_weights, method, uniforms, generator)
     which = _backend.resolve(backend, _FAMILY, log_weights.device)
     thr = float(ess_threshold)
     state_out = None
     if which == "reference":
-        lw_out, anc, ess, log_norm, status = ref.resample(log_weights, u, method, thr)
+        lw_out, anc, ess, log_norm, status = _ReferenceResample.apply(log_weights, u, method, thr)
         if state is not None:
             state_out = ref.gather(state, anc)
     elif state is None:
@@ -330,7 +356,7 @@ def gather_(state: torch.Tensor, ancestors: torch.Tensor, backend: str = "auto")
     ``state`` must be contiguous. Extra memory: one group's worth per thread on the CPU; none on CUDA for
     groups of at most 32 KiB (staged in shared memory), a full-size temporary for larger groups and on the
     Triton backend. Out-of-range ancestors raise on the CPU; on CUDA they are a device-side assertion, as in
-    torch's own index kernels.
+    torch's own index kernels. Not differentiable (use :func:`gather` under autograd).
     """
     ancestors = _check_ancestors(ancestors, state)
     if not state.is_contiguous():

@@ -6,6 +6,4 @@ process and are reported as ratios.
 """
 from fusedlab.perf.timing import Timing, measure
 
-FAMILIES = ("resample",)
-
-__all__ = ["FAMILIES", "Timing", "measure"]
+__all__ = ["Timing", "measure"]

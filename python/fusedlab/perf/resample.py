@@ -12,7 +12,7 @@ import torch
 import fusedlab
 from fusedlab.perf.timing import measure
 
-SHAPES = ((1, 1024), (1024, 16), (4096, 64), (256, 1024))  # (B, K), the target points
+SHAPES = ((1, 1024), (1024, 16), (4096, 64), (256, 1024))  # (B, K): the benchmark target points
 STATE_DIM = 16
 
 

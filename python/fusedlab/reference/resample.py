@@ -28,11 +28,6 @@ STATUS_RESAMPLED = 1
 STATUS_DEGENERATE = 2
 
 
-def uniforms_per_group(method: str, K: int) -> int:
-    """How many uniforms each group consumes: one for systematic, K for the others."""
-    return 1 if method == "systematic" else K
-
-
 def _inverse_cdf(cdf: torch.Tensor, points: torch.Tensor, last: int) -> torch.Tensor:
     # first j with cdf[j] > p  ==  number of j with cdf[j] <= p  (cdf is non-decreasing)
     idx = torch.searchsorted(cdf, points, right=True)
@@ -98,7 +93,7 @@ def resample(log_weights: torch.Tensor, uniforms: torch.Tensor, method: str, ess
     """
     B, K = log_weights.shape
     dev, dt = log_weights.device, log_weights.dtype
-    lw = log_weights.detach().to("cpu", torch.float64)
+    lw = log_weights.detach().to("cpu", torch.float64)  # gradients: ops.resample wraps this in autograd
     u = uniforms.detach().to("cpu", torch.float64)
     anc = torch.empty(B, K, dtype=torch.int64)
     lw_out = torch.empty(B, K, dtype=torch.float64)
