@@ -9,5 +9,7 @@
     (torch.Size([4, 8]), torch.Size([4, 8, 3]), True)
 """
 from fusedlab.ops.resample import METHODS, ResampleResult, gather, gather_, resample
+from fusedlab.smc.fk import POTENTIALS, FKResult, FKSteering, schedule
 
-__all__ = ["METHODS", "ResampleResult", "gather", "gather_", "resample"]
+__all__ = ["METHODS", "POTENTIALS", "FKResult", "FKSteering", "ResampleResult", "gather", "gather_", "resample",
+           "schedule"]
