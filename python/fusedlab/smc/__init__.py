@@ -9,7 +9,8 @@
     (torch.Size([4, 8]), torch.Size([4, 8, 3]), True)
 """
 from fusedlab.ops.resample import METHODS, ResampleResult, gather, gather_, resample
+from fusedlab.smc.adapters import DiffusersSampler, best_of_n, importance_resample, sample
 from fusedlab.smc.fk import POTENTIALS, FKResult, FKSteering, schedule
 
-__all__ = ["METHODS", "POTENTIALS", "FKResult", "FKSteering", "ResampleResult", "gather", "gather_", "resample",
-           "schedule"]
+__all__ = ["METHODS", "POTENTIALS", "DiffusersSampler", "FKResult", "FKSteering", "ResampleResult", "best_of_n",
+           "gather", "gather_", "importance_resample", "resample", "sample", "schedule"]

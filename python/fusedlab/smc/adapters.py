@@ -1,0 +1,91 @@
+"""Step functions for FKSteering: a diffusers scheduler with a noise-prediction model, and the baselines.
+
+The step-function protocol is ``step_fn(x, i) -> (x_next, x0_pred)`` for step i of ``num_steps``; anything
+that follows it can be steered. ``DiffusersSampler`` builds one from a diffusers scheduler (DDPM, or DDIM
+with eta > 0: FK needs a stochastic sampler, or resampled copies stay identical) and a model predicting
+the noise, without importing diffusers itself.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Callable, Optional
+
+import torch
+
+from fusedlab.ops.resample import resample
+from fusedlab.smc.fk import FKResult
+
+
+class DiffusersSampler:
+    """``step_fn`` over a diffusers scheduler: step i denoises with ``scheduler.timesteps[i]``.
+
+    Args:
+        scheduler: a diffusers scheduler (``set_timesteps``, ``step``, ``timesteps``, ``init_noise_sigma``).
+        model: ``model(x, t, **model_kwargs)`` -> predicted noise, same shape as x.
+        num_inference_steps: passed to ``scheduler.set_timesteps``.
+        eta: DDIM's stochasticity (must be > 0 for a DDIM scheduler); ignored by schedulers without it.
+        generator: the sampler's noise generator.
+
+    Use: ``sampler = DiffusersSampler(...); fk.run(sampler, sampler.initial_latents(shape), sampler.num_steps)``.
+    """
+
+    def __init__(self, scheduler, model: Callable, num_inference_steps: int, eta: float = 1.0,
+                 generator: Optional[torch.Generator] = None, model_kwargs: Optional[dict] = None):
+        scheduler.set_timesteps(num_inference_steps)
+        params = inspect.signature(scheduler.step).parameters
+        self.step_kwargs = {}
+        if "eta" in params:
+            if not eta > 0:
+                raise ValueError(f"eta must be > 0 for {type(scheduler).__name__}: FK steering needs a stochastic "
+                                 f"sampler (with eta = 0 resampled copies stay identical), got eta={eta!r}")
+            self.step_kwargs["eta"] = float(eta)
+        if "generator" in params:
+            self.step_kwargs["generator"] = generator
+        self.scheduler, self.model, self.generator = scheduler, model, generator
+        self.model_kwargs = dict(model_kwargs or {})
+        self.timesteps = scheduler.timesteps
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    def initial_latents(self, shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
+        x = torch.randn(shape, generator=self.generator, dtype=dtype, device=device)
+        return x * self.scheduler.init_noise_sigma
+
+    def __call__(self, x: torch.Tensor, i: int):
+        t = self.timesteps[i]
+        scaled = self.scheduler.scale_model_input(x, t) if hasattr(self.scheduler, "scale_model_input") else x
+        eps = self.model(scaled, t, **self.model_kwargs)
+        out = self.scheduler.step(eps, t, x, **self.step_kwargs)
+        return out.prev_sample, out.pred_original_sample
+
+
+def sample(step_fn: Callable, x: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """The base sampler: ``num_steps`` steps of ``step_fn`` from ``x``, no steering."""
+    for i in range(num_steps):
+        x, _ = step_fn(x, i)
+    return x
+
+
+def best_of_n(step_fn: Callable, reward_fn: Callable, x: torch.Tensor, num_steps: int, num_particles: int) -> FKResult:
+    """Baseline: draw K base samples per prompt; ``result.best()`` is the highest-reward one."""
+    x = sample(step_fn, x, num_steps)
+    r = reward_fn(x).detach().to(torch.float64)
+    B = x.shape[0] // num_particles
+    zeros = torch.zeros(B, num_particles, dtype=torch.float64, device=x.device)
+    return FKResult(x, r, zeros, torch.zeros(B, dtype=torch.float64, device=x.device), [])
+
+
+def importance_resample(step_fn: Callable, reward_fn: Callable, x: torch.Tensor, num_steps: int,
+                        num_particles: int, lmbda: float, generator: Optional[torch.Generator] = None,
+                        method: str = "systematic") -> FKResult:
+    """Baseline: K base samples per prompt, resampled once at the end with weights exp(lambda r)."""
+    x = sample(step_fn, x, num_steps)
+    r = reward_fn(x).detach().to(torch.float64)
+    r = torch.where(torch.isnan(r), torch.full_like(r, -math.inf), r)
+    B, K = x.shape[0] // num_particles, num_particles
+    res = resample((lmbda * r).view(B, K), method, 1.0, generator=generator, state=x.view(B, K, *x.shape[1:]))
+    r = torch.gather(r.view(B, K), 1, res.ancestors).view(-1)
+    return FKResult(res.state.view_as(x), r, res.log_weights, res.log_norm, [(num_steps - 1, res.ess, res.resampled)])
