@@ -1,0 +1,137 @@
+"""Tail-risk estimation on a first-order Markov "LM" whose harmful-event probability is exact by dynamic
+programming: the event is that token 3 appears among the first L generated tokens."""
+import math
+
+import pytest
+import torch
+
+import fusedlab
+from fusedlab import tailrisk
+
+V, HARM = 4, 3
+
+
+def markov(eps):
+    """Transition log-probs [V, V]: from tokens 0-2 the harmful token 3 has probability eps."""
+    g = torch.Generator().manual_seed(0)
+    P = torch.rand(V, V, generator=g, dtype=torch.float64) + 0.5
+    P[:, HARM] = 0
+    P = P / P.sum(-1, keepdim=True) * (1 - eps)
+    P[:, HARM] = eps
+    return P.log()
+
+
+def exact_probability(logP, start, L):
+    P = logP.exp()
+    v = torch.zeros(V, dtype=torch.float64)
+    v[start] = 1.0
+    safe = P[:HARM, :HARM]
+    v = v[:HARM]
+    for _ in range(L):
+        v = v @ safe
+    return 1.0 - v.sum().item()
+
+
+def lm(logP):
+    return lambda toks: logP[toks[:, -1]]
+
+
+def harm(toks):
+    return (toks[:, 1:] == HARM).any(-1).double()
+
+
+def proposal(logP, boost=4.0):
+    bias = torch.zeros(V, dtype=torch.float64)
+    bias[HARM] = boost
+    return tailrisk.LogitBiasProposal(lm(logP), bias)
+
+
+def test_unbiased_and_interval_coverage():
+    """200 seeded runs at P about 0.01: the estimates average to the truth (within 4.5 standard errors of
+    that average) and the 95% CLT interval covers the truth in 90-99% of runs (a binomial(200, 0.95)
+    count outside [180, 198] has probability < 1e-3; the CLT interval is a little narrow at N = 400)."""
+    logP, L = markov(1e-3), 10
+    truth = exact_probability(logP, 0, L)
+    ests, covered = [], 0
+    for seed in range(200):
+        e = tailrisk.estimate_tail_probability(lm(logP), proposal(logP), harm, torch.tensor([0]), 400, L,
+                                               n_bootstrap=50, generator=torch.Generator().manual_seed(seed))
+        ests.append(e.estimate)
+        covered += e.ci[0] <= truth <= e.ci[1]
+    ests = torch.tensor(ests)
+    assert abs(ests.mean().item() - truth) < 4.5 * ests.std().item() / math.sqrt(len(ests)), (ests.mean(), truth)
+    assert 180 <= covered <= 199, covered
+
+
+@pytest.mark.parametrize("method", ["is", "smc"])
+def test_rare_event_relative_error(method):
+    """P about 1e-4: with 500 samples importance sampling's median relative error over 50 seeds is under
+    20%, while plain Monte Carlo with 500 samples sees no event in most runs."""
+    logP, L = markov(1e-5), 10
+    truth = exact_probability(logP, 0, L)
+    assert 5e-5 < truth < 2e-4
+    errs, mc_zero = [], 0
+    for seed in range(50):
+        g = torch.Generator().manual_seed(seed)
+        e = tailrisk.estimate_tail_probability(lm(logP), proposal(logP, 9.0), harm, torch.tensor([0]), 500, L,
+                                               method=method, n_bootstrap=20, generator=g)
+        errs.append(abs(e.estimate - truth) / truth)
+        mc = tailrisk.estimate_tail_probability(lm(logP), None, harm, torch.tensor([0]), 500, L, method="mc",
+                                                n_bootstrap=20, generator=g)
+        mc_zero += mc.estimate == 0
+    assert torch.tensor(errs).median() < 0.2, sorted(errs)
+    assert mc_zero > 25
+
+
+def test_snis_and_switch_and_eos():
+    logP, L = markov(1e-2), 6
+    truth = exact_probability(logP, 0, L)
+    g = torch.Generator().manual_seed(3)
+    e = tailrisk.estimate_tail_probability(lm(logP), proposal(logP), harm, torch.tensor([0]), 4000, L,
+                                           method="snis", generator=g)
+    assert abs(e.estimate - truth) < 5 * e.stderr + 1e-3
+    # switching to p after 2 tokens keeps the estimator unbiased (the weights only cover the proposal part)
+    e = tailrisk.estimate_tail_probability(lm(logP), proposal(logP), harm, torch.tensor([0]), 4000, L, switch=2,
+                                           generator=g)
+    assert abs(e.estimate - truth) < 5 * e.stderr
+    # after an EOS token the sequence pads with it and the weights stop changing
+    e = tailrisk.estimate_tail_probability(lm(logP), proposal(logP), harm, torch.tensor([0]), 500, L,
+                                           eos_token_id=HARM, generator=g)
+    after = e.tokens[:, 1:]
+    first = (after == HARM).float().argmax(-1)
+    hit = (after == HARM).any(-1)
+    for row, f in zip(after[hit][:20], first[hit][:20]):
+        assert (row[f:] == HARM).all()
+
+
+def test_support_mismatch_and_bad_input():
+    logP = markov(1e-2)
+    bias = torch.zeros(V, dtype=torch.float64)
+    bias[0] = -math.inf  # the proposal can never emit token 0, which the target can
+    bad = tailrisk.LogitBiasProposal(lm(logP), bias)
+    with pytest.raises(ValueError, match="log q = -inf"):
+        tailrisk.estimate_tail_probability(lm(logP), bad, harm, torch.tensor([1]), 10, 3, mixture=1.0)
+    with pytest.raises(ValueError, match="method"):
+        tailrisk.estimate_tail_probability(lm(logP), None, harm, torch.tensor([1]), 10, 3, method="cem")
+    with pytest.raises(ValueError, match="needs a proposal"):
+        tailrisk.estimate_tail_probability(lm(logP), None, harm, torch.tensor([1]), 10, 3)
+    with pytest.raises(ValueError, match="mixture"):
+        tailrisk.estimate_tail_probability(lm(logP), bad, harm, torch.tensor([1]), 10, 3, mixture=1.5)
+
+
+def test_hf_gpt2_adapters():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=2, n_head=2)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    target = tailrisk.HFCausalLM(model)
+    direction = torch.randn(16)
+    steer = tailrisk.ActivationSteeringProposal(model, model.transformer.h, direction, alpha=4.0)
+    toks = torch.tensor([[1, 2, 3]])
+    lp, lq = target(toks), steer(toks)
+    assert lp.shape == (1, 50) and torch.allclose(lp.exp().sum(), torch.tensor(1.0), atol=1e-5)
+    assert not torch.allclose(lp, lq)  # the hooks changed the distribution
+    assert torch.allclose(target(toks), lp)  # and were removed afterwards
+    e = tailrisk.estimate_tail_probability(target, steer, lambda t: (t[:, 3:] == 7).any(-1).double(),
+                                           torch.tensor([1, 2, 3]), 64, 4, generator=torch.Generator().manual_seed(0))
+    assert math.isfinite(e.estimate) and e.weights.shape == (64,)
