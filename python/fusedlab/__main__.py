@@ -17,6 +17,7 @@ import time
 import torch
 
 import fusedlab
+from fusedlab.perf import fk_tailrisk as perf_fk
 from fusedlab.perf import newton_schulz as perf_ns
 from fusedlab.perf import resample as perf_resample
 
@@ -110,10 +111,13 @@ def demo(quick=False):
             rows.append(perf_ns.optimizer_row(device, quick, min_run_time))
             bar.update(1)
         all_rows += _ns_display(rows, errors)
+    all_rows.append(perf_fk.fk_row(B=4, K=8) if quick else perf_fk.fk_row())
+    all_rows.append(perf_fk.tailrisk_row(n=100, seeds=2) if quick else perf_fk.tailrisk_row())
     print(_table(all_rows, COLS))
     print("\nmax err, resample: differing ancestors + largest abs. error of log-weights and log_norm over every "
           "method and threshold (0 = identical); newton_schulz: relative error of the float32 kernel against "
-          "float64. Speedups are median-time ratios measured in this process.")
+          "float64; FK: error of the steered mean; tail risk: median relative error against the exact "
+          "probability. Speedups are time ratios measured in this process.")
     return all_rows
 
 

@@ -102,8 +102,7 @@ class FKSteering:
         if not isinstance(r, torch.Tensor) or r.shape != (x0.shape[0],):
             raise ValueError(f"reward_fn must return a tensor of shape [{x0.shape[0]}] (one reward per particle), "
                              f"got {getattr(r, 'shape', type(r).__name__)}")
-        r = r.detach().to(torch.float64)
-        return torch.where(torch.isnan(r), torch.full_like(r, -math.inf), r)  # NaN kills the particle
+        return r.detach().to(torch.float64).nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)  # NaN: dead
 
     def run(self, step_fn: Callable[[torch.Tensor, int], tuple], x: torch.Tensor, num_steps: int,
             states: Optional[dict] = None) -> FKResult:
@@ -149,26 +148,25 @@ class FKSteering:
             if last and self.potential != "diff":
                 log_g = lam * r - applied  # the product of all potentials becomes exp(lambda r(x0))
             first = False
-            log_g = torch.where(torch.isnan(log_g), torch.full_like(log_g, -math.inf), log_g)
+            log_g = log_g.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)  # -inf - (-inf): dead
             if lam == 0.0:  # no tilt: a dead reward must still kill the particle
                 log_g = torch.where(torch.isinf(r) & (r < 0), torch.full_like(log_g, -math.inf),
                                     torch.zeros_like(log_g))
             applied = applied + log_g
             lw = lw + log_g.view(B, K)
+            # one fused call: weights, ESS, decision, ancestors, and the latents moved by them
             res = resample(lw, self.method, self.ess_threshold, generator=self.generator,
-                           on_degenerate=self.on_degenerate, backend=self.backend)
+                           on_degenerate=self.on_degenerate, state=x.view(B, K, *x.shape[1:]), backend=self.backend)
             log_norm = log_norm + res.log_norm
             lw = res.log_weights
+            x = res.state.view_as(x)
             trace.append((i, res.ess, res.resampled))
-            rewards = r
-            if bool(res.resampled.any()):
-                anc = res.ancestors
-                per = torch.stack([r_state, applied, rewards], -1).view(B, K, 3)
-                per = gather(per, anc, backend=self.backend).view(B * K, 3)
-                r_state, applied, rewards = per.unbind(-1)
-                x = gather(x.view(B, K, *x.shape[1:]), anc, backend=self.backend).view_as(x)
-                for k, v in states.items():
-                    states[k] = gather(v.view(B, K, *v.shape[1:]), anc, backend=self.backend).view_as(v)
+            anc = res.ancestors  # the identity for groups that were not resampled
+            per = torch.stack([r_state, applied, r], -1).view(B, K, 3)
+            per = torch.gather(per, 1, anc.unsqueeze(-1).expand(B, K, 3)).view(B * K, 3)
+            r_state, applied, rewards = per.unbind(-1)
+            for k, v in states.items():
+                states[k] = gather(v.view(B, K, *v.shape[1:]), anc, backend=self.backend).view_as(v)
         if rewards is None:
             rewards = self._rewards(x)
         result = FKResult(x, rewards, lw, log_norm, trace)
