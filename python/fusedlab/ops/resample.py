@@ -306,17 +306,34 @@ def resample(log_weights: torch.Tensor, method: str = "systematic", ess_threshol
         lw_out, anc, ess, log_norm, status = _ReferenceResample.apply(log_weights, u, method, thr)
         if state is not None:
             state_out = ref.gather(state, anc)
-    elif state is None:
-        op = torch.ops.fusedlab.resample_triton if which == "triton" else torch.ops.fusedlab.resample
-        lw_out, anc, ess, log_norm, status = op(log_weights, u, method, thr)
     else:
-        op = torch.ops.fusedlab.resample_gather_triton if which == "triton" else torch.ops.fusedlab.resample_gather
-        lw_out, anc, ess, log_norm, status, state_out = op(log_weights, u, method, thr, state)
+        if state is None:
+            op = torch.ops.fusedlab.resample_triton if which == "triton" else torch.ops.fusedlab.resample
+            args = (log_weights, u, method, thr)
+        else:
+            op = torch.ops.fusedlab.resample_gather_triton if which == "triton" else torch.ops.fusedlab.resample_gather
+            args = (log_weights, u, method, thr, state)
+        out = _call_below_autograd(op, args) if _no_grad_needed(log_weights, state) else op(*args)
+        lw_out, anc, ess, log_norm, status = out[:5]
+        state_out = out[5] if state is not None else None
     # status is 0 (carried), 1 (resampled) or 3 (degenerate, hence resampled): one comparison per flag
     degenerate = status > ref.STATUS_RESAMPLED
     if on_degenerate == "raise":
         _raise_if_degenerate(degenerate)
     return ResampleResult(anc, lw_out, ess, log_norm, status.bool(), degenerate, state_out)
+
+
+def _no_grad_needed(*tensors) -> bool:
+    """True when no graph is to be recorded, so the op can skip its (Python) autograd layer: an SMC loop
+    calls resample once per step, and that layer costs about as much as a small group's kernel."""
+    if torch.compiler.is_compiling():
+        return False
+    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
+
+
+def _call_below_autograd(op, args):
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
 
 
 def _raise_if_degenerate(degenerate):
