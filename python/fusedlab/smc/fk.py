@@ -162,9 +162,11 @@ class FKSteering:
             x = res.state.view_as(x)
             trace.append((i, res.ess, res.resampled))
             anc = res.ancestors  # the identity for groups that were not resampled
-            per = torch.stack([r_state, applied, r], -1).view(B, K, 3)
-            per = torch.gather(per, 1, anc.unsqueeze(-1).expand(B, K, 3)).view(B * K, 3)
-            r_state, applied, rewards = per.unbind(-1)
+            # move only the per-particle scalars this potential still needs (one small gather each)
+            move = lambda v: torch.gather(v.view(B, K), 1, anc).view(B * K)  # noqa: E731
+            r_state = move(r_state) if self.potential != "rt" else r_state
+            applied = move(applied) if self.potential != "diff" else applied
+            rewards = (r_state if self.potential == "diff" else move(r)) if last else r
             for k, v in states.items():
                 states[k] = gather(v.view(B, K, *v.shape[1:]), anc, backend=self.backend).view_as(v)
         if rewards is None:
