@@ -3,8 +3,9 @@
 Each module lists the specializations it launches (``aot_configs()``, built by the same functions as the
 launches); every one is compiled with triton.compile for a GPUTarget("cuda", 90, 32) and its PTX is run
 through Triton's bundled ``ptxas -arch=sm_90a -v`` for register and spill counts. A compile error fails,
-a jitted kernel missing from ``aot_configs()`` fails, and a spill fails unless ALLOWED_SPILLS names the
-kernel with a reason and a bound. FUSEDLAB_AOT_FULL=1 compiles every block size instead of a sample.
+a jitted kernel missing from ``aot_configs()`` fails, a spill fails unless ALLOWED_SPILLS names the
+kernel with a reason and a bound, and shared memory beyond an H100's per-block limit fails (Triton only
+finds that out at launch). FUSEDLAB_AOT_FULL=1 compiles every block size instead of a sample.
 
 The compile runs in a subprocess without TRITON_INTERPRET: the root conftest.py selects the interpreter
 before triton is imported, and its patched kernels cannot be compiled.
@@ -19,6 +20,8 @@ import pytest
 triton = pytest.importorskip("triton")
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+#: Largest dynamic shared memory one block may use on sm_90 (227 KiB).
+SM90_MAX_SHARED = 232448
 
 # kernel name -> (most spill-store bytes per thread allowed, why)
 ALLOWED_SPILLS = {
@@ -61,7 +64,9 @@ for info in pkgutil.iter_modules(pkg.__path__):
         try:
             src = triton.compiler.ASTSource(fn=c["kernel"], signature=c["signature"], constexprs=c["constexprs"],
                                             attrs=c.get("attrs"))
-            ptx = triton.compile(src, target=target, options=c["options"]).asm["ptx"]
+            compiled = triton.compile(src, target=target, options=c["options"])
+            ptx = compiled.asm["ptx"]
+            rec["shared"] = compiled.metadata.shared
             with tempfile.TemporaryDirectory() as d:
                 path = os.path.join(d, "k.ptx")
                 with open(path, "w") as f:
@@ -95,13 +100,14 @@ def aot():
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     modules = [r for r in lines if "unlisted" in r]
     records = [r for r in lines if "name" in r]
-    print(f"\n{'kernel config':<62} {'warps':>5} {'regs':>5} {'spill st/ld':>12} {'stack':>6} {'s':>6}")
+    print(f"\n{'kernel config':<62} {'warps':>5} {'regs':>5} {'spill st/ld':>12} {'stack':>6} {'smem':>7} {'s':>6}")
     for r in records:
         if "error" in r:
             print(f"{r['name']:<62} ERROR")
             continue
         print(f"{r['name']:<62} {r['options']['num_warps']:>5} {r['registers']:>5} "
-              f"{str(r['spill_stores']) + '/' + str(r['spill_loads']):>12} {r['stack']:>6} {r['seconds']:>6}")
+              f"{str(r['spill_stores']) + '/' + str(r['spill_loads']):>12} {r['stack']:>6} {r['shared']:>7} "
+              f"{r['seconds']:>6}")
     return modules, records
 
 
@@ -132,3 +138,20 @@ def test_no_unexpected_spills(aot):
             bad.append(f"{r['name']}: {r['spill_stores']} bytes spill stores, {r['spill_loads']} loads "
                        f"(allowed {bound}), {r['registers']} registers")
     assert not bad, "register spills:\n" + "\n".join(bad)
+
+
+def test_shared_memory_fits_sm90(aot):
+    _, records = aot
+    big = [f"{r['name']}: {r['shared']} bytes" for r in records if "error" not in r and r["shared"] > SM90_MAX_SHARED]
+    assert not big, f"shared memory above sm_90's {SM90_MAX_SHARED} bytes per block:\n" + "\n".join(big)
+
+
+def test_newton_schulz_configs_cover_every_kernel_and_class(aot):
+    """Each size class of each dtype is compiled for all three kernels and both final-store layouts."""
+    _, records = aot
+    names = {r["name"] for r in records if r["module"] == "newton_schulz"}
+    for dtype in ("bf16", "fp32", "fp64"):
+        for kernel in ("xxt", "gram_update", "update_x"):
+            assert any(n.startswith(f"{kernel}[{dtype} ") for n in names), (kernel, dtype)
+        assert any(n.startswith(f"update_x[{dtype} ") and "transposed" in n for n in names), dtype
+    assert any("bf16 large" in n for n in names) and any("bf16 small" in n for n in names)

@@ -1,7 +1,8 @@
 """Newton-Schulz orthogonalization, Muon's inner loop: ``newton_schulz``.
 
 Semantics: python/fusedlab/reference/newton_schulz.py. The C++ CPU kernel runs the whole iteration over a
-batch of same-shaped matrices in one op, with the epilogues fused into baddbmm.
+batch of same-shaped matrices in one op, with the epilogues fused into baddbmm; the Triton kernels
+(triton_kernels/newton_schulz.py: symmetric X X^T and b A + c A A, fused a X + B X) run it on GPUs.
 """
 from __future__ import annotations
 
@@ -20,6 +21,20 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 @torch.library.register_fake("fusedlab::newton_schulz")
 def _fake_newton_schulz(G, coefficients, norm_scale, eps, dtype):
+    return torch.empty(G.shape, dtype=dtype, device=G.device)
+
+
+# the Triton backend, wrapped as a custom op so opcheck and torch.compile see it like the C++ op
+@torch.library.custom_op("fusedlab::newton_schulz_triton", mutates_args=())
+def _newton_schulz_triton(G: torch.Tensor, coefficients: list[float], norm_scale: float, eps: float,
+                          dtype: torch.dtype) -> torch.Tensor:
+    from fusedlab.triton_kernels import newton_schulz as tk
+
+    return tk.newton_schulz(G, coefficients, norm_scale, eps, dtype)
+
+
+@_newton_schulz_triton.register_fake
+def _fake_newton_schulz_triton(G, coefficients, norm_scale, eps, dtype):
     return torch.empty(G.shape, dtype=dtype, device=G.device)
 
 
@@ -52,8 +67,7 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients="keller", eps: f
         eps: the Frobenius norm (computed in float32 without underflow) is clamped at eps, as torch does.
         dtype: computation and result dtype; default bfloat16 where the hardware has bf16 matrix units,
             else float32.
-        backend: "auto", "cpu" or "reference" (GPU kernels for this family are not written yet; CUDA
-            tensors run the reference, i.e. the same math as plain torch ops).
+        backend: "auto" (CPU tensors: "cpu"; CUDA tensors: "triton"), "triton", "cpu" or "reference".
 
     Example:
         >>> import torch, fusedlab
@@ -83,4 +97,6 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients="keller", eps: f
     if which == "reference":
         return ref.newton_schulz(G, steps, coefficients, eps, dtype)
     flat = [float(v) for t in triples for v in t]
+    if which == "triton":
+        return torch.ops.fusedlab.newton_schulz_triton(G, flat, float(scale), float(eps), dtype)
     return torch.ops.fusedlab.newton_schulz(G, flat, float(scale), float(eps), dtype)
