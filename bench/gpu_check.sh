@@ -12,7 +12,7 @@ OUT=${OUT:-bench/results/gpu}
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
 families=("$@")
-[ ${#families[@]} -eq 0 ] && families=(resample)
+[ ${#families[@]} -eq 0 ] && families=(resample newton_schulz)
 
 {
   echo "== $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null)"
@@ -34,7 +34,7 @@ for fam in "${families[@]}"; do
   timeout 200 $PY -m pytest -q -m gpu "tests/test_${fam}_gpu.py" -p no:cacheprovider \
     --junitxml="$OUT/${fam}_tests.xml" 2>&1 | tail -25 | tee -a "$LOG" || status=1
   echo "== $fam: benchmark target points" | tee -a "$LOG"
-  timeout 90 $PY -m fusedlab bench --out "$OUT" 2>&1 | tail -30 | tee -a "$LOG" || status=1
+  timeout 90 $PY -m fusedlab bench --family "$fam" --out "$OUT" 2>&1 | tail -30 | tee -a "$LOG" || status=1
 done
 echo "== done (status $status); results in $OUT" | tee -a "$LOG"
 exit $status

@@ -42,9 +42,11 @@ def test_cli(cmd):
     assert "backends" in out.stdout
 
 
-def test_bench_quick(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "fusedlab", "bench", "--quick", "--out", str(tmp_path)],
-                         capture_output=True, text=True)
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("family, exts", [("resample", ("json", "md", "png")), ("newton_schulz", ("json", "md"))])
+def test_bench_quick(family, exts, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "fusedlab", "bench", "--quick", "--family", family, "--out",
+                          str(tmp_path)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
-    for ext in ("json", "md", "png"):
-        assert (tmp_path / f"resample_cpu.{ext}").stat().st_size > 0
+    for ext in exts:
+        assert (tmp_path / f"{family}_cpu.{ext}").stat().st_size > 0

@@ -17,6 +17,7 @@ import time
 import torch
 
 import fusedlab
+from fusedlab._backend import FAMILY_BACKENDS
 from fusedlab.perf import fk_tailrisk as perf_fk
 from fusedlab.perf import newton_schulz as perf_ns
 from fusedlab.perf import resample as perf_resample
@@ -103,7 +104,7 @@ def demo(quick=False):
         with tqdm(total=len(shapes), desc=f"resample on {device}", leave=False) as bar:
             rows = perf_resample.rows(device, backends, shapes, min_run_time, progress=bar)
         all_rows += _resample_display(rows, errors)
-        ns_backends = [b for b in backends if b in ("cpu",)] or ["reference"]
+        ns_backends = [b for b in backends if b in FAMILY_BACKENDS["newton_schulz"]] or ["reference"]
         errors = {be: perf_ns.check(be, device) for be in ns_backends}
         shapes = perf_ns.QUICK_SHAPES if quick else perf_ns.SHAPES
         with tqdm(total=len(shapes) + 1, desc=f"newton_schulz on {device}", leave=False) as bar:
@@ -121,7 +122,9 @@ def demo(quick=False):
     return all_rows
 
 
-def bench(out_dir, min_run_time=0.5, shapes=perf_resample.SHAPES):
+def bench(out_dir, min_run_time=0.5, shapes=perf_resample.SHAPES, family="resample"):
+    if family == "newton_schulz":
+        return bench_newton_schulz(out_dir, min_run_time, quick=shapes != perf_resample.SHAPES)
     from tqdm import tqdm
 
     os.makedirs(out_dir, exist_ok=True)
@@ -149,6 +152,32 @@ def bench(out_dir, min_run_time=0.5, shapes=perf_resample.SHAPES):
     _plot(results, base + ".png")
     print(open(base + ".md").read())
     print(f"wrote {base}.json, .md, .png")
+
+
+def bench_newton_schulz(out_dir, min_run_time=0.5, quick=False):
+    """Newton-Schulz on every backend here against torch.optim.Muon's per-matrix loop, and a Muon step."""
+    os.makedirs(out_dir, exist_ok=True)
+    tag = "gpu" if torch.cuda.is_available() else "cpu"
+    rows = []
+    for device, backends in _devices_and_backends():
+        ns_backends = [b for b in backends if b in FAMILY_BACKENDS["newton_schulz"]] or ["reference"]
+        errors = {be: perf_ns.check(be, device) for be in ns_backends}
+        shapes = perf_ns.QUICK_SHAPES if quick else perf_ns.SHAPES
+        for r in perf_ns.rows(device, ns_backends, shapes, min_run_time) + [perf_ns.optimizer_row(device, quick,
+                                                                                                 min_run_time)]:
+            rows.append(dict(r, device=device, max_err=errors.get(r["backend"])))
+    results = {"machine": machine(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    base = os.path.join(out_dir, f"newton_schulz_{tag}")
+    with open(base + ".json", "w") as f:
+        json.dump(results, f, indent=1)
+    shown = [dict(r, ms=f"{r['ms']:.3f}", peer_ms=f"{r['peer_ms']:.3f}", speedup=f"{r['speedup']:.2f}x") for r in rows]
+    cols = [("device", "device"), ("op", "op"), ("backend", "backend"), ("shape", "shape"), ("median ms", "ms"),
+            ("peer", "peer"), ("peer ms", "peer_ms"), ("speedup", "speedup"), ("notes", "note")]
+    with open(base + ".md", "w") as f:
+        f.write(f"# Newton-Schulz and Muon, {results['machine']} (torch {results['torch']}, {results['date']})\n\n")
+        f.write(_table(shown, cols) + "\n")
+    print(open(base + ".md").read())
+    print(f"wrote {base}.json, .md")
 
 
 def _plot(results, path):
@@ -189,6 +218,7 @@ def main(argv=None):
     d.add_argument("--quick", action="store_true", help="one small shape, short timing (for smoke tests)")
     b = sub.add_parser("bench", help="benchmark target points -> json, markdown and PNG")
     b.add_argument("--out", default="bench/results")
+    b.add_argument("--family", default="resample", choices=["resample", "newton_schulz"])
     b.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     quick = getattr(args, "quick", False)
@@ -197,7 +227,7 @@ def main(argv=None):
     elif args.cmd == "demo":
         demo(quick)
     else:
-        bench(args.out, **(dict(min_run_time=0.01, shapes=((4, 8),)) if quick else {}))
+        bench(args.out, family=args.family, **(dict(min_run_time=0.01, shapes=((4, 8),)) if quick else {}))
 
 
 if __name__ == "__main__":
