@@ -3,6 +3,7 @@
 // Semantics: python/fusedlab/reference/newton_schulz.py.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/linalg_vector_norm.h>
 #include <torch/library.h>
 
 namespace fusedlab {
@@ -22,14 +23,13 @@ at::Tensor newton_schulz_cpu(const at::Tensor& G, at::ArrayRef<double> coefficie
               " and ", norm_scale);
   const int64_t m = G.size(-2), n = G.size(-1);
   if (G.numel() == 0) return at::empty(G.sizes(), G.options().dtype(dtype));
-  // Frobenius norm in float32 (float64 for a float64 computation), scaled by max|G| so tiny or huge inputs
-  // neither underflow nor overflow; clamped at eps as torch.optim.Muon does.
+  // Frobenius norm accumulated in float64 (one pass, no upcast copy), so float32 inputs from 1e-150 to 1e150
+  // neither underflow nor overflow; clamped at eps as torch.optim.Muon does. Then one scale-and-cast pass.
   const at::ScalarType acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor g = G.reshape({-1, m, n}).to(acc);
-  const at::Tensor amax = g.abs().amax({-2, -1}, true);
-  const at::Tensor safe = amax.where(amax.gt(0), 1.0);
-  const at::Tensor norm = g.div(safe).square().sum({-2, -1}, true).sqrt().mul(safe);
-  at::Tensor X = g.div(norm.mul(norm_scale).clamp_min(eps)).to(dtype);
+  const at::Tensor g = G.reshape({-1, m, n});
+  const at::Tensor norm = at::linalg_vector_norm(g, 2, at::IntArrayRef{-2, -1}, true, at::kDouble);
+  const at::Tensor inv = norm.mul(norm_scale).clamp_min(eps).reciprocal().to(acc);
+  at::Tensor X = g.to(acc).mul(inv).to(dtype);
   const bool tall = m > n;  // iterate on the wide orientation: the Gram matrix is min(m, n) square
   if (tall) X = X.transpose(1, 2);
   for (size_t s = 0; s + 2 < coefficients.size(); s += 3) {

@@ -64,7 +64,8 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients="keller", eps: f
         coefficients: "keller" ((3.4445, -4.7750, 2.0315) every step, torch.optim.Muon's), "polar_express"
             (the 5-step set of modded-nanogpt and Dion, normalized by 1.02 ||G||), one (a, b, c) triple, or a
             sequence of per-step triples (the last repeats when there are fewer than ``steps``).
-        eps: the Frobenius norm (computed in float32 without underflow) is clamped at eps, as torch does.
+        eps: the Frobenius norm (accumulated in float64 on the CPU kernel, float32 with max-abs scaling
+            elsewhere: no underflow either way) is clamped at eps, as torch does.
         dtype: computation and result dtype; default bfloat16 where the hardware has bf16 matrix units,
             else float32.
         backend: "auto" (CPU tensors: "cpu"; CUDA tensors: "triton"), "triton", "cpu" or "reference".
