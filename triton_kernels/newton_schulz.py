@@ -36,18 +36,24 @@ the reference's formula. The tall-to-wide transpose is fused into the cast copy 
 from __future__ import annotations
 
 import math
-import os
 from typing import Iterator, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
+from fusedlab.reference.newton_schulz import frobenius_norm_fp32
+from fusedlab.triton_kernels._common import check_device, empty
+
 #: CUDA's limit on grid axis 1; larger batches are walked by each program in strides of this many matrices.
 MAX_GRID_BATCH = 65535
 
 #: Tests set this so every kernel output starts as NaN: a tile the kernels fail to write then fails.
 POISON_BUFFERS = False
+
+
+def _out(shape, dtype, device) -> torch.Tensor:
+    return empty(shape, dtype, device, POISON_BUFFERS)
 
 # (BLOCK, BLOCK_K, num_warps, num_stages) per compute dtype and size class; tiles are BLOCK x BLOCK
 # (square, so a tile and its mirror cover the same elements). Chosen for an H100 (228 KB shared memory and
@@ -255,28 +261,6 @@ def _attrs(n_ptrs: int, aligned_ints: Sequence[int]) -> dict:
 # Python API
 
 
-def _check_device(t: torch.Tensor, name: str) -> None:
-    if t.device.type == "cuda":
-        return
-    if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        return
-    raise ValueError(f"{name} must be a CUDA tensor for the Triton backend (or a CPU tensor with "
-                     f"TRITON_INTERPRET=1), got a tensor on {t.device}")
-
-
-def _empty(shape, dtype, device) -> torch.Tensor:
-    if POISON_BUFFERS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _frobenius(g: torch.Tensor) -> torch.Tensor:
-    """||g||_F over the last two dims in g's dtype, scaled by max |g| (no underflow or overflow)."""
-    amax = g.abs().amax(dim=(-2, -1), keepdim=True)
-    safe = torch.where(amax > 0, amax, torch.ones_like(amax))
-    return (g / safe).square().sum(dim=(-2, -1), keepdim=True).sqrt() * safe
-
-
 def newton_schulz(G: torch.Tensor, coefficients: Sequence[float], norm_scale: float, eps: float,
                   dtype: torch.dtype) -> torch.Tensor:
     """Newton-Schulz over G [..., m, n] with the (a, b, c) of each step flattened in ``coefficients``; the
@@ -288,7 +272,7 @@ def newton_schulz(G: torch.Tensor, coefficients: Sequence[float], norm_scale: fl
         raise ValueError(f"G must be [..., m, n] with at least 2 dims, got shape {list(G.shape)}")
     if not G.dtype.is_floating_point:
         raise TypeError(f"G must be a floating-point tensor, got dtype {G.dtype}")
-    _check_device(G, "G")
+    check_device(G, "G")
     coefficients = [float(v) for v in coefficients]
     if len(coefficients) % 3:
         raise ValueError(f"coefficients must hold (a, b, c) per step, got {len(coefficients)} values")
@@ -306,7 +290,7 @@ def newton_schulz(G: torch.Tensor, coefficients: Sequence[float], norm_scale: fl
         return torch.empty(G.shape, dtype=dtype, device=G.device)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     g = G.reshape(-1, rows, cols).to(acc)
-    g = g / (_frobenius(g) * norm_scale).clamp(min=eps)
+    g = g / (frobenius_norm_fp32(g, g.dtype) * norm_scale).clamp(min=eps)
     steps = len(coefficients) // 3
     if steps == 0:
         return g.to(dtype).reshape(G.shape)
@@ -324,12 +308,12 @@ def newton_schulz(G: torch.Tensor, coefficients: Sequence[float], norm_scale: fl
     gb = min(batch, MAX_GRID_BATCH)
     grid_sym = (t * (t + 1) // 2, gb)
     grid_x = (t * (np_ // cfg["BLOCK"]), gb)
-    A = _empty((batch, mp, mp), dtype, G.device)
-    Bm = _empty((batch, mp, mp), dtype, G.device)
+    A = _out((batch, mp, mp), dtype, G.device)
+    Bm = _out((batch, mp, mp), dtype, G.device)
     # the last step stores into the caller's layout when its sizes are multiples of 16 (see the module doc)
     direct = m % 16 == 0 and n % 16 == 0
-    spare = _empty((batch, mp, np_), dtype, G.device) if steps > 1 or not direct else None
-    out = _empty((batch, rows, cols), dtype, G.device)
+    spare = _out((batch, mp, np_), dtype, G.device) if steps > 1 or not direct else None
+    out = _out((batch, rows, cols), dtype, G.device)
     for s in range(steps):
         a, b, c = coefficients[3 * s: 3 * s + 3]
         _xxt_kernel[grid_sym](X, A, batch, mp, np_, **cfg)

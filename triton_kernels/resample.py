@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import Iterator, Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from fusedlab.triton_kernels._common import check_device, empty
 
 from fusedlab.reference import resample as _ref
 
@@ -54,6 +55,10 @@ _WORDS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 #: Tests set this so outputs and scratch start as NaN / all-ones bits: a slot the kernel fails to write
 #: then fails the comparison instead of passing by luck.
 POISON_BUFFERS = False
+
+
+def _out(shape, dtype, device) -> torch.Tensor:
+    return empty(shape, dtype, device, POISON_BUFFERS)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -378,25 +383,6 @@ def _aligned(n_ptrs: int) -> dict:
 # Python API
 
 
-def _check_device(t: torch.Tensor, name: str) -> None:
-    if t.device.type == "cuda":
-        return
-    if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        return
-    raise ValueError(f"{name} must be a CUDA tensor for the Triton backend (or a CPU tensor with "
-                     f"TRITON_INTERPRET=1), got a tensor on {t.device}")
-
-
-def _empty(shape, dtype, device) -> torch.Tensor:
-    if not POISON_BUFFERS:
-        return torch.empty(shape, dtype=dtype, device=device)
-    if dtype.is_floating_point or dtype.is_complex:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    if dtype == torch.bool:
-        return torch.ones(shape, dtype=dtype, device=device)
-    return torch.full(shape, -1 if dtype.is_signed else 0xFF, dtype=dtype, device=device)
-
-
 def _as_words(rows: int, *tensors: torch.Tensor) -> list[torch.Tensor]:
     """Contiguous tensors' bytes as [rows, D] views of one integer word type: the widest that divides a row
     and every tensor's address (the same D for all)."""
@@ -431,7 +417,7 @@ def resample(log_weights: torch.Tensor, uniforms: torch.Tensor, method: str, ess
         raise ValueError(f"log_weights must have K >= 1 particles, got shape {list(log_weights.shape)}")
     if log_weights.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"log_weights must be float32 or float64, got {log_weights.dtype}")
-    _check_device(log_weights, "log_weights")
+    check_device(log_weights, "log_weights")
     if block_k(K) > MAX_BLOCK_K:
         raise ValueError(f"log_weights: the Triton backend handles at most {MAX_BLOCK_K} particles per group, "
                          f"got K={K}; use backend='cuda' or backend='cpu'")
@@ -454,17 +440,17 @@ def resample(log_weights: torch.Tensor, uniforms: torch.Tensor, method: str, ess
     dev = log_weights.device
     lw = log_weights.contiguous()
     u = uniforms.contiguous()
-    anc = _empty((B, K), torch.int64, dev)
-    lw_out = _empty((B, K), lw.dtype, dev)
-    ess = _empty((B,), torch.float64, dev)
-    log_norm = _empty((B,), torch.float64, dev)
-    status = _empty((B,), torch.uint8, dev)
+    anc = _out((B, K), torch.int64, dev)
+    lw_out = _out((B, K), lw.dtype, dev)
+    ess = _out((B,), torch.float64, dev)
+    log_norm = _out((B,), torch.float64, dev)
+    status = _out((B,), torch.uint8, dev)
     state_out = None
     D = 0
     src = dst = anc  # stand-ins when there is no state: never touched
     if state is not None:
         state = state.resolve_conj().resolve_neg().contiguous()
-        state_out = _empty(state.shape, state.dtype, dev)
+        state_out = _out(state.shape, state.dtype, dev)
         if state.numel() > 0:
             src, dst = _as_words(B * K, state, state_out)
             D = src.shape[1]
@@ -474,8 +460,8 @@ def resample(log_weights: torch.Tensor, uniforms: torch.Tensor, method: str, ess
     meta = _resample_meta(K, method, D)
     blk = meta["BLOCK_K"]
     grid = _num_programs(B, blk, meta["num_warps"], dev)
-    tables = _empty((grid, 2 * blk), torch.float64, dev)
-    counts = _empty((grid, blk), torch.int32, dev)
+    tables = _out((grid, 2 * blk), torch.float64, dev)
+    counts = _out((grid, blk), torch.int32, dev)
     _resample_kernel[(grid,)](lw, u, anc, lw_out, ess, log_norm, status, tables, counts, src, dst, B, K,
                               u.shape[1], D, thr, math.log(K), **meta)
     return anc, lw_out, ess, log_norm, status, state_out
@@ -491,10 +477,10 @@ def gather(state: torch.Tensor, ancestors: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"ancestors must be an integer tensor (int64), got {ancestors.dtype}")
     B, K = ancestors.shape
     _check_state(state, B, K, ancestors.device)
-    _check_device(state, "state")
+    check_device(state, "state")
     anc = ancestors.to(torch.int64).contiguous()
     st = state.resolve_conj().resolve_neg().contiguous()
-    out = _empty(st.shape, st.dtype, st.device)
+    out = _out(st.shape, st.dtype, st.device)
     if st.numel() == 0:
         return out
     bad = (anc < 0) | (anc >= K)

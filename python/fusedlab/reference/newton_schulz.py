@@ -49,9 +49,10 @@ def resolve_coefficients(coefficients, steps: int):
     return out, scale
 
 
-def frobenius_norm_fp32(G: torch.Tensor) -> torch.Tensor:
-    """||G||_F over the last two dims in float32 without underflow or overflow: scaled by max |G| first."""
-    g = G.float()
+def frobenius_norm_fp32(G: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """||G||_F over the last two dims in ``dtype`` (float32 by default) without underflow or overflow:
+    scaled by max |G| first."""
+    g = G.to(dtype)
     amax = g.abs().amax(dim=(-2, -1), keepdim=True)
     safe = torch.where(amax > 0, amax, torch.ones_like(amax))
     return (g / safe).square().sum(dim=(-2, -1), keepdim=True).sqrt() * safe
