@@ -19,8 +19,8 @@ def params_and_grads(steps=3):
     return params, grads
 
 
-def train(params, grads):
-    opt = fusedlab.optim.Muon(params, lr=0.05, ns_dtype=torch.float32)
+def train(params, grads, process_group=None):
+    opt = fusedlab.optim.Muon(params, lr=0.05, ns_dtype=torch.float32, process_group=process_group)
     for gs in grads:
         for p, x in zip(params, gs):
             p.grad = x.clone()
@@ -32,7 +32,19 @@ def _worker(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         params, grads = params_and_grads()
-        torch.save(train(params, grads), os.path.join(out_dir, f"rank{rank}.pt"))
+        calls = []
+        real = fusedlab.optim.muon.newton_schulz
+
+        def counting(G, *args, **kw):
+            calls.append(G.shape[0])
+            return real(G, *args, **kw)
+
+        fusedlab.optim.muon.newton_schulz = counting  # count the matrices this rank orthogonalizes
+        try:
+            result = train(params, grads, process_group=dist.group.WORLD)
+        finally:
+            fusedlab.optim.muon.newton_schulz = real
+        torch.save((result, sum(calls)), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -43,7 +55,12 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     params, grads = params_and_grads()
     single = train(params, grads)
+    work = []
     for rank in range(2):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
+        got, matrices = torch.load(tmp_path / f"rank{rank}.pt")
+        work.append(matrices)
         for a, b in zip(got, single):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    # 5 matrices a step (3 of one shape, 2 single ones) over 3 steps: rank 0 takes 2 + 1 + 1, rank 1 takes
+    # the rest; neither does all 5
+    assert work == [12, 3], work

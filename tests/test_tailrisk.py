@@ -48,8 +48,9 @@ def proposal(logP, boost=4.0):
 
 def test_unbiased_and_interval_coverage():
     """200 seeded runs at P about 0.01: the estimates average to the truth (within 4.5 standard errors of
-    that average) and the 95% CLT interval covers the truth in 90-99% of runs (a binomial(200, 0.95)
-    count outside [180, 198] has probability < 1e-3; the CLT interval is a little narrow at N = 400)."""
+    that average) and the 95% CLT interval covers the truth in 88-99.5% of runs: for any true coverage
+    between 0.94 and 0.95 (the CLT interval is a little narrow at N = 400) a binomial(200, .) count outside
+    [176, 199] has probability below 1e-3. Fixed seeds make the run repeatable."""
     logP, L = markov(1e-3), 10
     truth = exact_probability(logP, 0, L)
     ests, covered = [], 0
@@ -60,13 +61,14 @@ def test_unbiased_and_interval_coverage():
         covered += e.ci[0] <= truth <= e.ci[1]
     ests = torch.tensor(ests)
     assert abs(ests.mean().item() - truth) < 4.5 * ests.std().item() / math.sqrt(len(ests)), (ests.mean(), truth)
-    assert 180 <= covered <= 199, covered
+    assert 176 <= covered <= 199, covered
 
 
 @pytest.mark.parametrize("method", ["is", "smc"])
 def test_rare_event_relative_error(method):
     """P about 1e-4: with 500 samples importance sampling's median relative error over 50 seeds is under
-    20%, while plain Monte Carlo with 500 samples sees no event in most runs."""
+    20% (measured about 5%, so the bound is four times the typical value; seeds fixed), while plain Monte
+    Carlo with 500 samples sees no event in most runs (P(no event) = 0.95 per run)."""
     logP, L = markov(1e-5), 10
     truth = exact_probability(logP, 0, L)
     assert 5e-5 < truth < 2e-4
@@ -94,9 +96,12 @@ def test_snis_and_switch_and_eos():
     e = tailrisk.estimate_tail_probability(lm(logP), proposal(logP), harm, torch.tensor([0]), 4000, L, switch=2,
                                            generator=g)
     assert abs(e.estimate - truth) < 5 * e.stderr
-    # after an EOS token the sequence pads with it and the weights stop changing
-    e = tailrisk.estimate_tail_probability(lm(logP), proposal(logP), harm, torch.tensor([0]), 500, L,
-                                           eos_token_id=HARM, generator=g)
+    # after an EOS token the sequence pads with it and the weights stop changing; with EOS = the harmful
+    # token the event probability is unchanged, so the estimate must still match it
+    for method in ("is", "smc"):
+        e = tailrisk.estimate_tail_probability(lm(logP), proposal(logP), harm, torch.tensor([0]), 4000, L,
+                                               method=method, eos_token_id=HARM, generator=g)
+        assert abs(e.estimate - truth) < 5 * e.stderr + 2e-3, (method, e.estimate, truth)
     after = e.tokens[:, 1:]
     first = (after == HARM).float().argmax(-1)
     hit = (after == HARM).any(-1)

@@ -23,7 +23,7 @@ at::Tensor newton_schulz_cpu(const at::Tensor& G, at::ArrayRef<double> coefficie
               " and ", norm_scale);
   const int64_t m = G.size(-2), n = G.size(-1);
   if (G.numel() == 0) return at::empty(G.sizes(), G.options().dtype(dtype));
-  // Frobenius norm accumulated in float64 (one pass, no upcast copy), so float32 inputs from 1e-150 to 1e150
+  // Frobenius norm accumulated in float64 (one pass, no upcast copy): the squares of any float32 input
   // neither underflow nor overflow; clamped at eps as torch.optim.Muon does. Then one scale-and-cast pass.
   const at::ScalarType acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor g = G.reshape({-1, m, n});

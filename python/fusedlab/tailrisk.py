@@ -9,7 +9,7 @@ wider. ``harm(tokens [N, L]) -> scores [N]`` (1/0 for an event, or a graded scor
 
 Estimators (``method=``): "mc" (plain Monte Carlo from p), "is" (unbiased importance sampling: mean of
 w s), "snis" (self-normalized: sum w s / sum w), "smc" (importance sampling that resamples the particles
-with fusedlab.smc.resample when their ESS drops, keeping the unbiased log-normalizer).
+with fusedlab.smc.resample when their ESS drops, keeping the log-normalizer whose exponential is unbiased).
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ METHODS = ("mc", "is", "snis", "smc")
 @dataclass
 class TailRiskEstimate:
     estimate: float  #: the estimated probability / expected harm score
-    stderr: float  #: its standard error (CLT; delta method for snis)
+    stderr: float  #: its standard error (CLT; delta method for snis; for smc it ignores the correlation
+    #: resampling introduces between particles, so it is optimistic)
     ci: tuple  #: (low, high) CLT interval at the requested confidence
     ci_bootstrap: tuple  #: (low, high) percentile bootstrap interval
     ess: float  #: effective sample size of the final weights
@@ -99,7 +100,7 @@ class ActivationSteeringProposal(HFCausalLM):
 
         def hook(module, inputs, output):
             h = output[0] if isinstance(output, tuple) else output
-            dd = d.to(h.dtype)
+            dd = d.to(h)  # the model's dtype and device
             h = h + alpha * dd if mode == "add" else h - alpha * (h @ dd).unsqueeze(-1) * dd
             return (h, *output[1:]) if isinstance(output, tuple) else h
 
@@ -153,8 +154,9 @@ def estimate_tail_probability(target: Callable, proposal: Optional[Callable], ha
         raise ValueError(f"prompts must be one prompt of token ids, shape [t0] or [1, t0], got {tuple(prompts.shape)}")
     N = n_samples
     tokens = prompts.unsqueeze(0).expand(N, -1).clone()
-    done = torch.zeros(N, dtype=torch.bool)
-    log_w = torch.zeros(N, dtype=torch.float64)
+    dev = prompts.device
+    done = torch.zeros(N, dtype=torch.bool, device=dev)
+    log_w = torch.zeros(N, dtype=torch.float64, device=dev)
     log_z = 0.0  # smc: accumulated log mean weight
     use_q = method != "mc"
     log_b, log_1mb = (math.log(mixture) if mixture > 0 else -math.inf), (math.log1p(-mixture) if mixture < 1 else -math.inf)
@@ -168,7 +170,7 @@ def estimate_tail_probability(target: Callable, proposal: Optional[Callable], ha
                     raise ValueError("proposal: log q = -inf for a token the target can emit (p > 0) while "
                                      "mixture = 1: importance weights would be biased; use mixture < 1")
             lmix = torch.logaddexp(log_b + lq, log_1mb + lp)
-            use_prop = torch.rand(N, generator=generator, dtype=torch.float64) < mixture
+            use_prop = torch.rand(N, generator=generator, dtype=torch.float64).to(dev) < mixture
             probs = torch.where(use_prop.unsqueeze(-1), lq, lp).exp()
         else:
             lmix, probs = lp, lp.exp()

@@ -12,7 +12,7 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
-from fusedlab.ops.newton_schulz import newton_schulz
+from fusedlab.ops.newton_schulz import default_dtype, newton_schulz
 from fusedlab.reference.newton_schulz import resolve_coefficients
 
 _ADJUST = (None, "original", "match_rms_adamw")
@@ -40,10 +40,12 @@ class Muon(torch.optim.Optimizer):
 
     Extra keyword arguments: ``ns_dtype`` (the Newton-Schulz computation dtype; default bfloat16 where the
     hardware multiplies bf16 natively, as torch does everywhere), ``backend`` (as for every fusedlab op) and
-    ``process_group``: when torch.distributed is initialized with more than one rank (the default group, or
-    this one), gradients are expected to be identical on every rank (as after DDP's all-reduce); each rank
-    orthogonalizes its share of the matrices and the results are all-gathered, so every rank ends with the
-    parameters one process would compute.
+    ``process_group``: pass one (``torch.distributed.group.WORLD`` for all ranks) to shard the work when
+    every rank holds the same parameters and gradients (data parallel, after DDP's all-reduce): each rank
+    orthogonalizes its share of the matrices, the results are all-gathered, and every rank ends with the
+    parameters one process would compute; a parameter without a gradient on a rank then counts as a zero
+    gradient, so all ranks make the same collective calls. Without it the optimizer never communicates
+    (as torch.optim.Muon), which is right for pipeline- or tensor-parallel jobs.
 
     Example:
         >>> import torch, fusedlab
@@ -74,11 +76,13 @@ class Muon(torch.optim.Optimizer):
                         ns_dtype=ns_dtype, backend=backend)
         super().__init__(params, defaults)
         self.process_group = process_group
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.ndim < 2:
-                    raise ValueError(f"Muon orthogonalizes matrices: got a {p.ndim}-D parameter of shape "
-                                     f"{tuple(p.shape)}; optimize gains, biases and embeddings with AdamW")
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        for p in self.param_groups[-1]["params"]:
+            if p.ndim < 2:
+                raise ValueError(f"Muon orthogonalizes matrices: got a {p.ndim}-D parameter of shape "
+                                 f"{tuple(p.shape)}; optimize gains, biases and embeddings with AdamW")
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -95,12 +99,14 @@ class Muon(torch.optim.Optimizer):
         lr = group["lr"]
         lr = float(lr.item()) if isinstance(lr, torch.Tensor) else lr
         momentum, wd = group["momentum"], group["weight_decay"]
+        pg = getattr(self, "process_group", None)
+        world = dist.get_world_size(pg) if pg is not None else 1
         # updates grouped by (shape, dtype, device): one batched Newton-Schulz call per group
         batches = defaultdict(list)
         for p in group["params"]:
-            if p.grad is None:
+            if p.grad is None and pg is None:
                 continue
-            g = p.grad
+            g = p.grad if p.grad is not None else torch.zeros_like(p)  # sharded: every rank, every matrix
             if g.is_sparse:
                 raise RuntimeError("Muon does not support sparse gradients")
             if torch.is_complex(p):
@@ -113,29 +119,32 @@ class Muon(torch.optim.Optimizer):
             update = g.lerp(buf, momentum) if group["nesterov"] else buf
             update = update.reshape(update.shape[0], -1)
             batches[(tuple(update.shape), update.dtype, update.device)].append((p, update))
-        pg = getattr(self, "process_group", None)
-        world = dist.get_world_size(pg) if dist.is_available() and dist.is_initialized() else 1
         for (shape, _, _), items in batches.items():
             stacked = torch.stack([u for _, u in items]) if len(items) > 1 else items[0][1].unsqueeze(0)
             ns = lambda x: newton_schulz(x, group["ns_steps"], group["ns_coefficients"], group["eps"],  # noqa: E731
                                          group["ns_dtype"], group["backend"])
-            ortho = ns(stacked) if world == 1 else _sharded(ns, stacked, world, pg)
+            if world == 1:
+                ortho = ns(stacked)
+            else:
+                out_dtype = group["ns_dtype"] or default_dtype(stacked.device)
+                ortho = _sharded(ns, stacked, world, pg, out_dtype)
             step_lr = adjusted_lr(lr, group["adjust_lr_fn"], shape[0], shape[1])
             for (p, _), o in zip(items, ortho.unbind(0)):
                 p.mul_(1 - lr * wd)
                 p.add_(o.view(p.shape), alpha=-step_lr)
 
-def _sharded(ns, stacked, world, pg):
-    """Orthogonalize this rank's contiguous share of the batch, then all-gather every share."""
+def _sharded(ns, stacked, world, pg, out_dtype):
+    """Orthogonalize this rank's contiguous share of the batch, then all-gather every share (the shares are
+    padded to one size for the collective; the padding is never computed)."""
     n = stacked.shape[0]
     per = -(-n // world)
-    pad = per * world - n
-    if pad:
-        stacked = torch.cat([stacked, stacked.new_zeros((pad, *stacked.shape[1:]))])
     rank = dist.get_rank(pg)
-    mine = ns(stacked[rank * per:(rank + 1) * per]).contiguous()
-    shares = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(shares, mine, group=pg)
+    lo, hi = min(n, rank * per), min(n, (rank + 1) * per)
+    buf = stacked.new_zeros((per, *stacked.shape[1:]), dtype=out_dtype)
+    if hi > lo:
+        buf[: hi - lo] = ns(stacked[lo:hi])
+    shares = [torch.empty_like(buf) for _ in range(world)]
+    dist.all_gather(shares, buf, group=pg)
     return torch.cat(shares)[:n]
 
 
@@ -179,21 +188,22 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
                          ns_dtype=None, backend="auto")
     ADAM_DEFAULTS = dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.0)
 
-    def __init__(self, param_groups):
-        groups = []
-        for i, g in enumerate(param_groups):
-            if "use_muon" not in g:
-                raise ValueError(f"param_groups[{i}] needs a 'use_muon' flag (True for hidden matrices)")
-            defaults = self.MUON_DEFAULTS if g["use_muon"] else self.ADAM_DEFAULTS
-            unknown = set(g) - set(defaults) - {"params", "use_muon"}
-            if unknown:
-                raise ValueError(f"param_groups[{i}] (use_muon={g['use_muon']}) has unknown keys {sorted(unknown)}")
-            groups.append({**defaults, **g})
-        super().__init__(groups, {})
-        # Muon's checks, once per Muon group, through a throwaway instance on the same parameters
-        for g in self.param_groups:
-            if g["use_muon"]:
-                Muon(g["params"], **{k: g[k] for k in self.MUON_DEFAULTS})
+    def __init__(self, param_groups, process_group=None):
+        self.process_group = process_group  # as in Muon: shard the Muon groups' work over these ranks
+        super().__init__(list(param_groups), {})
+
+    def add_param_group(self, param_group):
+        if "use_muon" not in param_group:
+            raise ValueError("every param group needs a 'use_muon' flag (True for hidden matrices)")
+        defaults = self.MUON_DEFAULTS if param_group["use_muon"] else self.ADAM_DEFAULTS
+        unknown = set(param_group) - set(defaults) - {"params", "use_muon"}
+        if unknown:
+            raise ValueError(f"a param group with use_muon={param_group['use_muon']} has unknown keys "
+                             f"{sorted(unknown)}")
+        super().add_param_group({**defaults, **param_group})
+        if param_group["use_muon"]:  # Muon's checks, through a throwaway instance on the same parameters
+            g = self.param_groups[-1]
+            Muon(g["params"], **{k: g[k] for k in self.MUON_DEFAULTS})
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -70,7 +70,10 @@ def sample(step_fn: Callable, x: torch.Tensor, num_steps: int) -> torch.Tensor:
 
 
 def best_of_n(step_fn: Callable, reward_fn: Callable, x: torch.Tensor, num_steps: int, num_particles: int) -> FKResult:
-    """Baseline: draw K base samples per prompt; ``result.best()`` is the highest-reward one."""
+    """Baseline: draw K base samples per prompt; ``result.best()`` is the highest-reward one (the weights and
+    log_norm of the result are zeros: best-of-N has no importance weights)."""
+    if x.shape[0] % num_particles:
+        raise ValueError(f"x must have B*K rows with K = num_particles = {num_particles}, got {x.shape[0]} rows")
     x = sample(step_fn, x, num_steps)
     r = reward_fn(x).detach().to(torch.float64)
     B = x.shape[0] // num_particles
@@ -84,8 +87,8 @@ def importance_resample(step_fn: Callable, reward_fn: Callable, x: torch.Tensor,
     """Baseline: K base samples per prompt, resampled once at the end with weights exp(lambda r)."""
     x = sample(step_fn, x, num_steps)
     r = reward_fn(x).detach().to(torch.float64)
-    r = torch.where(torch.isnan(r), torch.full_like(r, -math.inf), r)
+    dead = torch.isnan(r) | torch.isneginf(r)
     B, K = x.shape[0] // num_particles, num_particles
-    res = resample((lmbda * r).view(B, K), method, 1.0, generator=generator, state=x.view(B, K, *x.shape[1:]))
+    res = resample(torch.where(dead, torch.full_like(r, -math.inf), lmbda * r).view(B, K), method, 1.0, generator=generator, state=x.view(B, K, *x.shape[1:]))
     r = torch.gather(r.view(B, K), 1, res.ancestors).view(-1)
     return FKResult(res.state.view_as(x), r, res.log_weights, res.log_norm, [(num_steps - 1, res.ess, res.resampled)])

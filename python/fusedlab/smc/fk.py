@@ -32,7 +32,7 @@ class FKResult:
     samples: torch.Tensor  #: [B*K, ...] final latents
     rewards: torch.Tensor  #: [B*K] reward of the final samples
     log_weights: torch.Tensor  #: [B, K] final log-weights (0 after a final resample)
-    log_norm: torch.Tensor  #: [B] sum of the per-step log mean weights: an unbiased log-normalizer estimate
+    log_norm: torch.Tensor  #: [B] sum of the per-step log mean weights (exp of it is an unbiased estimate)
     trace: list = field(default_factory=list)  #: per resampling step: (step, ess [B], resampled [B])
 
     def best(self) -> torch.Tensor:
@@ -148,27 +148,27 @@ class FKSteering:
             if last and self.potential != "diff":
                 log_g = lam * r - applied  # the product of all potentials becomes exp(lambda r(x0))
             first = False
-            log_g = log_g.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)  # -inf - (-inf): dead
-            if lam == 0.0:  # no tilt: a dead reward must still kill the particle
-                log_g = torch.where(torch.isinf(r) & (r < 0), torch.full_like(log_g, -math.inf),
-                                    torch.zeros_like(log_g))
+            # a dead reward (NaN or -inf) kills the particle whatever the potential and the sign of lambda
+            log_g = torch.where(torch.isneginf(r), torch.full_like(log_g, -math.inf), log_g.nan_to_num(nan=-math.inf))
             applied = applied + log_g
             lw = lw + log_g.view(B, K)
             # one fused call: weights, ESS, decision, ancestors, and the latents moved by them
             res = resample(lw, self.method, self.ess_threshold, generator=self.generator,
-                           on_degenerate=self.on_degenerate, state=x.view(B, K, *x.shape[1:]), backend=self.backend)
+                           on_degenerate=self.on_degenerate, state=x.reshape(B, K, *x.shape[1:]),
+                           backend=self.backend)
             log_norm = log_norm + res.log_norm
             lw = res.log_weights
-            x = res.state.view_as(x)
+            x = res.state.view(x.shape)
             trace.append((i, res.ess, res.resampled))
             anc = res.ancestors  # the identity for groups that were not resampled
             # move only the per-particle scalars this potential still needs (one small gather each)
             move = lambda v: torch.gather(v.view(B, K), 1, anc).view(B * K)  # noqa: E731
             r_state = move(r_state) if self.potential != "rt" else r_state
             applied = move(applied) if self.potential != "diff" else applied
-            rewards = (r_state if self.potential == "diff" else move(r)) if last else r
+            if last:
+                rewards = r_state if self.potential == "diff" else move(r)
             for k, v in states.items():
-                states[k] = gather(v.view(B, K, *v.shape[1:]), anc, backend=self.backend).view_as(v)
+                states[k] = gather(v.reshape(B, K, *v.shape[1:]), anc, backend=self.backend).view(v.shape)
         if rewards is None:
             rewards = self._rewards(x)
         result = FKResult(x, rewards, lw, log_norm, trace)
