@@ -106,3 +106,9 @@ def test_torch_compile_fullgraph(gen):
 def test_errors(call, exc, pattern):
     with pytest.raises(exc, match=pattern):
         call()
+
+
+def test_not_differentiable_says_so(gen):
+    G = torch.randn(8, 16, generator=gen, requires_grad=True)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        fusedlab.ops.newton_schulz(G, dtype=torch.float32).sum().backward()

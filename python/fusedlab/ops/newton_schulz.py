@@ -38,6 +38,15 @@ def _fake_newton_schulz_triton(G, coefficients, norm_scale, eps, dtype):
     return torch.empty(G.shape, dtype=dtype, device=G.device)
 
 
+def _not_differentiable(ctx, grad):
+    raise RuntimeError("fusedlab.newton_schulz is not differentiable (it computes optimizer updates); "
+                       "detach its input, or use fusedlab.reference.newton_schulz for gradients")
+
+
+def _setup_nothing(ctx, inputs, output):
+    pass
+
+
 @functools.lru_cache(maxsize=None)
 def _cpu_has_bf16_matmul() -> bool:
     cpu = torch.cpu
@@ -101,3 +110,8 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients="keller", eps: f
     if which == "triton":
         return torch.ops.fusedlab.newton_schulz_triton(G, flat, float(scale), float(eps), dtype)
     return torch.ops.fusedlab.newton_schulz(G, flat, float(scale), float(eps), dtype)
+
+
+# An explicit error instead of torch's silent autograd fallback, for the C++ op and the Triton custom op.
+for _name in ("fusedlab::newton_schulz", "fusedlab::newton_schulz_triton"):
+    torch.library.register_autograd(_name, _not_differentiable, setup_context=_setup_nothing)
