@@ -19,7 +19,7 @@ $(VENV)/.deps: pyproject.toml | $(VENV)/bin/python
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	$(PIP) install -q "numpy<2.4" "triton==3.6.0"
 	$(PIP) install -q pytest pytest-timeout hypothesis expecttest particles scipy pytest-benchmark tqdm matplotlib \
-		scikit-learn diffusers transformers
+		scikit-learn diffusers transformers "symile==0.1.0"
 	touch $@
 
 # Editable install without build isolation (the extension compiles against the torch above), then an

@@ -23,4 +23,12 @@ TORCH_LIBRARY(fusedlab, m) {
   // ---- newton_schulz: Muon's orthogonalization (python/fusedlab/reference/newton_schulz.py). `coefficients`
   // holds (a, b, c) for each step; the result is in `dtype`, the computation dtype.
   m.def("newton_schulz(Tensor G, float[] coefficients, float norm_scale, float eps, ScalarType dtype) -> Tensor");
+
+  // ---- symile: the Symile contrastive loss (python/fusedlab/reference/symile.py). "n_squared" negatives for
+  // M = len(reps) modalities of shape [N, d]; logit_scale is the (already exponentiated) one-element scale.
+  // Returns the loss (dtype of reps) and the [M, N] per-anchor log-sum-exps the backward reuses; `chunk` is
+  // the number of outer-modality tuples per tile (0: sized automatically).
+  m.def("symile_n_squared(Tensor[] reps, Tensor logit_scale, int chunk) -> (Tensor loss, Tensor lse)");
+  m.def("symile_n_squared_backward(Tensor grad, Tensor[] reps, Tensor logit_scale, Tensor lse, int chunk) -> "
+        "(Tensor[] grad_reps, Tensor grad_logit_scale)");
 }

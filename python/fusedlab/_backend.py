@@ -19,6 +19,7 @@ AUTO_GPU_PREFERENCE = {"resample": ("cuda", "triton"), "newton_schulz": ("triton
 FAMILY_BACKENDS = {
     "resample": ("cuda", "triton", "cpu", "reference"),
     "newton_schulz": ("triton", "cpu", "reference"),
+    "symile": ("cpu", "reference"),
 }
 
 

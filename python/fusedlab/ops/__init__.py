@@ -4,5 +4,6 @@ Each op is also reachable as ``torch.ops.fusedlab.<name>`` (the C++ schema in cs
 """
 from fusedlab.ops.newton_schulz import newton_schulz
 from fusedlab.ops.resample import ResampleResult, gather, gather_, resample
+from fusedlab.ops.symile import mip, symile_loss
 
-__all__ = ["ResampleResult", "gather", "gather_", "newton_schulz", "resample"]
+__all__ = ["ResampleResult", "gather", "gather_", "mip", "newton_schulz", "resample", "symile_loss"]

@@ -1,0 +1,189 @@
+"""The Symile contrastive loss and MIP scoring: ``symile_loss``, ``mip``.
+
+Semantics: python/fusedlab/reference/symile.py (the loss exactly as the ``symile`` 0.1.0 package defines it).
+"n_squared" runs on the C++ CPU kernel (csrc/cpu/symile.cpp): tiles of the shared logit tensor with an
+online log-sum-exp for every anchor, [M, N] statistics saved, tiles recomputed in the backward. "n" is a
+CLIP-sized computation (M GEMMs of N x N x d) and runs as ATen ops on every backend.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence
+
+import torch
+
+from fusedlab import _backend
+from fusedlab.reference import symile as ref
+
+_FAMILY = "symile"
+STRATEGIES = ref.STRATEGIES
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("fusedlab::symile_n_squared")
+def _fake_symile_n_squared(reps, logit_scale, chunk):
+    r0 = reps[0]
+    return r0.new_empty((), dtype=r0.dtype), r0.new_empty((len(reps), r0.shape[0]), dtype=_acc_dtype(r0.dtype))
+
+
+@torch.library.register_fake("fusedlab::symile_n_squared_backward")
+def _fake_symile_n_squared_backward(grad, reps, logit_scale, lse, chunk):
+    return [r.new_empty(r.shape) for r in reps], logit_scale.new_empty(logit_scale.shape)
+
+
+def _setup_n_squared(ctx, inputs, output):
+    reps, logit_scale, chunk = inputs
+    ctx.save_for_backward(logit_scale, output[1], *reps)
+    ctx.chunk = chunk
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward_n_squared(ctx, grad_loss, grad_lse):
+    logit_scale, lse, *reps = ctx.saved_tensors
+    grad_reps, grad_scale = torch.ops.fusedlab.symile_n_squared_backward(grad_loss, reps, logit_scale, lse, ctx.chunk)
+    return list(grad_reps), grad_scale, None
+
+
+torch.library.register_autograd("fusedlab::symile_n_squared", _backward_n_squared, setup_context=_setup_n_squared)
+
+
+def _check_reps(reps, name: str = "reps") -> list[torch.Tensor]:
+    if isinstance(reps, torch.Tensor) or not isinstance(reps, Sequence):
+        raise TypeError(f"{name} must be a list of M tensors [N, d], got {type(reps).__name__}")
+    reps = list(reps)
+    if len(reps) < 2:
+        raise ValueError(f"{name} must hold at least 2 modalities (M >= 2), got {len(reps)}")
+    for m, r in enumerate(reps):
+        if not isinstance(r, torch.Tensor):
+            raise TypeError(f"{name}[{m}] must be a torch.Tensor, got {type(r).__name__}")
+        if r.dim() != 2:
+            raise ValueError(f"{name}[{m}] must be 2-D [N, d], got shape {tuple(r.shape)}")
+        if not r.dtype.is_floating_point:
+            raise TypeError(f"{name}[{m}] must be a floating-point tensor, got dtype {r.dtype}")
+        if r.device != reps[0].device:
+            raise ValueError(f"{name}[{m}] must be on {reps[0].device} like {name}[0], got {r.device}")
+        if r.shape[0] != reps[0].shape[0]:
+            raise ValueError(f"{name}[{m}] must have N = {reps[0].shape[0]} rows like {name}[0] (one row per "
+                             f"sample), got {r.shape[0]}")
+        if r.shape[1] != reps[0].shape[1]:
+            raise ValueError(f"{name}[{m}] must have d = {reps[0].shape[1]} columns like {name}[0], got {r.shape[1]}")
+    if reps[0].shape[0] < 1:
+        raise ValueError(f"{name} must have N >= 1 rows, got shape {tuple(reps[0].shape)}")
+    dtype = functools.reduce(torch.promote_types, [r.dtype for r in reps])
+    return [r.to(dtype) for r in reps]
+
+
+def _check_logit_scale(logit_scale, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(logit_scale, torch.Tensor):
+        if logit_scale.numel() != 1:
+            raise ValueError(f"logit_scale must be a scalar (a float or a one-element tensor), got shape "
+                             f"{tuple(logit_scale.shape)}")
+        if not logit_scale.dtype.is_floating_point:
+            return logit_scale.to(device=like.device, dtype=like.dtype)
+        return logit_scale.to(like.device)
+    if isinstance(logit_scale, (int, float)) and not isinstance(logit_scale, bool):
+        return torch.tensor(float(logit_scale), dtype=like.dtype, device=like.device)
+    raise TypeError(f"logit_scale must be a scalar (a float or a one-element tensor), got "
+                    f"{type(logit_scale).__name__}")
+
+
+def _check_permutations(permutations, M: int, N: int, device: torch.device) -> torch.Tensor:
+    perms = permutations if isinstance(permutations, torch.Tensor) else torch.as_tensor(permutations)
+    if perms.shape != (M, M - 1, N):
+        raise ValueError(f"permutations must have shape [M, M-1, N] = [{M}, {M - 1}, {N}] (one permutation of "
+                         f"the N rows per anchor and other modality), got {tuple(perms.shape)}")
+    if perms.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"permutations must be an int64 tensor, got dtype {perms.dtype}")
+    perms = perms.to(device=device, dtype=torch.int64)
+    if not torch.compiler.is_compiling():  # a data-dependent check: skipped while tracing
+        want = torch.arange(N, device=device).expand(M, M - 1, N)
+        if not torch.equal(perms.sort(dim=-1).values, want):
+            raise ValueError("permutations: every [a, b] row must be a permutation of 0..N-1")
+    return perms
+
+
+def symile_loss(reps: Sequence[torch.Tensor], logit_scale, negative_sampling: str = "n",
+                permutations: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+                backend: str = "auto") -> torch.Tensor:
+    """The Symile loss of M modalities, averaged over anchors exactly as ``symile.Symile`` 0.1.0 defines it.
+
+    Args:
+        reps: list of M >= 2 tensors [N, d] (row n of every modality is one positive tuple).
+        logit_scale: the scale applied to the logits, already exponentiated (as the package takes it), a
+            float or a one-element tensor; its gradient is returned when it requires grad.
+        negative_sampling: "n" (N - 1 shuffled negatives per row, the package's default) or "n_squared"
+            (every combination of the other modalities' rows: N^(M-1) - 1 negatives per row).
+        permutations: "n" only: [M, M-1, N] int64, the permutation applied to each anchor's other
+            modalities in list order. Default: drawn with torch.randperm(N) in the package's order from
+            ``generator``, or from the global RNG (then seeding torch as for the package replays its draws).
+        generator: "n" only: the torch.Generator the permutations are drawn from.
+        backend: "auto" (CPU tensors: "cpu"), "cpu" or "reference" ("n_squared" there builds the N^M tensor).
+
+    "n_squared" on the C++ kernel never forms the N^(M-1) x d products: its extra memory is a few tiles of
+    about 2^19 elements each, and N^(M-2) floats for M >= 4. float16/bfloat16 inputs are computed in float32.
+
+    Example:
+        >>> import torch, fusedlab
+        >>> g = torch.Generator().manual_seed(0)
+        >>> reps = [torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=1) for _ in range(3)]
+        >>> loss = fusedlab.ops.symile_loss(reps, torch.tensor(10.0), "n_squared")
+        >>> exact = fusedlab.reference.symile.symile_loss_n_squared([r.double() for r in reps], 10.0)
+        >>> abs(loss.item() - exact.item()) < 1e-5
+        True
+    """
+    reps = _check_reps(reps)
+    M, N = len(reps), reps[0].shape[0]
+    scale = _check_logit_scale(logit_scale, reps[0])
+    if not isinstance(negative_sampling, str) or negative_sampling not in STRATEGIES:
+        raise ValueError(f"negative_sampling must be one of {STRATEGIES}, got {negative_sampling!r}")
+    which = _backend.resolve(backend, _FAMILY, reps[0].device)
+    if negative_sampling == "n_squared":
+        if permutations is not None or generator is not None:
+            raise ValueError("permutations and generator apply to negative_sampling='n' only")
+        if which == "reference":
+            return ref.symile_loss_n_squared(reps, scale.reshape(()))
+        loss, _ = torch.ops.fusedlab.symile_n_squared(reps, scale, 0)
+        return loss
+    if permutations is not None and generator is not None:
+        raise ValueError("pass permutations or generator, not both")
+    if permutations is None:
+        permutations = ref.draw_permutations(M, N, generator)
+    perms = _check_permutations(permutations, M, N, reps[0].device)
+    return ref.symile_loss_n(reps, scale.reshape(()), perms)
+
+
+def mip(candidates: torch.Tensor, query_reps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Multilinear inner products of each query tuple with every candidate, for zero-shot retrieval.
+
+    ``candidates`` [C, d]; ``query_reps`` a list of [B, d] or [d] tensors (argument order as the package's
+    MIPSimilarity). Returns [B, C] (B = 1 for 1-D queries): row b holds sum_t q_1[b, t] ... q_k[b, t] c[t]
+    for every candidate c. The logit scale is not applied (multiply by it for logits).
+
+    Example:
+        >>> import torch, fusedlab
+        >>> c = torch.eye(3)
+        >>> fusedlab.ops.mip(c, [torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([2.0, 0.5, 1.0])])
+        tensor([[2., 1., 3.]])
+    """
+    if not isinstance(candidates, torch.Tensor) or candidates.dim() != 2:
+        got = tuple(candidates.shape) if isinstance(candidates, torch.Tensor) else type(candidates).__name__
+        raise ValueError(f"candidates must be a 2-D tensor [C, d], got {got}")
+    if isinstance(query_reps, torch.Tensor) or not isinstance(query_reps, Sequence) or len(query_reps) == 0:
+        raise ValueError("query_reps must be a non-empty list of [B, d] or [d] tensors")
+    d = candidates.shape[1]
+    batch = None
+    for m, q in enumerate(query_reps):
+        if not isinstance(q, torch.Tensor) or q.dim() not in (1, 2):
+            got = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
+            raise ValueError(f"query_reps[{m}] must be a [B, d] or [d] tensor, got {got}")
+        if q.shape[-1] != d:
+            raise ValueError(f"query_reps[{m}] must have d = {d} features like candidates [C, d], got {q.shape[-1]}")
+        if q.dim() == 2:
+            if batch is not None and q.shape[0] != batch:
+                raise ValueError(f"query_reps[{m}] must have B = {batch} rows like the other 2-D queries, "
+                                 f"got {q.shape[0]}")
+            batch = q.shape[0]
+    return ref.mip(candidates, list(query_reps))
