@@ -21,6 +21,7 @@ from fusedlab._backend import FAMILY_BACKENDS
 from fusedlab.perf import fk_tailrisk as perf_fk
 from fusedlab.perf import newton_schulz as perf_ns
 from fusedlab.perf import resample as perf_resample
+from fusedlab.perf import symile as perf_symile
 
 
 def machine() -> str:
@@ -114,10 +115,11 @@ def demo(quick=False):
         all_rows += _ns_display(rows, errors)
     all_rows.append(perf_fk.fk_row(B=4, K=8) if quick else perf_fk.fk_row())
     all_rows.append(perf_fk.tailrisk_row(n=100, seeds=2) if quick else perf_fk.tailrisk_row())
+    all_rows.append(perf_symile.symile_row(N=16, d=8, runs=1) if quick else perf_symile.symile_row())
     print(_table(all_rows, COLS))
     print("\nmax err, resample: differing ancestors + largest abs. error of log-weights and log_norm over every "
           "method and threshold (0 = identical); newton_schulz: relative error of the float32 kernel against "
-          "float64; FK: error of the steered mean; tail risk: median relative error against the exact "
+          "float64; symile: largest loss/gradient difference from the package; FK: error of the steered mean; tail risk: median relative error against the exact "
           "probability. Speedups are time ratios measured in this process.")
     return all_rows
 
