@@ -174,26 +174,11 @@ void check_ancestor_range(const at::Tensor& anc) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> resample_impl(
     const at::Tensor& log_weights, const at::Tensor& uniforms, const std::string& method_name,
     double ess_threshold, const at::Tensor* state) {
-  const int32_t method = parse_resample_method(method_name);
-  check_resample_args(log_weights, uniforms, method, ess_threshold);
-  const at::Tensor lw = log_weights.contiguous();
-  const at::Tensor u = uniforms.contiguous();
-  const int64_t B = lw.size(0), K = lw.size(1), U = u.size(1);
-  auto anc = at::empty({B, K}, lw.options().dtype(at::kLong));
-  auto lw_out = at::empty_like(lw);
-  auto ess_t = at::empty({B}, lw.options().dtype(at::kDouble));
-  auto ln_t = at::empty({B}, lw.options().dtype(at::kDouble));
-  auto status = at::empty({B}, lw.options().dtype(at::kByte));
-  at::Tensor st, st_out;
-  int64_t row_bytes = 0;
-  if (state != nullptr) {
-    check_gather_args(*state, anc, "resample_gather");
-    st = state->contiguous();
-    st_out = at::empty_like(st);
-    row_bytes = K > 0 && B > 0 ? st.numel() / (B * K) * st.element_size() : 0;
-  } else {
-    st_out = at::empty({0}, lw.options());
-  }
+  const ResampleCall c = prepare_resample(log_weights, uniforms, method_name, ess_threshold, state);
+  const at::Tensor &lw = c.lw, &u = c.u, &anc = c.anc, &lw_out = c.lw_out, &ess_t = c.ess, &ln_t = c.log_norm,
+                   &status = c.status, &st = c.st, &st_out = c.st_out;
+  const int32_t method = c.method;
+  const int64_t B = lw.size(0), K = lw.size(1), U = u.size(1), row_bytes = c.row_bytes;
   AT_DISPATCH_FLOATING_TYPES(lw.scalar_type(), "fusedlab_resample_cpu", [&] {
     const scalar_t* x = lw.data_ptr<scalar_t>();
     const double* up = u.data_ptr<double>();
@@ -216,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           gather_group(src + b * K * row_bytes, dst + b * K * row_bytes, ap + b * K, K, row_bytes);
     });
   });
-  return {lw_out, anc, ess_t, ln_t, status, st_out};
+  return c.outputs();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> resample_cpu(
@@ -239,7 +224,7 @@ at::Tensor gather_cpu(const at::Tensor& state, const at::Tensor& ancestors) {
   auto out = at::empty_like(st);
   const int64_t B = anc.size(0), K = anc.size(1);
   if (st.numel() == 0) return out;
-  const int64_t row_bytes = st.numel() / (B * K) * st.element_size();
+  const int64_t row_bytes = row_bytes_of(st, B, K);
   const char* src = static_cast<const char*>(st.data_ptr());
   char* dst = static_cast<char*>(out.data_ptr());
   const int64_t* a = anc.data_ptr<int64_t>();
@@ -259,7 +244,7 @@ void gather_inplace_cpu(at::Tensor& state, const at::Tensor& ancestors) {
   check_ancestor_range(anc);
   const int64_t B = anc.size(0), K = anc.size(1);
   if (state.numel() == 0) return;
-  const int64_t row_bytes = state.numel() / (B * K) * state.element_size();
+  const int64_t row_bytes = row_bytes_of(state, B, K);
   char* base = static_cast<char*>(state.data_ptr());
   const int64_t* a = anc.data_ptr<int64_t>();
   at::parallel_for(0, B, grain_for(K * row_bytes / 8 + 1), [&](int64_t b0, int64_t b1) {

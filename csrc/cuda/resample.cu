@@ -45,36 +45,18 @@ void check_group_size(int64_t K, const char* op) {
               K);
 }
 
-int64_t row_bytes_of(const at::Tensor& state, int64_t B, int64_t K) {
-  return B > 0 && K > 0 ? state.numel() / (B * K) * static_cast<int64_t>(state.element_size()) : 0;
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> resample_impl(
     const at::Tensor& log_weights, const at::Tensor& uniforms, const std::string& method_name,
     double ess_threshold, const at::Tensor* state) {
-  const int32_t method = parse_resample_method(method_name);
-  check_resample_args(log_weights, uniforms, method, ess_threshold);
   check_group_size(log_weights.size(1), "resample");
   const c10::cuda::CUDAGuard guard(log_weights.device());
-  const at::Tensor lw = log_weights.contiguous();
-  const at::Tensor u = uniforms.contiguous();
-  const int64_t B = lw.size(0), K = lw.size(1);
-  auto anc = at::empty({B, K}, lw.options().dtype(at::kLong));
-  auto lw_out = at::empty_like(lw);
-  auto ess_t = at::empty({B}, lw.options().dtype(at::kDouble));
-  auto ln_t = at::empty({B}, lw.options().dtype(at::kDouble));
-  auto status = at::empty({B}, lw.options().dtype(at::kByte));
-  at::Tensor st, st_out;
-  int64_t row_bytes = 0;
-  if (state != nullptr) {
-    check_gather_args(*state, anc, "resample_gather");
-    st = state->contiguous();
-    st_out = at::empty_like(st);
-    row_bytes = row_bytes_of(st, B, K);
-  } else {
-    st_out = at::empty({0}, lw.options());
-  }
-  if (B == 0) return {lw_out, anc, ess_t, ln_t, status, st_out};
+  const ResampleCall c = prepare_resample(log_weights, uniforms, method_name, ess_threshold, state);
+  const at::Tensor &lw = c.lw, &u = c.u, &anc = c.anc, &lw_out = c.lw_out, &ess_t = c.ess, &ln_t = c.log_norm,
+                   &status = c.status, &st = c.st, &st_out = c.st_out;
+  const int32_t method = c.method;
+  const int64_t B = lw.size(0), K = lw.size(1), row_bytes = c.row_bytes;
+  if (B == 0) return c.outputs();
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int sms = sm_count(lw.device().index());
@@ -115,7 +97,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                       sms, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  return {lw_out, anc, ess_t, ln_t, status, st_out};
+  return c.outputs();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> resample_cuda(

@@ -4,8 +4,11 @@
 
 #include <c10/util/Exception.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 
 #include <string>
+#include <tuple>
 
 #include "fusedlab/resample.h"
 
@@ -48,6 +51,47 @@ inline void check_gather_args(const at::Tensor& state, const at::Tensor& anc, co
               ", ...] like ", like, ", got ", state.sizes());
   TORCH_CHECK(state.device() == anc.device(), "fusedlab.", op, ": state must be on ", anc.device(), " like ", like,
               ", got ", state.device());
+}
+
+// Bytes per particle of a state [B, K, ...] (0 when empty).
+inline int64_t row_bytes_of(const at::Tensor& state, int64_t B, int64_t K) {
+  return B > 0 && K > 0 ? state.numel() / (B * K) * static_cast<int64_t>(state.element_size()) : 0;
+}
+
+// One resample / resample_gather call as the CPU and CUDA glue both see it: arguments checked, inputs
+// contiguous, outputs allocated on the inputs' device (an empty state_out when there is no state).
+struct ResampleCall {
+  int32_t method = 0;
+  at::Tensor lw, u, anc, lw_out, ess, log_norm, status, st, st_out;
+  int64_t row_bytes = 0;
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> outputs() const {
+    return {lw_out, anc, ess, log_norm, status, st_out};
+  }
+};
+
+inline ResampleCall prepare_resample(const at::Tensor& log_weights, const at::Tensor& uniforms,
+                                     const std::string& method_name, double ess_threshold, const at::Tensor* state) {
+  ResampleCall c;
+  c.method = parse_resample_method(method_name);
+  check_resample_args(log_weights, uniforms, c.method, ess_threshold);
+  c.lw = log_weights.contiguous();
+  c.u = uniforms.contiguous();
+  const int64_t B = c.lw.size(0), K = c.lw.size(1);
+  c.anc = at::empty({B, K}, c.lw.options().dtype(at::kLong));
+  c.lw_out = at::empty_like(c.lw);
+  c.ess = at::empty({B}, c.lw.options().dtype(at::kDouble));
+  c.log_norm = at::empty({B}, c.lw.options().dtype(at::kDouble));
+  c.status = at::empty({B}, c.lw.options().dtype(at::kByte));
+  if (state != nullptr) {
+    check_gather_args(*state, c.anc, "resample_gather");
+    c.st = state->contiguous();
+    c.st_out = at::empty_like(c.st);
+    c.row_bytes = row_bytes_of(c.st, B, K);
+  } else {
+    c.st_out = at::empty({0}, c.lw.options());
+  }
+  return c;
 }
 
 }  // namespace fusedlab
