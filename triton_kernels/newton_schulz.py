@@ -266,12 +266,9 @@ def newton_schulz(G: torch.Tensor, coefficients: Sequence[float], norm_scale: fl
     """Newton-Schulz over G [..., m, n] with the (a, b, c) of each step flattened in ``coefficients``; the
     result in ``dtype`` with G's shape. X = G / max(norm_scale ||G||_F, eps), the norm in fp32 (fp64 for
     float64), then per step A = X X^T, B = b A + c A A, X = a X + B X on the wide orientation."""
-    if not isinstance(G, torch.Tensor):
-        raise TypeError(f"G must be a torch.Tensor, got {type(G).__name__}")
-    if G.dim() < 2:
-        raise ValueError(f"G must be [..., m, n] with at least 2 dims, got shape {list(G.shape)}")
-    if not G.dtype.is_floating_point:
-        raise TypeError(f"G must be a floating-point tensor, got dtype {G.dtype}")
+    from fusedlab.ops.newton_schulz import check_matrices  # imported late: ops imports this module
+
+    check_matrices(G)
     check_device(G, "G")
     coefficients = [float(v) for v in coefficients]
     if len(coefficients) % 3:

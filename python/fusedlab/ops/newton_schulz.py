@@ -56,6 +56,16 @@ def _cpu_has_bf16_matmul() -> bool:
         return False
 
 
+def check_matrices(G) -> None:
+    """G must be a floating tensor [..., m, n]: the one copy of these messages (the Triton module uses it)."""
+    if not isinstance(G, torch.Tensor):
+        raise TypeError(f"G must be a torch.Tensor, got {type(G).__name__}")
+    if G.dim() < 2:
+        raise ValueError(f"G must be [..., m, n] with at least 2 dims, got shape {tuple(G.shape)}")
+    if not G.dtype.is_floating_point:
+        raise TypeError(f"G must be a floating-point tensor, got dtype {G.dtype}")
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     """bfloat16 where the hardware multiplies bf16 natively (GPUs, AVX-512-BF16 or AMX CPUs), else float32."""
     if device.type == "cuda" or (device.type == "cpu" and _cpu_has_bf16_matmul()):
@@ -89,12 +99,7 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients="keller", eps: f
         >>> bool(s.min() > 0.6 and s.max() < 1.2)
         True
     """
-    if not isinstance(G, torch.Tensor):
-        raise TypeError(f"G must be a torch.Tensor, got {type(G).__name__}")
-    if G.dim() < 2:
-        raise ValueError(f"G must be [..., m, n] with at least 2 dims, got shape {tuple(G.shape)}")
-    if not G.dtype.is_floating_point:
-        raise TypeError(f"G must be a floating-point tensor, got dtype {G.dtype}")
+    check_matrices(G)
     triples, scale = ref.resolve_coefficients(coefficients, steps)
     if not all(math.isfinite(v) for t in triples for v in t):
         raise ValueError(f"coefficients must be finite, got {triples}")
