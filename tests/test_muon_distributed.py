@@ -45,6 +45,9 @@ def _worker(rank, world, init_file, out_dir):
         finally:
             fusedlab.optim.muon.newton_schulz = real
         torch.save((result, sum(calls)), os.path.join(out_dir, f"rank{rank}.pt"))
+        # both ranks reach here before either tears gloo down: a rank whose peer already closed its
+        # connections can abort inside the teardown ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
