@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU check for an offline CUDA machine (H100/H200) whose Python already has torch >= 2.11 and triton 3.6:
-# installs fusedlab without dependencies or build isolation, builds _C_cuda, runs the GPU tests and the
-# benchmark target points of the named families (default: all) with fixed kernel configs, and writes
-# json + markdown + PNG under bench/results/gpu/. Each family gets at most 5 minutes.
+# installs fusedlab without dependencies or build isolation, builds _C_cuda, runs every GPU test
+# (tests/*_gpu.py) once, then the benchmark target points of the named families (default: all) on the GPU
+# with fixed kernel configs, writing json + markdown (+ PNG) and the log under bench/results/gpu/.
 #
 #   bash bench/gpu_check.sh [FAMILY ...]        e.g. bash bench/gpu_check.sh resample
 set -uo pipefail
@@ -13,10 +13,11 @@ mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
 families=("$@")
 [ ${#families[@]} -eq 0 ] && families=(resample newton_schulz)
+export PYTHONUNBUFFERED=1
 
 {
   echo "== $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null)"
-  $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  $PY -c "import torch, triton, setuptools; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'setuptools', setuptools.__version__)"
 } 2>&1 | tee "$LOG"
 
 echo "== build (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a})" | tee -a "$LOG"
@@ -29,12 +30,12 @@ echo "build: $(( $(date +%s) - t0 )) s" | tee -a "$LOG"
 $PY -m fusedlab info 2>&1 | tee -a "$LOG"
 
 status=0
+echo "== GPU tests" | tee -a "$LOG"
+timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q -m gpu tests/*_gpu.py -p no:cacheprovider -rfE --durations=8 2>&1 \
+  | tail -40 | tee -a "$LOG" || status=1
 for fam in "${families[@]}"; do
-  echo "== $fam: GPU tests" | tee -a "$LOG"
-  timeout 200 $PY -m pytest -q -m gpu "tests/test_${fam}_gpu.py" -p no:cacheprovider \
-    --junitxml="$OUT/${fam}_tests.xml" 2>&1 | tail -25 | tee -a "$LOG" || status=1
   echo "== $fam: benchmark target points" | tee -a "$LOG"
-  timeout 90 $PY -m fusedlab bench --family "$fam" --out "$OUT" 2>&1 | tail -30 | tee -a "$LOG" || status=1
+  timeout 150 $PY -m fusedlab bench --family "$fam" --device cuda --out "$OUT" 2>&1 | tail -30 | tee -a "$LOG" || status=1
 done
 echo "== done (status $status); results in $OUT" | tee -a "$LOG"
 exit $status

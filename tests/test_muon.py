@@ -147,3 +147,22 @@ def test_muon_with_aux_adam_errors():
         fusedlab.optim.MuonWithAuxAdam([dict(params=[p], use_muon=True, betas=(0.9, 0.99))])
     with pytest.raises(ValueError, match="1-D parameter"):
         fusedlab.optim.MuonWithAuxAdam([dict(params=[torch.nn.Parameter(torch.zeros(3))], use_muon=True)])
+
+
+@pytest.mark.timeout(300)
+def test_compiled_step_matches_eager(gen):
+    """torch.compile(opt.step) gives the parameters of the eager step (fp32 Newton-Schulz: same arithmetic)."""
+    torch._dynamo.reset()
+    params = make_params(gen)
+    twin = copy.deepcopy(params)
+    grads = full_rank_grads(gen, 3)
+    eager = fusedlab.optim.Muon(params, lr=0.02, ns_dtype=torch.float32)
+    compiled = fusedlab.optim.Muon(twin, lr=0.02, ns_dtype=torch.float32)
+    step = torch.compile(compiled.step)
+    for gs in grads:
+        for p, q, g in zip(params, twin, gs):
+            p.grad, q.grad = g.clone(), g.clone()
+        eager.step()
+        step()
+    for a, b in zip(params, twin):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

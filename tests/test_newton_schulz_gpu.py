@@ -93,3 +93,10 @@ def test_opcheck_on_cuda(gen):
     flat = [v for _ in range(2) for v in KELLER]
     for dt in (torch.float32, torch.bfloat16):
         torch.library.opcheck(torch.ops.fusedlab.newton_schulz_triton.default, (G, flat, 1.0, 1e-7, dt))
+
+
+def test_torch_compile_fullgraph_cuda(gen):
+    torch._dynamo.reset()
+    G = torch.randn(3, 128, 192, generator=gen).to(DEV)
+    f = torch.compile(lambda g: fusedlab.ops.newton_schulz(g, dtype=torch.float32, backend="triton"), fullgraph=True)
+    torch.testing.assert_close(f(G), fusedlab.ops.newton_schulz(G, dtype=torch.float32, backend="triton"))

@@ -228,3 +228,24 @@ def test_cuda_argument_errors(gen):
     with pytest.raises(RuntimeError, match="contiguous"):
         torch.ops.fusedlab.gather_(torch.randn(5, 2, 3, device=DEV).transpose(0, 1),
                                    torch.zeros(2, 5, dtype=torch.int64, device=DEV))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_torch_compile_fullgraph_cuda(backend, gen):
+    need(backend)
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True)
+    def step(lw, u, state):
+        r = fusedlab.smc.resample(lw, "systematic", 0.5, uniforms=u, state=state, backend=backend)
+        return r.log_weights, r.log_norm, r.state
+
+    lw = (torch.randn(64, 33, generator=gen) * 2).to(DEV)
+    u = uniforms("systematic", 64, 33, gen)
+    state = torch.randn(64, 33, 4, generator=gen).to(DEV)
+    got = step(lw, u, state)
+    want = fusedlab.smc.resample(lw, "systematic", 0.5, uniforms=u, state=state, backend="reference")
+    torch.testing.assert_close(got[0], want.log_weights)
+    torch.testing.assert_close(got[1], want.log_norm)
+    torch.testing.assert_close(got[2], want.state)

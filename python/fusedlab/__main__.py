@@ -52,12 +52,14 @@ def info() -> str:
     return "\n".join(lines)
 
 
-def _devices_and_backends():
+def _devices_and_backends(device="all"):
     """(device, backends to run there): CPU tensors go to the C++ kernel; CUDA tensors to each GPU backend."""
     plans = [("cpu", ["cpu"])]
     if torch.cuda.is_available():
         plans.append(("cuda", [b for b in ("cuda", "triton") if b in fusedlab.backends()]))
-    return plans
+    elif device == "cuda":
+        raise SystemExit("--device cuda: no CUDA device here")
+    return [p for p in plans if device in ("all", p[0])]
 
 
 def _table(rows, cols):
@@ -124,15 +126,15 @@ def demo(quick=False):
     return all_rows
 
 
-def bench(out_dir, min_run_time=0.5, shapes=perf_resample.SHAPES, family="resample"):
+def bench(out_dir, min_run_time=0.5, shapes=perf_resample.SHAPES, family="resample", device="all"):
     if family == "newton_schulz":
-        return bench_newton_schulz(out_dir, min_run_time, quick=shapes != perf_resample.SHAPES)
+        return bench_newton_schulz(out_dir, min_run_time, quick=shapes != perf_resample.SHAPES, device=device)
     from tqdm import tqdm
 
     os.makedirs(out_dir, exist_ok=True)
     tag = "gpu" if torch.cuda.is_available() else "cpu"
     results = {"machine": machine(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "rows": []}
-    for device, backends in _devices_and_backends():
+    for device, backends in _devices_and_backends(device):
         errors = {be: perf_resample.check(be, device) for be in backends}
         with tqdm(total=len(shapes), desc=f"resample on {device}") as bar:
             rows = perf_resample.rows(device, backends, shapes, min_run_time, progress=bar)
@@ -147,7 +149,7 @@ def bench(out_dir, min_run_time=0.5, shapes=perf_resample.SHAPES, family="resamp
                for r in results["rows"]]
     cols = [("device", "device"), ("op", "op"), ("backend", "backend"), ("B", "B"), ("K", "K"), ("D", "D"),
             ("median ms", "ms"), ("speedup vs plain", "vs_plain"), ("speedup vs naive", "vs_naive"),
-            ("time / clone", "over_clone")]
+            ("time / clone", "over_clone")] + ([("kernel launches", "launches")] if tag == "gpu" else [])
     with open(base + ".md", "w") as f:
         f.write(f"# resample + gather, {results['machine']} (torch {results['torch']}, {results['date']})\n\n")
         f.write(_table(md_rows, cols) + "\n")
@@ -156,15 +158,15 @@ def bench(out_dir, min_run_time=0.5, shapes=perf_resample.SHAPES, family="resamp
     print(f"wrote {base}.json, .md, .png")
 
 
-def bench_newton_schulz(out_dir, min_run_time=0.5, quick=False):
+def bench_newton_schulz(out_dir, min_run_time=0.5, quick=False, device="all"):
     """Newton-Schulz on every backend here against torch.optim.Muon's per-matrix loop, and a Muon step."""
     os.makedirs(out_dir, exist_ok=True)
     tag = "gpu" if torch.cuda.is_available() else "cpu"
     rows = []
-    for device, backends in _devices_and_backends():
+    for device, backends in _devices_and_backends(device):
         ns_backends = [b for b in backends if b in FAMILY_BACKENDS["newton_schulz"]] or ["reference"]
         errors = {be: perf_ns.check(be, device) for be in ns_backends}
-        shapes = perf_ns.QUICK_SHAPES if quick else perf_ns.SHAPES
+        shapes = perf_ns.QUICK_SHAPES if quick else perf_ns.GPU_SHAPES if device == "cuda" else perf_ns.SHAPES
         for r in perf_ns.rows(device, ns_backends, shapes, min_run_time) + [perf_ns.optimizer_row(device, quick,
                                                                                                  min_run_time)]:
             rows.append(dict(r, device=device, max_err=errors.get(r["backend"])))
@@ -222,6 +224,7 @@ def main(argv=None):
     b.add_argument("--out", default="bench/results")
     b.add_argument("--family", default="resample", choices=["resample", "newton_schulz"])
     b.add_argument("--quick", action="store_true")
+    b.add_argument("--device", default="all", choices=["all", "cpu", "cuda"], help="where to run (default: every device here)")
     args = p.parse_args(argv)
     quick = getattr(args, "quick", False)
     if args.cmd == "info":
@@ -229,7 +232,7 @@ def main(argv=None):
     elif args.cmd == "demo":
         demo(quick)
     else:
-        bench(args.out, family=args.family, **(dict(min_run_time=0.01, shapes=((4, 8),)) if quick else {}))
+        bench(args.out, family=args.family, device=args.device, **(dict(min_run_time=0.01, shapes=((4, 8),)) if quick else {}))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from fusedlab.reference import newton_schulz as ref
 
 KELLER = (3.4445, -4.7750, 2.0315)
 SHAPES = ((1, 1024, 1024), (64, 256, 256), (1, 768, 3072))  # (batch, m, n)
+GPU_SHAPES = ((1, 1024, 1024), (1, 4096, 4096), (1, 4096, 16384), (64, 768, 768))  # the GPU points
 QUICK_SHAPES = ((2, 32, 48),)
 GPT2_SMALL = [(768, 768)] * 48 + [(3072, 768)] * 12 + [(768, 3072)] * 12  # the GPT-2-small matrix set
 

@@ -10,7 +10,7 @@ import math
 import torch
 
 import fusedlab
-from fusedlab.perf.timing import measure
+from fusedlab.perf.timing import cuda_launches, measure
 
 SHAPES = ((1, 1024), (1024, 16), (4096, 64), (256, 1024))  # (B, K): the benchmark target points
 STATE_DIM = 16
@@ -82,16 +82,20 @@ def rows(device, backends, shapes=SHAPES, min_run_time=0.2, progress=None):
     for B, K in shapes:
         lw, state = inputs(B, K, device)
         times = {name: measure(lambda f=f: f(lw, state), min_run_time) for name, f in PEERS.items()}
+        gpu = lw.is_cuda
+        launches = {name: cuda_launches(lambda f=f: f(lw, state)) for name, f in PEERS.items()} if gpu else {}
         for be in backends:
             t = measure(lambda be=be: ours(be)(lw, state), min_run_time)
+            if gpu:
+                launches[be] = cuda_launches(lambda be=be: ours(be)(lw, state))
             out.append(dict(family="resample", op="resample+gather (systematic)", backend=be, B=B, K=K,
-                            D=STATE_DIM, ms=t.median_ms, q20_ms=t.q20_ms, q80_ms=t.q80_ms,
+                            D=STATE_DIM, ms=t.median_ms, q20_ms=t.q20_ms, q80_ms=t.q80_ms, launches=launches.get(be),
                             vs_plain=times["plain_systematic"].median_ms / t.median_ms,
                             vs_naive=times["naive"].median_ms / t.median_ms,
                             over_clone=t.median_ms / times["clone"].median_ms))
         for name, t in times.items():
             out.append(dict(family="resample", op=f"peer: {name}", backend="torch", B=B, K=K, D=STATE_DIM,
-                            ms=t.median_ms, q20_ms=t.q20_ms, q80_ms=t.q80_ms))
+                            ms=t.median_ms, q20_ms=t.q20_ms, q80_ms=t.q80_ms, launches=launches.get(name)))
         if progress is not None:
             progress.update(1)
     return out

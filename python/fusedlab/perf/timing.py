@@ -27,3 +27,17 @@ def measure(fn, min_run_time: float = 0.2) -> Timing:
     times = sorted(m.times)
     q = lambda p: times[min(len(times) - 1, int(p * len(times)))] * 1e3  # noqa: E731
     return Timing(m.median * 1e3, q(0.2), q(0.8))
+
+
+def cuda_launches(fn) -> int:
+    """How many CUDA kernels one call of ``fn()`` launches (read from the profiler; 0 without a GPU)."""
+    if not torch.cuda.is_available():
+        return 0
+    fn()
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
