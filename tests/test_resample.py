@@ -385,3 +385,10 @@ def test_backends_listing():
         assert "cuda" not in b
         with pytest.raises((RuntimeError, ValueError), match="backend='cuda' is not available|needs CUDA tensors"):
             fusedlab.smc.resample(torch.zeros(2, 3), backend="cuda")
+
+
+def test_backend_queries_compile_to_constants():
+    """backends() and resolve() run inside compiled code without graph breaks (they read cached answers)."""
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: x + len(fusedlab.backends()), fullgraph=True)
+    assert f(torch.zeros(2)).tolist() == [len(fusedlab.backends())] * 2

@@ -1,7 +1,6 @@
 """Which backends exist here, and how `backend=` is resolved for an op call."""
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 import warnings
@@ -23,9 +22,19 @@ FAMILY_BACKENDS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+# Answers are computed once and kept in plain module globals rather than functools caches: under
+# torch.compile, Dynamo then reads a constant instead of tracing the import machinery (which it cannot).
+_CACHED: dict[str, bool] = {}
+
+
 def cuda_kernels_loaded() -> bool:
     """True when the CUDA extension fusedlab._C_cuda was built and loaded (needs a CUDA build of torch)."""
+    if "cuda" not in _CACHED:
+        _CACHED["cuda"] = _load_cuda_kernels()
+    return _CACHED["cuda"]
+
+
+def _load_cuda_kernels() -> bool:
     if not torch.cuda.is_available():
         return False
     try:
@@ -36,14 +45,16 @@ def cuda_kernels_loaded() -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     """Triton runs on a CUDA device, or anywhere under TRITON_INTERPRET=1 (the CPU interpreter, for tests)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    if "triton" not in _CACHED:
+        try:
+            import triton  # noqa: F401
+
+            _CACHED["triton"] = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+        except ImportError:
+            _CACHED["triton"] = False
+    return _CACHED["triton"]
 
 
 def backends() -> list[str]:
