@@ -112,3 +112,12 @@ def test_not_differentiable_says_so(gen):
     G = torch.randn(8, 16, generator=gen, requires_grad=True)
     with pytest.raises(RuntimeError, match="not differentiable"):
         fusedlab.ops.newton_schulz(G, dtype=torch.float32).sum().backward()
+
+
+@pytest.mark.parametrize("shape, plain", [((1024, 1024), True), ((1, 4096, 16384), True), ((4096, 4096), False),
+                                          ((64, 768, 768), False), ((2, 1024, 1024), False)])
+def test_auto_rule_for_cuda_batches(shape, plain):
+    """Which CUDA batches "auto" leaves to plain torch products (decided from the shape alone)."""
+    from fusedlab.ops.newton_schulz import _plain_products_faster
+
+    assert _plain_products_faster(torch.empty(shape, device="meta")) is plain

@@ -41,7 +41,11 @@ PEERS = {"naive": peer_naive, "plain_systematic": peer_plain_systematic, "clone"
 
 def ours(backend):
     def run(lw, state):
-        return fusedlab.smc.resample(lw, "systematic", 1.0, state=state, backend=backend).state
+        # on a GPU, the no-synchronization setting an SMC loop uses there (the peers check nothing either);
+        # "raise" would add a device-to-host sync per call
+        on_degenerate = "uniform" if lw.is_cuda else "raise"
+        return fusedlab.smc.resample(lw, "systematic", 1.0, state=state, on_degenerate=on_degenerate,
+                                     backend=backend).state
 
     return run
 
