@@ -12,13 +12,14 @@ BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
 # For CUDA tensors, "auto" takes the GPU backend measured faster for each op family on an H100/H200
 # (bench/results/). Until a family has a measurement, the CUDA C++ kernel is preferred; newton_schulz has
 # only its Triton kernels on GPUs so far.
-AUTO_GPU_PREFERENCE = {"resample": ("cuda", "triton"), "newton_schulz": ("triton",)}
+AUTO_GPU_PREFERENCE = {"resample": ("cuda", "triton"), "newton_schulz": ("triton",), "cat": ("triton",)}
 
 # The implementations each family has so far ("reference" runs on any device).
 FAMILY_BACKENDS = {
     "resample": ("cuda", "triton", "cpu", "reference"),
     "newton_schulz": ("triton", "cpu", "reference"),
     "symile": ("cpu", "reference"),
+    "cat": ("triton", "reference"),
 }
 
 

@@ -1,0 +1,207 @@
+"""CAT's compress-attend attention: ``cat_attention``.
+
+Semantics: python/fusedlab/reference/cat.py (a dense boolean-mask oracle). The fused kernels so far are
+the Triton ones (triton_kernels/cat.py: forward, and a flash-style backward that recomputes from the saved
+log-sum-exp), wrapped as the custom ops ``fusedlab::cat_attention_triton`` and
+``fusedlab::cat_attention_triton_backward`` so opcheck and torch.compile see them like any op. CPU tensors
+run the reference ("auto" on the CPU; it builds the [L, Nc + L] score matrix per head).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from fusedlab import _backend
+from fusedlab.reference import cat as ref
+
+_FAMILY = "cat"
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the Triton backend as custom ops
+
+
+@torch.library.custom_op("fusedlab::cat_attention_triton", mutates_args=())
+def _cat_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+                qc: Optional[torch.Tensor], chunk_size: int, scale: float
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from fusedlab.triton_kernels import cat as tk
+
+    return tk.forward(q, k, v, kc, vc, qc, chunk_size, scale)
+
+
+@torch.library.register_fake("fusedlab::cat_attention_triton")
+def _fake_cat_triton(q, k, v, kc, vc, qc, chunk_size, scale):
+    B, H, L, d = q.shape
+    Nc = 0 if qc is None else qc.shape[2]
+    return (q.new_empty(q.shape), q.new_empty((B, H, L), dtype=torch.float32), q.new_empty((B, H, Nc, d)),
+            q.new_empty((B, H, Nc), dtype=torch.float32))
+
+
+@torch.library.custom_op("fusedlab::cat_attention_triton_backward", mutates_args=())
+def _cat_triton_backward(do: torch.Tensor, doc: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
+                         v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, qc: Optional[torch.Tensor],
+                         o: torch.Tensor, lse: torch.Tensor, oc: torch.Tensor, lse_c: torch.Tensor,
+                         chunk_size: int, scale: float) -> list[torch.Tensor]:
+    from fusedlab.triton_kernels import cat as tk
+
+    grads = tk.backward(do.contiguous(), None if doc is None else doc.contiguous(), q, k, v, kc, vc, qc, o, lse,
+                        oc, lse_c, chunk_size, scale)
+    return [g for g in grads if g is not None]
+
+
+@torch.library.register_fake("fusedlab::cat_attention_triton_backward")
+def _fake_cat_triton_backward(do, doc, q, k, v, kc, vc, qc, o, lse, oc, lse_c, chunk_size, scale):
+    return [t.new_empty(t.shape) for t in (q, k, v, kc, vc) + ((qc,) if qc is not None else ())]
+
+
+def _setup_cat_triton(ctx, inputs, output):
+    q, k, v, kc, vc, qc, chunk_size, scale = inputs
+    o, lse, oc, lse_c = output
+    ctx.has_qc = qc is not None
+    ctx.chunk_size, ctx.scale = chunk_size, scale
+    ctx.save_for_backward(q, k, v, kc, vc, qc if qc is not None else q, o, lse, oc, lse_c)
+    ctx.mark_non_differentiable(lse, lse_c)
+
+
+def _backward_cat_triton(ctx, do, dlse, doc, dlse_c):
+    q, k, v, kc, vc, qc, o, lse, oc, lse_c = ctx.saved_tensors
+    if not ctx.has_qc:
+        qc, doc = None, None
+    elif doc is None:
+        doc = torch.zeros_like(oc)
+    if do is None:
+        do = torch.zeros_like(o)
+    grads = torch.ops.fusedlab.cat_attention_triton_backward(do, doc, q, k, v, kc, vc, qc, o, lse, oc, lse_c,
+                                                            ctx.chunk_size, ctx.scale)
+    dqc = grads[5] if ctx.has_qc else None
+    return grads[0], grads[1], grads[2], grads[3], grads[4], dqc, None, None
+
+
+torch.library.register_autograd("fusedlab::cat_attention_triton", _backward_cat_triton,
+                                setup_context=_setup_cat_triton)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# argument checks
+
+
+def _check_inputs(q, k, v, kc, vc, qc, chunk_size, scale):
+    named = [("q", q), ("k", k), ("v", v), ("kc", kc), ("vc", vc)] + ([("qc", qc)] if qc is not None else [])
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, heads, length, head_dim], got shape {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on {q.device} like q, got {t.device}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    B, H, L, d = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    Hkv = k.shape[1]
+    if k.shape[0] != B or k.shape[2] != L or k.shape[3] != d:
+        raise ValueError(f"k must be [B, Hkv, L, d] = [{B}, Hkv, {L}, {d}] to match q, got {tuple(k.shape)}")
+    if Hkv < 1 or H % Hkv:
+        raise ValueError(f"q's {H} heads must be a multiple of k's {Hkv} heads (grouped-query attention)")
+    if kc.shape != vc.shape:
+        raise ValueError(f"kc and vc must have one shape, got {tuple(kc.shape)} and {tuple(vc.shape)}")
+    Nc = kc.shape[2]
+    if kc.shape[0] != B or kc.shape[1] != Hkv or kc.shape[3] != d:
+        raise ValueError(f"kc must be [B, Hkv, Nc, d] = [{B}, {Hkv}, Nc, {d}], got {tuple(kc.shape)}")
+    need = -(-L // chunk_size)
+    if Nc < need:
+        raise ValueError(f"kc must have Nc >= ceil(L / chunk_size) = {need} slots (slot c is seen from chunk c "
+                         f"on), got Nc = {Nc}")
+    if qc is not None and tuple(qc.shape) != (B, H, Nc, d):
+        raise ValueError(f"qc must be [B, H, Nc, d] = {[B, H, Nc, d]}, got {tuple(qc.shape)}")
+    if scale is None:
+        return 1.0 / math.sqrt(d) if d else 1.0
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    return float(scale)
+
+
+def _autocast_dtype(q) -> Optional[torch.dtype]:
+    """The dtype inputs are cast to under torch.autocast (as scaled_dot_product_attention), else None."""
+    kind = q.device.type if isinstance(q, torch.Tensor) else ""
+    if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# public wrapper
+
+
+def cat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+                  chunk_size: int, qc: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                  return_lse: bool = False, backend: str = "auto"):
+    """CAT attention over a raw and a compressed key stream, in one softmax per query.
+
+    Raw token t in chunk b = t // chunk_size attends to the compressed slots kc[0..b] and to the raw keys
+    k[b * chunk_size .. t]; compressed query c (``qc``, optional) attends to kc[0..c].
+
+    Args:
+        q: [B, H, L, d] raw queries.
+        k, v: [B, Hkv, L, d] raw keys and values; H must be a multiple of Hkv (grouped-query attention).
+        kc, vc: [B, Hkv, Nc, d] compressed slots, Nc >= ceil(L / chunk_size): slot 0 the learned start slot,
+            slot c >= 1 the compression of chunk c - 1.
+        chunk_size: l >= 1; L need not be a multiple of it.
+        qc: optional [B, H, Nc, d] compressed queries.
+        scale: score scale, default 1 / sqrt(d).
+        return_lse: also return the log-sum-exp of each query's scaled scores (float32; float64 for float64).
+        backend: "auto" (CUDA tensors: "triton"; CPU tensors: "reference"), "triton" or "reference".
+
+    All inputs share one dtype (float16, bfloat16, float32; float64 on the reference) and device; under
+    torch.autocast they are cast to the autocast dtype first. Differentiable in every input.
+
+    Returns:
+        o [B, H, L, d]; with ``qc``, (o, oc); with ``return_lse``, the log-sum-exps follow:
+        (o, lse) or (o, oc, lse, lse_c).
+
+    Example:
+        >>> import torch, fusedlab
+        >>> g = torch.Generator().manual_seed(0)
+        >>> q, k, v = (torch.randn(1, 2, 10, 8, generator=g) for _ in range(3))
+        >>> kc, vc = (torch.randn(1, 2, 4, 8, generator=g) for _ in range(2))   # ceil(10 / 4) + 1 slots
+        >>> o = fusedlab.ops.cat_attention(q, k, v, kc, vc, chunk_size=4)
+        >>> o.shape
+        torch.Size([1, 2, 10, 8])
+        >>> # token 5 (chunk 1) sees slots 0..1 and raw keys 4..5: a dense softmax over exactly those
+        >>> keys, vals = torch.cat([kc[..., :2, :], k[..., 4:6, :]], 2), torch.cat([vc[..., :2, :], v[..., 4:6, :]], 2)
+        >>> w = torch.softmax(q[..., 5:6, :] @ keys.transpose(-1, -2) / 8 ** 0.5, -1)
+        >>> torch.allclose(o[..., 5:6, :], w @ vals, atol=1e-6)
+        True
+    """
+    cast = _autocast_dtype(q)
+    if cast is not None:  # cast once, then compute exactly as outside autocast
+        q, k, v, kc, vc, qc = [t.to(cast) if isinstance(t, torch.Tensor) else t for t in (q, k, v, kc, vc, qc)]
+        with torch.autocast(q.device.type, enabled=False):
+            return cat_attention(q, k, v, kc, vc, chunk_size, qc, scale, return_lse, backend)
+    scale = _check_inputs(q, k, v, kc, vc, qc, chunk_size, scale)
+    which = _backend.resolve(backend, _FAMILY, q.device)
+    if which == "triton":
+        if q.dtype == torch.float64:
+            raise TypeError("backend='triton' computes in float16, bfloat16 or float32; float64 runs on "
+                            "backend='reference'")
+        if q.shape[-1] > 128:
+            raise ValueError(f"backend='triton' takes head dims up to 128, got {q.shape[-1]}; larger ones run on "
+                             "backend='reference'")
+        args = [t.contiguous() for t in (q, k, v, kc, vc)] + [None if qc is None else qc.contiguous()]
+        o, lse, oc, lse_c = torch.ops.fusedlab.cat_attention_triton(*args, chunk_size, scale)
+    else:
+        out = ref.cat_attention(q, k, v, kc, vc, chunk_size, qc, scale)
+        o, lse = out[:2]
+        oc, lse_c = out[2:] if qc is not None else (None, None)
+    if qc is None:
+        return (o, lse) if return_lse else o
+    return (o, oc, lse, lse_c) if return_lse else (o, oc)

@@ -1,0 +1,132 @@
+"""The cat family's reference and public wrapper on the CPU: semantics against a per-token loop, causality,
+gradients, autocast and argument errors."""
+import math
+
+import pytest
+import torch
+
+import fusedlab
+from fusedlab.reference import cat as ref
+
+
+def draw(gen, B, H, Hkv, L, Nc, d, dtype=torch.float64, qc=True):
+    mk = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(dtype)  # noqa: E731
+    t = [mk(B, H, L, d), mk(B, Hkv, L, d), mk(B, Hkv, L, d), mk(B, Hkv, Nc, d), mk(B, Hkv, Nc, d)]
+    return t + [mk(B, H, Nc, d) if qc else None]
+
+
+def per_token_loop(q, k, v, kc, vc, l, qc, scale):
+    """Token by token: a dense softmax over exactly the keys each query may see (kv heads by group)."""
+    B, H, L, d = q.shape
+    group = H // k.shape[1]
+    o = torch.empty_like(q)
+    oc = torch.empty_like(qc) if qc is not None else None
+    for h in range(H):
+        hk = h // group
+        for t in range(L):
+            b = t // l
+            keys = torch.cat([kc[:, hk, : b + 1], k[:, hk, b * l: t + 1]], 1)
+            vals = torch.cat([vc[:, hk, : b + 1], v[:, hk, b * l: t + 1]], 1)
+            w = torch.softmax((keys @ q[:, h, t, :, None]).squeeze(-1) * scale, -1)
+            o[:, h, t] = (w[:, :, None] * vals).sum(1)
+        if qc is not None:
+            for c in range(qc.shape[2]):
+                w = torch.softmax((kc[:, hk, : c + 1] @ qc[:, h, c, :, None]).squeeze(-1) * scale, -1)
+                oc[:, h, c] = (w[:, :, None] * vc[:, hk, : c + 1]).sum(1)
+    return o, oc
+
+
+@pytest.mark.parametrize("B,H,Hkv,L,l,extra,d", [(1, 2, 2, 13, 4, 1, 8), (2, 4, 2, 9, 1, 0, 4),
+                                                 (1, 3, 1, 7, 16, 2, 8), (2, 2, 1, 12, 3, 1, 5)])
+def test_reference_matches_per_token_loop(B, H, Hkv, L, l, extra, d, gen):
+    Nc = -(-L // l) + extra
+    q, k, v, kc, vc, qc = draw(gen, B, H, Hkv, L, Nc, d)
+    scale = 0.7
+    o, lse, oc, lse_c = ref.cat_attention(q, k, v, kc, vc, l, qc, scale)
+    want_o, want_oc = per_token_loop(q, k, v, kc, vc, l, qc, scale)
+    torch.testing.assert_close(o, want_o, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(oc, want_oc, rtol=1e-12, atol=1e-12)
+    # lse of token 0: slot 0 and itself
+    s0 = torch.stack([(q[:, :, 0] * kc[:, :, 0].repeat_interleave(H // Hkv, 1)).sum(-1),
+                      (q[:, :, 0] * k[:, :, 0].repeat_interleave(H // Hkv, 1)).sum(-1)], -1) * scale
+    torch.testing.assert_close(lse[:, :, 0], torch.logsumexp(s0, -1))
+    assert lse.dtype == torch.float64 and lse_c.shape == (B, H, Nc)
+
+
+def test_no_output_depends_on_a_later_token(gen):
+    """Changing token t+1.. (raw keys, values, and the slots of later chunks) leaves outputs 0..t alone."""
+    L, l, Nc = 16, 4, 5
+    q, k, v, kc, vc, _ = draw(gen, 1, 2, 1, L, Nc, 8, qc=False)
+    base = fusedlab.ops.cat_attention(q, k, v, kc, vc, l)
+    for t in (0, 3, 6, 11):
+        k2, v2, kc2, vc2 = k.clone(), v.clone(), kc.clone(), vc.clone()
+        k2[:, :, t + 1:] += 1.0
+        v2[:, :, t + 1:] -= 2.0
+        first_hidden = t // l + 1  # slot c >= 1 holds the compression of chunk c - 1: slots past t's chunk
+        kc2[:, :, first_hidden:] += 3.0
+        vc2[:, :, first_hidden:] += 3.0
+        out = fusedlab.ops.cat_attention(q, k2, v2, kc2, vc2, l)
+        torch.testing.assert_close(out[:, :, : t + 1], base[:, :, : t + 1], rtol=0, atol=0)
+        assert not torch.allclose(out[:, :, t + 1:], base[:, :, t + 1:])
+
+
+def test_gradcheck_reference(gen):
+    q, k, v, kc, vc, qc = [t.requires_grad_() for t in draw(gen, 1, 2, 1, 6, 3, 3)]
+    f = lambda *a: fusedlab.ops.cat_attention(*a[:5], 3, qc=a[5], backend="reference")  # noqa: E731
+    assert torch.autograd.gradcheck(f, (q, k, v, kc, vc, qc))
+
+
+def test_return_forms_and_default_scale(gen):
+    q, k, v, kc, vc, qc = draw(gen, 1, 2, 2, 8, 3, 16, dtype=torch.float32)
+    o = fusedlab.ops.cat_attention(q, k, v, kc, vc, 4)
+    o2, lse = fusedlab.ops.cat_attention(q, k, v, kc, vc, 4, return_lse=True)
+    o3, oc, lse3, lse_c = fusedlab.ops.cat_attention(q, k, v, kc, vc, 4, qc=qc, return_lse=True)
+    assert torch.equal(o, o2) and torch.equal(o, o3) and torch.equal(lse, lse3)
+    assert lse.dtype == torch.float32 and oc.shape == qc.shape and lse_c.shape == (1, 2, 3)
+    torch.testing.assert_close(o, fusedlab.ops.cat_attention(q, k, v, kc, vc, 4, scale=0.25))
+
+
+def test_autocast_casts_inputs(gen):
+    q, k, v, kc, vc, _ = draw(gen, 1, 2, 1, 8, 2, 8, dtype=torch.float32, qc=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        o = fusedlab.ops.cat_attention(q, k, v, kc, vc, 4)
+    assert o.dtype == torch.bfloat16
+    want = fusedlab.ops.cat_attention(*(t.bfloat16() for t in (q, k, v, kc, vc)), 4)
+    assert torch.equal(o, want)
+
+
+def test_triton_refuses_float64_and_unknown_backends(gen):
+    q, k, v, kc, vc, _ = draw(gen, 1, 1, 1, 4, 1, 4, qc=False)
+    with pytest.raises(ValueError, match="no such kernel"):
+        fusedlab.ops.cat_attention(q, k, v, kc, vc, 4, backend="cpu")
+    if "triton" in fusedlab.backends():
+        with pytest.raises(TypeError, match="float64 runs on backend='reference'"):
+            fusedlab.ops.cat_attention(q, k, v, kc, vc, 4, backend="triton")
+
+
+def _bad(**change):
+    g = torch.Generator().manual_seed(0)
+    args = dict(zip(["q", "k", "v", "kc", "vc", "qc"], draw(g, 2, 4, 2, 10, 4, 8, dtype=torch.float32)))
+    args.update(chunk_size=4)
+    args.update(change)
+    return args
+
+
+@pytest.mark.parametrize("change, exc, pattern", [
+    (dict(q=torch.zeros(4, 10, 8)), ValueError, "q must be 4-D"),
+    (dict(k=torch.zeros(2, 2, 10, 8, dtype=torch.int64)), TypeError, "k must be float16"),
+    (dict(v=torch.zeros(2, 2, 10, 8, dtype=torch.float64)), TypeError, "v must have q's dtype"),
+    (dict(k=torch.zeros(2, 2, 9, 8), v=torch.zeros(2, 2, 9, 8)), ValueError, "k must be"),
+    (dict(k=torch.zeros(2, 3, 10, 8), v=torch.zeros(2, 3, 10, 8), kc=torch.zeros(2, 3, 4, 8),
+          vc=torch.zeros(2, 3, 4, 8)), ValueError, "multiple of k's 3 heads"),
+    (dict(kc=torch.zeros(2, 2, 2, 8), vc=torch.zeros(2, 2, 2, 8)), ValueError, r"Nc >= ceil\(L / chunk_size\) = 3"),
+    (dict(vc=torch.zeros(2, 2, 5, 8)), ValueError, "kc and vc must have one shape"),
+    (dict(qc=torch.zeros(2, 4, 3, 8)), ValueError, "qc must be"),
+    (dict(chunk_size=0), ValueError, "chunk_size must be an int >= 1"),
+    (dict(chunk_size=2.0), ValueError, "chunk_size must be an int >= 1"),
+    (dict(scale=math.nan), ValueError, "scale must be a finite number"),
+    (dict(backend="gpu"), ValueError, "backend must be one of"),
+])
+def test_argument_errors(change, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        fusedlab.ops.cat_attention(**_bad(**change))

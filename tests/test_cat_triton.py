@@ -1,0 +1,90 @@
+"""Triton backend of the cat family vs the float64 reference: under TRITON_INTERPRET=1 on CPUs (small tiles,
+L <= 128), on the GPU when there is one. Every kernel output starts NaN, so an unwritten row fails."""
+import pytest
+import torch
+
+import fusedlab
+from fusedlab.reference import cat as ref
+from fusedlab.triton_kernels import cat as tk
+
+pytestmark = [
+    pytest.mark.skipif("triton" not in fusedlab.backends(), reason="Triton backend not available"),
+    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning"),
+]
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRETED = DEVICE == "cpu"
+
+
+@pytest.fixture(autouse=True)
+def small_tiles(monkeypatch):
+    monkeypatch.setattr(tk, "POISON_BUFFERS", True)
+    if INTERPRETED:  # the interpreter's cost grows with programs x block ops: 16 x 16 tiles
+        monkeypatch.setattr(tk, "INTERPRET_CONFIG", (16, 16, 4, 1))
+
+
+def draw(gen, B, H, Hkv, L, Nc, d, with_qc):
+    mk = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    return [mk(B, H, L, d), mk(B, Hkv, L, d), mk(B, Hkv, L, d), mk(B, Hkv, Nc, d), mk(B, Hkv, Nc, d),
+            mk(B, H, Nc, d) if with_qc else None]
+
+
+def run_both(inputs, l, dtype, gen):
+    """Kernel outputs and gradients (in ``dtype``) and the float64 reference's, on the same inputs."""
+    with_qc = inputs[5] is not None
+    ours = [None if t is None else t.to(dtype).to(DEVICE).requires_grad_() for t in inputs]
+    exact = [None if t is None else t.clone().requires_grad_() for t in inputs]
+    out = fusedlab.ops.cat_attention(*ours[:5], l, qc=ours[5], return_lse=True, backend="triton")
+    want = fusedlab.ops.cat_attention(*exact[:5], l, qc=exact[5], return_lse=True, backend="reference")
+    n = 2 if with_qc else 1  # outputs that take a gradient
+    grads_out = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in want[:n]]
+    used = [t for t in ours if t is not None]
+    got_g = torch.autograd.grad([o for o in out[:n]], used, [g.to(dtype).to(DEVICE) for g in grads_out])
+    want_g = torch.autograd.grad(list(want[:n]), [t for t in exact if t is not None], grads_out)
+    return list(out) + list(got_g), list(want) + list(want_g)
+
+
+def rel(a, b):
+    return ((a.detach().double().cpu() - b.detach()).norm() / b.detach().norm().clamp_min(1e-30)).item()
+
+
+# (B, H, Hkv, L, l, extra slots, d, qc): L not a multiple of l or of the tile, l = 1, l > tile, l > L, GQA
+CASES = [(1, 2, 1, 37, 5, 1, 16, True), (2, 2, 2, 40, 16, 1, 16, False), (1, 4, 2, 33, 1, 0, 8, True),
+         (1, 1, 1, 50, 20, 2, 32, True), (1, 2, 1, 9, 16, 3, 16, True)]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}H{}Hkv{}L{}l{}x{}d{}qc{}".format(*c))
+def test_forward_backward_float32(case, gen):
+    B, H, Hkv, L, l, extra, d, with_qc = case
+    Nc = -(-L // l) + extra
+    got, want = run_both(draw(gen, B, H, Hkv, L, Nc, d, with_qc), l, torch.float32, gen)
+    for a, b in zip(got, want):
+        assert rel(a, b) < 1e-5, (rel(a, b))
+
+
+@pytest.mark.timeout(120)
+def test_float16_within_twice_torch_half(gen):
+    """The tolerance rule: the kernel's fp16 error against float64 is at most twice that of a dense masked
+    attention computed by torch in fp16 (fp16 products, fp32 softmax rounded to fp16 before P V)."""
+    B, H, Hkv, L, l, d = 1, 2, 1, 40, 8, 16
+    Nc = L // l + 1
+    inputs = draw(gen, B, H, Hkv, L, Nc, d, False)
+    got, want = run_both(inputs, l, torch.float16, gen)
+    q, k, v, kc, vc = [t.half() for t in inputs[:5]]
+    mask = ref.raw_mask(L, Nc, l).to(DEVICE)
+    keys, vals = torch.cat([kc, k], 2).to(DEVICE), torch.cat([vc, v], 2).to(DEVICE)
+    s = (q.to(DEVICE) @ keys.transpose(-1, -2)) * (d ** -0.5)
+    p = torch.softmax(s.float().masked_fill(~mask, -float("inf")), -1).half()
+    torch_half = p @ vals
+    assert rel(got[0], want[0]) <= 2 * rel(torch_half, want[0]) + 1e-6
+
+
+@pytest.mark.timeout(120)
+def test_opcheck(gen):
+    B, H, Hkv, L, l, d = 1, 2, 1, 20, 8, 16
+    q, k, v, kc, vc, qc = [t.float().to(DEVICE) for t in draw(gen, B, H, Hkv, L, 4, d, True)]
+    for t in (q, k, v, kc, vc, qc):
+        t.requires_grad_()
+    torch.library.opcheck(torch.ops.fusedlab.cat_attention_triton.default, (q, k, v, kc, vc, qc, l, 0.25))
+    torch.library.opcheck(torch.ops.fusedlab.cat_attention_triton.default, (q, k, v, kc, vc, None, l, 0.25))

@@ -1,0 +1,472 @@
+"""Triton kernels of the cat family: CAT's compress-attend attention, forward and backward, flash-style.
+
+Semantics: python/fusedlab/reference/cat.py. The two key streams stay apart (no interleaved sequence), so
+a tile of raw queries visits only what it can see:
+
+* ``_cat_fwd_kernel``: one program per (query tile, batch x head). It runs one online softmax (base 2,
+  fp32) over the compressed slots 0..(last chunk in the tile), then over the raw keys from the start of
+  the tile's first chunk to its last row, with the chunk-diagonal causal mask; it stores o and the
+  log-sum-exp (natural log) for the backward. With COMPRESSED the queries are the compressed stream (row c
+  sees slots 0..c; no raw keys). At L = 4096 and l = 16 a 64-row tile visits 257 slots and 64 raw keys
+  instead of dense causal attention's 2048 keys on average.
+* ``_cat_bwd_dq_kernel``: the forward's loops again, recomputing P from the saved log-sum-exp, with
+  dS = P (dP - delta), delta = rowsum(o * do) computed beforehand.
+* ``_cat_bwd_dkv_raw_kernel``: one program per (raw key tile, batch x kv head): the queries that see those
+  keys are in the same chunks and not earlier, so the loop is short; the query heads of the kv head's
+  group are summed in the program (no atomics).
+* ``_cat_bwd_dkv_slot_kernel``: one program per (slot tile, batch x kv head): slot s is seen by every raw
+  query from s * l on (a long loop, as in the compression branch of native sparse attention) and by the
+  compressed queries c >= s.
+
+Products accumulate in fp32 with ``input_precision="ieee"`` (fp32 operands get exact products rather than
+TF32; fp16/bf16 operands use tensor cores either way). P is rounded to the value dtype for the P V and
+P^T dO products, as in FlashAttention. Fixed configurations, no autotuning: the interpreter runs the
+same launches. Index arithmetic on batch and head offsets is 64-bit.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fusedlab.triton_kernels._common import check_device, empty
+
+#: Tests set this so every kernel output starts as NaN: a row the kernels fail to write then fails.
+POISON_BUFFERS = False
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+#: (BLOCK_M, BLOCK_N, num_warps, num_stages) per (kind, pass, padded head dim) where kind is "half"
+#: (fp16/bf16) or "fp32" and pass is "fwd" (forward and dQ) or "dkv". Chosen so that no kernel spills
+#: registers on sm_90 (tests/test_triton_aot.py reads ptxas' counts): d = 128 takes 8 warps for half types;
+#: exact fp32 products run on FMA units and take smaller tiles.
+CONFIGS = {
+    ("half", "fwd", 64): (64, 64, 4, 2),
+    ("half", "fwd", 128): (64, 64, 8, 2),
+    ("half", "dkv", 64): (32, 64, 4, 2),
+    ("half", "dkv", 128): (32, 32, 8, 2),
+    ("fp32", "fwd", 64): (32, 32, 4, 1),
+    ("fp32", "fwd", 128): (16, 16, 4, 2),
+    ("fp32", "dkv", 64): (16, 32, 4, 2),
+    ("fp32", "dkv", 128): (16, 32, 8, 2),
+}
+
+#: The interpreter costs milliseconds per program and per block op; tests may shrink the tiles.
+INTERPRET_CONFIG: Optional[tuple] = None
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _config(dtype, pas, d):
+    if INTERPRET_CONFIG is not None:
+        return INTERPRET_CONFIG
+    return CONFIGS[("fp32" if dtype == torch.float32 else "half", pas, 64 if _block_d(d) <= 64 else 128)]
+
+
+# --------------------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit
+def _cat_fwd_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, o_ptr, lse_ptr,
+                    stride_qb, stride_qh, stride_kb, stride_kh, stride_cb, stride_ch,
+                    H, GROUP, T, NC, CHUNK, qk_scale,
+                    COMPRESSED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # T: query rows (L raw, or NC compressed); rows are HEAD_DIM apart in every tensor (contiguous last dims)
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    hk = h // GROUP
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    k_base = k_ptr + b * stride_kb + hk * stride_kh
+    v_base = v_ptr + b * stride_kb + hk * stride_kh
+    kc_base = kc_ptr + b * stride_cb + hk * stride_ch
+    vc_base = vc_ptr + b * stride_cb + hk * stride_ch
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < T
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    q = tl.load(q_base + rows[:, None] * HEAD_DIM + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, T) - 1
+    if COMPRESSED:
+        chunk = rows
+        slot_end = last + 1
+    else:
+        chunk = rows // CHUNK
+        slot_end = last // CHUNK + 1
+
+    m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    cols0 = tl.arange(0, BLOCK_N)
+    # compressed slots: slot 0 is visible to every row, so m_i is finite after the first tile
+    for start in range(0, slot_end, BLOCK_N):
+        cols = start + cols0
+        kv_mask = (cols < slot_end)[:, None] & dim_ok[None, :]
+        kt = tl.load(kc_base + cols[:, None] * HEAD_DIM + dims[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(kt), input_precision="ieee") * qk_scale
+        s = tl.where(cols[None, :] <= chunk[:, None], s, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vt = tl.load(vc_base + cols[:, None] * HEAD_DIM + dims[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
+        m_i = m_new
+    if not COMPRESSED:
+        # raw keys: from the first row's chunk start to the last row (chunk-diagonal causal mask)
+        raw_start = ((pid_m * BLOCK_M) // CHUNK) * CHUNK
+        for start in range(raw_start, last + 1, BLOCK_N):
+            cols = start + cols0
+            kv_mask = (cols <= last)[:, None] & dim_ok[None, :]
+            kt = tl.load(k_base + cols[:, None] * HEAD_DIM + dims[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(kt), input_precision="ieee") * qk_scale
+            seen = ((cols // CHUNK)[None, :] == chunk[:, None]) & (cols[None, :] <= rows[:, None])
+            s = tl.where(seen, s, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vt = tl.load(v_base + cols[:, None] * HEAD_DIM + dims[None, :], mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
+            m_i = m_new
+    o = acc / l_i[:, None]
+    o_base = o_ptr + b * stride_qb + h * stride_qh
+    tl.store(o_base + rows[:, None] * HEAD_DIM + dims[None, :], o.to(o_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & dim_ok[None, :])
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # back to natural log
+    tl.store(lse_ptr + bh.to(tl.int64) * T + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _dq_tile(q, do, lse2, delta, dq, kt_ptrs, vt_ptrs, kv_mask, seen, qk_scale):
+    """One key tile of the dQ loop: recompute P from the log-sum-exp (base 2), dS = P (dP - delta)."""
+    kt = tl.load(kt_ptrs, mask=kv_mask, other=0.0)
+    vt = tl.load(vt_ptrs, mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(kt), input_precision="ieee") * qk_scale
+    p = tl.where(seen, tl.exp2(s - lse2[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(vt), input_precision="ieee")
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(kt.dtype), kt, input_precision="ieee")
+
+
+@triton.jit
+def _cat_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+                       stride_qb, stride_qh, stride_kb, stride_kh, stride_cb, stride_ch,
+                       H, GROUP, T, NC, CHUNK, qk_scale, scale,
+                       COMPRESSED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    hk = h // GROUP
+    q_off = b * stride_qb + h * stride_qh
+    k_base = k_ptr + b * stride_kb + hk * stride_kh
+    v_base = v_ptr + b * stride_kb + hk * stride_kh
+    kc_base = kc_ptr + b * stride_cb + hk * stride_ch
+    vc_base = vc_ptr + b * stride_cb + hk * stride_ch
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < T
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    tile = rows[:, None] * HEAD_DIM + dims[None, :]
+    tile_mask = row_ok[:, None] & dim_ok[None, :]
+    q = tl.load(q_ptr + q_off + tile, mask=tile_mask, other=0.0)
+    do = tl.load(do_ptr + q_off + tile, mask=tile_mask, other=0.0)
+    lse2 = tl.load(lse_ptr + bh.to(tl.int64) * T + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(delta_ptr + bh.to(tl.int64) * T + rows, mask=row_ok, other=0.0)
+    last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, T) - 1
+    if COMPRESSED:
+        chunk = rows
+        slot_end = last + 1
+    else:
+        chunk = rows // CHUNK
+        slot_end = last // CHUNK + 1
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    cols0 = tl.arange(0, BLOCK_N)
+    for start in range(0, slot_end, BLOCK_N):
+        cols = start + cols0
+        kv_mask = (cols < slot_end)[:, None] & dim_ok[None, :]
+        offs = cols[:, None] * HEAD_DIM + dims[None, :]
+        seen = (cols[None, :] <= chunk[:, None]) & row_ok[:, None]
+        dq = _dq_tile(q, do, lse2, delta, dq, kc_base + offs, vc_base + offs, kv_mask, seen, qk_scale)
+    if not COMPRESSED:
+        raw_start = ((pid_m * BLOCK_M) // CHUNK) * CHUNK
+        for start in range(raw_start, last + 1, BLOCK_N):
+            cols = start + cols0
+            kv_mask = (cols <= last)[:, None] & dim_ok[None, :]
+            offs = cols[:, None] * HEAD_DIM + dims[None, :]
+            seen = ((cols // CHUNK)[None, :] == chunk[:, None]) & (cols[None, :] <= rows[:, None]) & row_ok[:, None]
+            dq = _dq_tile(q, do, lse2, delta, dq, k_base + offs, v_base + offs, kv_mask, seen, qk_scale)
+    tl.store(dq_ptr + q_off + tile, (dq * scale).to(dq_ptr.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
+def _dkv_tile(kt, vt, dk, dv, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, q_mask, row_ok, seen, qk_scale):
+    """One query tile of a dK/dV loop (keys on the rows: S^T = K Q^T)."""
+    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+    do = tl.load(do_ptrs, mask=q_mask, other=0.0)
+    lse2 = tl.load(lse_ptrs, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(delta_ptrs, mask=row_ok, other=0.0)
+    st = tl.dot(kt, tl.trans(q), input_precision="ieee") * qk_scale  # [BLOCK_N keys, BLOCK_M queries]
+    pt = tl.where(seen, tl.exp2(st - lse2[None, :]), 0.0)
+    dv = dv + tl.dot(pt.to(do.dtype), do, input_precision="ieee")
+    dpt = tl.dot(vt, tl.trans(do), input_precision="ieee")
+    dst = pt * (dpt - delta[None, :])
+    dk = dk + tl.dot(dst.to(q.dtype), q, input_precision="ieee")
+    return dk, dv
+
+
+@triton.jit
+def _cat_bwd_dkv_raw_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+                            stride_qb, stride_qh, stride_kb, stride_kh,
+                            HKV, GROUP, L, CHUNK, qk_scale, scale,
+                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = (bhk // HKV).to(tl.int64)
+    hk = (bhk % HKV).to(tl.int64)
+    H = HKV * GROUP
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < L
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    k_off = b * stride_kb + hk * stride_kh
+    ktile = cols[:, None] * HEAD_DIM + dims[None, :]
+    kmask = col_ok[:, None] & dim_ok[None, :]
+    kt = tl.load(k_ptr + k_off + ktile, mask=kmask, other=0.0)
+    vt = tl.load(v_ptr + k_off + ktile, mask=kmask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    # queries that see these keys: from the first key to the end of the last key's chunk
+    last_col = tl.minimum(pid_n * BLOCK_N + BLOCK_N, L) - 1
+    q_end = tl.minimum((last_col // CHUNK + 1) * CHUNK, L)
+    rows0 = tl.arange(0, BLOCK_M)
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        q_off = b * stride_qb + h * stride_qh
+        row_base = (b * H + h) * L
+        for start in range(pid_n * BLOCK_N, q_end, BLOCK_M):
+            rows = start + rows0
+            row_ok = rows < q_end
+            qtile = rows[:, None] * HEAD_DIM + dims[None, :]
+            q_mask = row_ok[:, None] & dim_ok[None, :]
+            seen = (((cols // CHUNK)[:, None] == (rows // CHUNK)[None, :]) & (cols[:, None] <= rows[None, :])
+                    & row_ok[None, :])
+            dk, dv = _dkv_tile(kt, vt, dk, dv, q_ptr + q_off + qtile, do_ptr + q_off + qtile,
+                               lse_ptr + row_base + rows, delta_ptr + row_base + rows, q_mask, row_ok, seen,
+                               qk_scale)
+    tl.store(dk_ptr + k_off + ktile, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kmask)
+    tl.store(dv_ptr + k_off + ktile, dv.to(dv_ptr.dtype.element_ty), mask=kmask)
+
+
+@triton.jit
+def _cat_bwd_dkv_slot_kernel(q_ptr, do_ptr, lse_ptr, delta_ptr, qc_ptr, doc_ptr, lse_c_ptr, delta_c_ptr,
+                             kc_ptr, vc_ptr, dkc_ptr, dvc_ptr,
+                             stride_qb, stride_qh, stride_cqb, stride_cqh, stride_cb, stride_ch,
+                             HKV, GROUP, L, NC, CHUNK, qk_scale, scale,
+                             HAS_QC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = (bhk // HKV).to(tl.int64)
+    hk = (bhk % HKV).to(tl.int64)
+    H = HKV * GROUP
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < NC
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    c_off = b * stride_cb + hk * stride_ch
+    ktile = cols[:, None] * HEAD_DIM + dims[None, :]
+    kmask = col_ok[:, None] & dim_ok[None, :]
+    kt = tl.load(kc_ptr + c_off + ktile, mask=kmask, other=0.0)
+    vt = tl.load(vc_ptr + c_off + ktile, mask=kmask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    rows0 = tl.arange(0, BLOCK_M)
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        q_off = b * stride_qb + h * stride_qh
+        row_base = (b * H + h) * L
+        # raw queries t see slot s when t // CHUNK >= s
+        for start in range(pid_n * BLOCK_N * CHUNK, L, BLOCK_M):
+            rows = start + rows0
+            row_ok = rows < L
+            qtile = rows[:, None] * HEAD_DIM + dims[None, :]
+            q_mask = row_ok[:, None] & dim_ok[None, :]
+            seen = (cols[:, None] <= (rows // CHUNK)[None, :]) & row_ok[None, :]
+            dk, dv = _dkv_tile(kt, vt, dk, dv, q_ptr + q_off + qtile, do_ptr + q_off + qtile,
+                               lse_ptr + row_base + rows, delta_ptr + row_base + rows, q_mask, row_ok, seen,
+                               qk_scale)
+        if HAS_QC:
+            cq_off = b * stride_cqb + h * stride_cqh
+            crow_base = (b * H + h) * NC
+            for start in range(pid_n * BLOCK_N, NC, BLOCK_M):
+                rows = start + rows0
+                row_ok = rows < NC
+                qtile = rows[:, None] * HEAD_DIM + dims[None, :]
+                q_mask = row_ok[:, None] & dim_ok[None, :]
+                seen = (cols[:, None] <= rows[None, :]) & row_ok[None, :]
+                dk, dv = _dkv_tile(kt, vt, dk, dv, qc_ptr + cq_off + qtile, doc_ptr + cq_off + qtile,
+                                   lse_c_ptr + crow_base + rows, delta_c_ptr + crow_base + rows, q_mask, row_ok,
+                                   seen, qk_scale)
+    tl.store(dkc_ptr + c_off + ktile, (dk * scale).to(dkc_ptr.dtype.element_ty), mask=kmask)
+    tl.store(dvc_ptr + c_off + ktile, dv.to(dvc_ptr.dtype.element_ty), mask=kmask)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Python API (inputs already checked by fusedlab.ops.cat; every tensor contiguous)
+
+
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _fwd(q, kc, vc, k, v, chunk, scale, compressed):
+    B, H, T, d = q.shape
+    Hkv = kc.shape[1]
+    BM, BN, warps, stages = _config(q.dtype, "fwd", d)
+    o = empty(q.shape, q.dtype, q.device, POISON_BUFFERS)
+    lse = empty((B, H, T), torch.float32, q.device, POISON_BUFFERS)
+    if T == 0:
+        return o, lse
+    grid = (triton.cdiv(T, BM), B * H)
+    _cat_fwd_kernel[grid](q, k, v, kc, vc, o, lse, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                          kc.stride(0), kc.stride(1), H, H // Hkv, T, kc.shape[2], chunk, scale * LOG2E,
+                          COMPRESSED=compressed, HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=BM, BLOCK_N=BN,
+                          num_warps=warps, num_stages=stages)
+    return o, lse
+
+
+def forward(q, k, v, kc, vc, qc, chunk: int, scale: float):
+    """(o, lse, oc, lse_c); oc and lse_c are empty (0 rows) without ``qc``."""
+    for t, name in ((q, "q"), (k, "k"), (v, "v"), (kc, "kc"), (vc, "vc")):
+        check_device(t, name)
+    o, lse = _fwd(q, kc, vc, k, v, chunk, scale, compressed=False)
+    if qc is None:
+        B, H, _, d = q.shape
+        return o, lse, q.new_empty((B, H, 0, d)), lse.new_empty((B, H, 0))
+    oc, lse_c = _fwd(qc, kc, vc, k, v, chunk, scale, compressed=True)
+    return o, lse, oc, lse_c
+
+
+def backward(do, doc, q, k, v, kc, vc, qc, o, lse, oc, lse_c, chunk: int, scale: float):
+    """(dq, dk, dv, dkc, dvc, dqc); dqc is None without ``qc``."""
+    B, H, L, d = q.shape
+    Hkv, NC = kc.shape[1], kc.shape[2]
+    group = H // Hkv
+    BD = _block_d(d)
+    delta = (o.float() * do.float()).sum(-1).contiguous()
+    dq = empty(q.shape, q.dtype, q.device, POISON_BUFFERS)
+    dk = empty(k.shape, k.dtype, k.device, POISON_BUFFERS)
+    dv = empty(v.shape, v.dtype, v.device, POISON_BUFFERS)
+    dkc = empty(kc.shape, kc.dtype, kc.device, POISON_BUFFERS)
+    dvc = empty(vc.shape, vc.dtype, vc.device, POISON_BUFFERS)
+    BM, BN, warps, stages = _config(q.dtype, "fwd", d)
+    common = dict(HEAD_DIM=d, BLOCK_D=BD, num_warps=warps, num_stages=stages)
+    if L:
+        _cat_bwd_dq_kernel[(triton.cdiv(L, BM), B * H)](
+            q, k, v, kc, vc, do, lse, delta, dq, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            kc.stride(0), kc.stride(1), H, group, L, NC, chunk, scale * LOG2E, scale, COMPRESSED=False,
+            BLOCK_M=BM, BLOCK_N=BN, **common)
+    dqc = None
+    has_qc = qc is not None
+    if has_qc:
+        delta_c = (oc.float() * doc.float()).sum(-1).contiguous()
+        dqc = empty(qc.shape, qc.dtype, qc.device, POISON_BUFFERS)
+        _cat_bwd_dq_kernel[(triton.cdiv(NC, BM), B * H)](
+            qc, k, v, kc, vc, doc, lse_c, delta_c, dqc, qc.stride(0), qc.stride(1), k.stride(0), k.stride(1),
+            kc.stride(0), kc.stride(1), H, group, NC, NC, chunk, scale * LOG2E, scale, COMPRESSED=True,
+            BLOCK_M=BM, BLOCK_N=BN, **common)
+    else:  # placeholders the kernel never reads (HAS_QC=False)
+        qc, doc, lse_c, delta_c = q, do, lse, delta
+    BM, BN, warps, stages = _config(q.dtype, "dkv", d)
+    common = dict(HEAD_DIM=d, BLOCK_D=BD, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages)
+    if L:
+        _cat_bwd_dkv_raw_kernel[(triton.cdiv(L, BN), B * Hkv)](
+            q, k, v, do, lse, delta, dk, dv, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            Hkv, group, L, chunk, scale * LOG2E, scale, **common)
+    _cat_bwd_dkv_slot_kernel[(triton.cdiv(NC, BN), B * Hkv)](
+        q, do, lse, delta, qc, doc, lse_c, delta_c, kc, vc, dkc, dvc, q.stride(0), q.stride(1),
+        qc.stride(0), qc.stride(1), kc.stride(0), kc.stride(1), Hkv, group, L, NC, chunk, scale * LOG2E, scale,
+        HAS_QC=has_qc, **common)
+    return dq, dk, dv, dkc, dvc, dqc
+
+
+# --------------------------------------------------------------------------------------------------------
+# ahead-of-time compile list
+
+
+def aot_configs(full: bool = False) -> Iterator[dict]:
+    """Kernel specializations this module launches, for ahead-of-time compile checks (see
+    triton_kernels/newton_schulz.py for the item format): head dims 64 and 128 in bf16 and fp32 (``full``
+    adds fp16 and head dim 32)."""
+    dtypes = (torch.bfloat16, torch.float16, torch.float32) if full else (torch.bfloat16, torch.float32)
+    dims = (32, 64, 128) if full else (64, 128)
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    for dtype in dtypes:
+        ty = "*" + names[dtype]
+        for d in dims:
+            kind = "fp32" if dtype == torch.float32 else "half"
+            BM, BN, warps, stages = CONFIGS[(kind, "fwd", 64 if d <= 64 else 128)]
+            opts = {"num_warps": warps, "num_stages": stages}
+            tag = f"{names[dtype]} d={d}"
+            for compressed in (False, True):
+                yield dict(name=f"cat_fwd[{tag} compressed={compressed}]", kernel=_cat_fwd_kernel,
+                           signature={**{n: ty for n in ("q_ptr", "k_ptr", "v_ptr", "kc_ptr", "vc_ptr", "o_ptr")},
+                                      "lse_ptr": "*fp32", **{n: "i64" for n in _FWD_STRIDES},
+                                      **{n: "i32" for n in ("H", "GROUP", "T", "NC", "CHUNK")}, "qk_scale": "fp32",
+                                      **{n: "constexpr" for n in ("COMPRESSED", "HEAD_DIM", "BLOCK_D", "BLOCK_M",
+                                                                  "BLOCK_N")}},
+                           constexprs=dict(COMPRESSED=compressed, HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=BM,
+                                           BLOCK_N=BN), attrs=_attrs(7), options=dict(opts))
+                yield dict(name=f"cat_bwd_dq[{tag} compressed={compressed}]", kernel=_cat_bwd_dq_kernel,
+                           signature={**{n: ty for n in ("q_ptr", "k_ptr", "v_ptr", "kc_ptr", "vc_ptr", "do_ptr")},
+                                      "lse_ptr": "*fp32", "delta_ptr": "*fp32", "dq_ptr": ty,
+                                      **{n: "i64" for n in _FWD_STRIDES},
+                                      **{n: "i32" for n in ("H", "GROUP", "T", "NC", "CHUNK")}, "qk_scale": "fp32",
+                                      "scale": "fp32",
+                                      **{n: "constexpr" for n in ("COMPRESSED", "HEAD_DIM", "BLOCK_D", "BLOCK_M",
+                                                                  "BLOCK_N")}},
+                           constexprs=dict(COMPRESSED=compressed, HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=BM,
+                                           BLOCK_N=BN), attrs=_attrs(9), options=dict(opts))
+            BM, BN, warps, stages = CONFIGS[(kind, "dkv", 64 if d <= 64 else 128)]
+            opts = {"num_warps": warps, "num_stages": stages}
+            tiles = dict(HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=BM, BLOCK_N=BN)
+            yield dict(name=f"cat_bwd_dkv_raw[{tag}]", kernel=_cat_bwd_dkv_raw_kernel,
+                       signature={"q_ptr": ty, "k_ptr": ty, "v_ptr": ty, "do_ptr": ty, "lse_ptr": "*fp32",
+                                  "delta_ptr": "*fp32", "dk_ptr": ty, "dv_ptr": ty,
+                                  **{n: "i64" for n in ("stride_qb", "stride_qh", "stride_kb", "stride_kh")},
+                                  **{n: "i32" for n in ("HKV", "GROUP", "L", "CHUNK")}, "qk_scale": "fp32",
+                                  "scale": "fp32", **{n: "constexpr" for n in tiles}},
+                       constexprs=dict(tiles), attrs=_attrs(8), options=dict(opts))
+            for has_qc in (False, True):
+                yield dict(name=f"cat_bwd_dkv_slot[{tag} qc={has_qc}]", kernel=_cat_bwd_dkv_slot_kernel,
+                           signature={"q_ptr": ty, "do_ptr": ty, "lse_ptr": "*fp32", "delta_ptr": "*fp32",
+                                      "qc_ptr": ty, "doc_ptr": ty, "lse_c_ptr": "*fp32", "delta_c_ptr": "*fp32",
+                                      "kc_ptr": ty, "vc_ptr": ty, "dkc_ptr": ty, "dvc_ptr": ty,
+                                      **{n: "i64" for n in ("stride_qb", "stride_qh", "stride_cqb", "stride_cqh",
+                                                            "stride_cb", "stride_ch")},
+                                      **{n: "i32" for n in ("HKV", "GROUP", "L", "NC", "CHUNK")},
+                                      "qk_scale": "fp32", "scale": "fp32", "HAS_QC": "constexpr",
+                                      **{n: "constexpr" for n in tiles}},
+                           constexprs=dict(HAS_QC=has_qc, **tiles), attrs=_attrs(12), options=dict(opts))
+
+
+_FWD_STRIDES = ("stride_qb", "stride_qh", "stride_kb", "stride_kh", "stride_cb", "stride_ch")
+
+
+def _attrs(n_ptrs: int) -> dict:
+    # torch allocations are 16-byte aligned and the launcher specializes on that
+    return {(i,): [["tt.divisibility", 16]] for i in range(n_ptrs)}
