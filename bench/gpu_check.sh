@@ -12,7 +12,7 @@ OUT=${OUT:-bench/results/gpu}
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
 families=("$@")
-[ ${#families[@]} -eq 0 ] && families=(resample newton_schulz)
+[ ${#families[@]} -eq 0 ] && families=(resample newton_schulz cat)
 export PYTHONUNBUFFERED=1
 
 {
@@ -35,7 +35,7 @@ timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q -m gpu tests/*_gpu.py -p no:cachep
   | tail -40 | tee -a "$LOG" || status=1
 for fam in "${families[@]}"; do
   echo "== $fam: benchmark target points" | tee -a "$LOG"
-  timeout 150 $PY -m fusedlab bench --family "$fam" --device cuda --out "$OUT" 2>&1 | tail -30 | tee -a "$LOG" || status=1
+  timeout 200 $PY -m fusedlab bench --family "$fam" --device cuda --out "$OUT" 2>&1 | tail -30 | tee -a "$LOG" || status=1
 done
 echo "== done (status $status); results in $OUT" | tee -a "$LOG"
 exit $status

@@ -129,6 +129,8 @@ def demo(quick=False):
 def bench(out_dir, min_run_time=0.5, shapes=perf_resample.SHAPES, family="resample", device="all"):
     if family == "newton_schulz":
         return bench_newton_schulz(out_dir, min_run_time, quick=shapes != perf_resample.SHAPES, device=device)
+    if family == "cat":
+        return bench_cat(out_dir, min_run_time, quick=shapes != perf_resample.SHAPES, device=device)
     from tqdm import tqdm
 
     os.makedirs(out_dir, exist_ok=True)
@@ -184,6 +186,45 @@ def bench_newton_schulz(out_dir, min_run_time=0.5, quick=False, device="all"):
     print(f"wrote {base}.json, .md")
 
 
+def bench_cat(out_dir, min_run_time=0.5, quick=False, device="all"):
+    """CAT attention forward+backward against dense causal SDPA and FlexAttention's interleaved mask."""
+    from tqdm import tqdm
+
+    from fusedlab.perf import cat as perf_cat
+
+    os.makedirs(out_dir, exist_ok=True)
+    tag = "gpu" if torch.cuda.is_available() else "cpu"
+    rows = []
+    for dev, _ in _devices_and_backends(device):
+        if dev == "cuda":
+            points, kw = (perf_cat.QUICK_POINTS if quick else perf_cat.GPU_POINTS), {}
+        else:  # the CPU runs the dense reference so far (no C++ kernel yet): a small point and the target
+            points = perf_cat.QUICK_POINTS if quick else [(1024, 16), (4096, 16)]
+            kw = dict(B=1, H=4, dtype=torch.float32, flex=False)
+        with tqdm(total=len(points), desc=f"cat on {dev}") as bar:
+            rows += [dict(r, device=dev) for r in perf_cat.rows(dev, points, min_run_time=min(min_run_time, 0.25),
+                                                                progress=bar, **kw)]
+    results = {"machine": machine(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    base = os.path.join(out_dir, f"cat_{tag}")
+    with open(base + ".json", "w") as f:
+        json.dump(results, f, indent=1)
+    fmt = lambda x, p=3: "" if x is None else f"{x:.{p}f}"  # noqa: E731
+    shown = [dict(r, ms=fmt(r["ms"]), fwd_ms=fmt(r["fwd_ms"]), sdpa_ms=fmt(r["sdpa_ms"]),
+                  vs_sdpa=fmt(r["vs_sdpa"], 2) + "x", flex_ms=fmt(r.get("flex_ms")),
+                  vs_flex=fmt(r.get("vs_flex"), 2) + ("x" if r.get("vs_flex") else ""), tflops=fmt(r["tflops"], 1))
+             for r in rows]
+    cols = [("device", "device"), ("backend", "backend"), ("dtype", "dtype"), ("B", "B"), ("H", "H"), ("L", "L"),
+            ("l", "l"), ("d", "d"), ("fwd+bwd ms", "ms"), ("fwd ms", "fwd_ms"), ("SDPA causal ms", "sdpa_ms"),
+            ("vs SDPA", "vs_sdpa"), ("Flex interleaved ms", "flex_ms"), ("vs Flex", "vs_flex"),
+            ("useful TFLOP/s", "tflops"), ("notes", "note")]
+    with open(base + ".md", "w") as f:
+        f.write(f"# CAT attention forward+backward, {results['machine']} (torch {results['torch']}, "
+                f"{results['date']})\n\n")
+        f.write(_table(shown, cols) + "\n")
+    print(open(base + ".md").read())
+    print(f"wrote {base}.json, .md")
+
+
 def _plot(results, path):
     import matplotlib
 
@@ -222,7 +263,7 @@ def main(argv=None):
     d.add_argument("--quick", action="store_true", help="one small shape, short timing (for smoke tests)")
     b = sub.add_parser("bench", help="benchmark target points -> json, markdown and PNG")
     b.add_argument("--out", default="bench/results")
-    b.add_argument("--family", default="resample", choices=["resample", "newton_schulz"])
+    b.add_argument("--family", default="resample", choices=["resample", "newton_schulz", "cat"])
     b.add_argument("--quick", action="store_true")
     b.add_argument("--device", default="all", choices=["all", "cpu", "cuda"], help="where to run (default: every device here)")
     args = p.parse_args(argv)

@@ -1,0 +1,83 @@
+"""CAT attention forward + backward: ours against what a user would otherwise run.
+
+Peers: dense causal scaled_dot_product_attention over the L raw tokens (FlashAttention on a GPU), and
+FlexAttention over the reference's interleaved sequence [F_0, x_0..x_{l-1}, F_1, ...] with its mask
+(allowed(q, k) = (same block or k is a compressed slot) and k <= q, blocks of l + 1). Useful FLOPs count
+only the allowed (query, key) pairs: 4 d per pair forward, 10 d backward (FlashAttention's accounting).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import fusedlab
+from fusedlab.perf.timing import measure
+
+GPU_POINTS = [(L, l) for L in (1024, 4096, 16384) for l in (4, 8, 16, 32)]
+FLEX_POINTS = {(1024, 16), (4096, 4), (4096, 8), (4096, 16), (4096, 32)}  # each costs a compile
+QUICK_POINTS = [(64, 8)]
+
+
+def allowed_pairs(L: int, l: int) -> int:
+    """Raw-query (query, key) pairs CAT computes: per token, its chunk's slots 0..b plus its chunk prefix."""
+    t = torch.arange(L, dtype=torch.int64)
+    return int((t // l + 1 + t % l + 1).sum())
+
+
+def inputs(B, H, L, l, d, device, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    Nc = -(-L // l) + 1
+    mk = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype).requires_grad_()  # noqa: E731
+    return mk(B, H, L, d), mk(B, H, L, d), mk(B, H, L, d), mk(B, H, Nc, d), mk(B, H, Nc, d)
+
+
+def _fwd_bwd(fn, tensors, grad):
+    out = fn(*tensors)
+    torch.autograd.grad(out, tensors, grad)
+
+
+def flex_interleaved(B, H, L, l, d, device, dtype):
+    """A forward+backward closure of FlexAttention over the interleaved sequence, with its block mask."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    blk = l + 1
+    n = -(-L // l) * blk + 1
+
+    def mask(b, h, q_idx, kv_idx):
+        return ((q_idx // blk == kv_idx // blk) | (kv_idx % blk == 0)) & (q_idx >= kv_idx)
+
+    block_mask = create_block_mask(mask, None, None, n, n, device=device)
+    g = torch.Generator().manual_seed(1)
+    qkv = [torch.randn(B, H, n, d, generator=g).to(device=device, dtype=dtype).requires_grad_() for _ in range(3)]
+    grad = torch.randn(B, H, n, d, generator=g).to(device=device, dtype=dtype)
+    attn = torch.compile(flex_attention, dynamic=False)
+    return lambda: _fwd_bwd(lambda q, k, v: attn(q, k, v, block_mask=block_mask), qkv, grad)
+
+
+def rows(device, points=GPU_POINTS, B=2, H=8, d=64, dtype=torch.bfloat16, min_run_time=0.2, flex=True,
+         progress=None):
+    out = []
+    for L, l in points:
+        q, k, v, kc, vc = inputs(B, H, L, l, d, device, dtype)
+        grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(device=device, dtype=dtype)
+        ours = measure(lambda: _fwd_bwd(lambda *a: fusedlab.ops.cat_attention(*a, l), (q, k, v, kc, vc), grad),
+                       min_run_time)
+        ours_fwd = measure(lambda: fusedlab.ops.cat_attention(q.detach(), k.detach(), v.detach(), kc.detach(),
+                                                              vc.detach(), l), min_run_time)
+        dense = measure(lambda: _fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True),
+                                         (q, k, v), grad), min_run_time)
+        flops = (4 + 10) * d * allowed_pairs(L, l) * B * H
+        row = dict(family="cat", op="cat_attention fwd+bwd", backend=fusedlab._backend.resolve("auto", "cat", q.device),
+                   B=B, H=H, L=L, l=l, d=d, dtype=str(dtype).replace("torch.", ""), ms=ours.median_ms,
+                   fwd_ms=ours_fwd.median_ms, sdpa_ms=dense.median_ms, vs_sdpa=dense.median_ms / ours.median_ms,
+                   tflops=flops / ours.median_ms / 1e9)
+        if flex and (L, l) in FLEX_POINTS:
+            try:
+                t = measure(flex_interleaved(B, H, L, l, d, device, dtype), min_run_time)
+                row.update(flex_ms=t.median_ms, vs_flex=t.median_ms / ours.median_ms)
+            except Exception as err:  # a peer that fails to build is reported, not fatal
+                row.update(flex_ms=None, note=f"flex failed: {type(err).__name__}")
+        out.append(row)
+        if progress is not None:
+            progress.update(1)
+    return out
