@@ -59,6 +59,7 @@ setup(
     package_dir={"fusedlab": "python/fusedlab", "fusedlab.triton_kernels": "triton_kernels"},
     packages=[
         "fusedlab",
+        "fusedlab.nn",
         "fusedlab.ops",
         "fusedlab.optim",
         "fusedlab.perf",

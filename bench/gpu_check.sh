@@ -31,7 +31,7 @@ $PY -m fusedlab info 2>&1 | tee -a "$LOG"
 
 status=0
 echo "== GPU tests" | tee -a "$LOG"
-timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q -m gpu tests/*_gpu.py -p no:cacheprovider -rfE --durations=8 2>&1 \
+timeout ${TEST_TIMEOUT:-300} $PY -m pytest -q tests/*_gpu.py tests/*_triton.py tests/test_cat_layer.py -p no:cacheprovider -rfE --durations=8 2>&1 \
   | tail -40 | tee -a "$LOG" || status=1
 for fam in "${families[@]}"; do
   echo "== $fam: benchmark target points" | tee -a "$LOG"

@@ -14,10 +14,10 @@ import torch
 
 from fusedlab import _C  # noqa: F401  (loads the op schemas and the C++ CPU kernels)
 from fusedlab._backend import BACKENDS, backends, cuda_kernels_loaded  # noqa: F401
-from fusedlab import ops, optim, reference, smc, symile, tailrisk  # noqa: F401,E402
+from fusedlab import nn, ops, optim, reference, smc, symile, tailrisk  # noqa: F401,E402
 
 cuda_kernels_loaded()  # registers the CUDA kernels (fusedlab._C_cuda) when there is a GPU and they were built
 
 __version__ = "0.1.0"
 
-__all__ = ["backends", "ops", "optim", "reference", "smc", "symile", "tailrisk", "__version__"]
+__all__ = ["backends", "nn", "ops", "optim", "reference", "smc", "symile", "tailrisk", "__version__"]
