@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU check for an offline CUDA machine (H100/H200) whose Python already has torch >= 2.11 and triton 3.6:
-# installs fusedlab without dependencies or build isolation, builds _C_cuda, runs every GPU test
-# (tests/*_gpu.py) once, then the benchmark target points of the named families (default: all) on the GPU
-# with fixed kernel configs, writing json + markdown (+ PNG) and the log under bench/results/gpu/.
+# installs fusedlab without dependencies or build isolation, builds _C_cuda, runs the GPU tests
+# (tests/*_gpu.py, and the Triton and layer tests, which run on the GPU when there is one) in one pass, then
+# the benchmark target points of the named families (default: all) on the GPU with fixed kernel configs,
+# writing json + markdown (+ PNG) and the log under bench/results/gpu/ (or $OUT).
 #
 #   bash bench/gpu_check.sh [FAMILY ...]        e.g. bash bench/gpu_check.sh resample
 set -uo pipefail
@@ -31,11 +32,11 @@ $PY -m fusedlab info 2>&1 | tee -a "$LOG"
 
 status=0
 echo "== GPU tests" | tee -a "$LOG"
-timeout ${TEST_TIMEOUT:-300} $PY -m pytest -q tests/*_gpu.py tests/*_triton.py tests/test_cat_layer.py -p no:cacheprovider -rfE --durations=8 2>&1 \
-  | tail -40 | tee -a "$LOG" || status=1
+timeout ${TEST_TIMEOUT:-300} $PY -m pytest -q tests/*_gpu.py tests/*_triton.py tests/test_cat_layer.py -p no:cacheprovider -p no:warnings -rfE --durations=8 2>&1 \
+  | tee -a "$LOG" | tail -40 || status=1
 for fam in "${families[@]}"; do
   echo "== $fam: benchmark target points" | tee -a "$LOG"
-  timeout 200 $PY -m fusedlab bench --family "$fam" --device cuda --out "$OUT" 2>&1 | tail -30 | tee -a "$LOG" || status=1
+  timeout 200 $PY -m fusedlab bench --family "$fam" --device cuda --out "$OUT" 2>&1 | tee -a "$LOG" | tail -30 || status=1
 done
 echo "== done (status $status); results in $OUT" | tee -a "$LOG"
 exit $status
