@@ -64,6 +64,24 @@ def test_forward_backward_float32(case, gen):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("splits", [2, 3])
+def test_slot_gradients_split_over_rows(splits, gen, monkeypatch):
+    """The slot kernel's row splits (partial sums added up afterwards) give the unsplit gradients."""
+    monkeypatch.setattr(tk, "SLOT_SPLITS", splits)
+    B, H, Hkv, L, l, d = 1, 2, 1, 70, 3, 16
+    got, want = run_both(draw(gen, B, H, Hkv, L, L // l + 2, d, True), l, torch.float32, gen)
+    for a, b in zip(got, want):
+        assert rel(a, b) < 1e-5
+    # half types: fp32 partial sums rounded once into the fp16 gradients, as the unsplit kernel rounds
+    inputs = draw(gen, B, H, Hkv, L, L // l + 2, d, False)
+    split_half, _ = run_both(inputs, l, torch.float16, torch.Generator().manual_seed(5))
+    monkeypatch.setattr(tk, "SLOT_SPLITS", 1)
+    whole_half, _ = run_both(inputs, l, torch.float16, torch.Generator().manual_seed(5))
+    for a, b in zip(split_half, whole_half):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.timeout(120)
 def test_float16_within_twice_torch_half(gen):
     """The tolerance rule: the kernel's fp16 error against float64 is at most twice that of a dense masked
     attention computed by torch in fp16 (fp16 products, fp32 softmax rounded to fp16 before P V)."""

@@ -14,9 +14,11 @@ a tile of raw queries visits only what it can see:
 * ``_cat_bwd_dkv_raw_kernel``: one program per (raw key tile, batch x kv head): the queries that see those
   keys are in the same chunks and not earlier, so the loop is short; the query heads of the kv head's
   group are summed in the program (no atomics).
-* ``_cat_bwd_dkv_slot_kernel``: one program per (slot tile, batch x kv head): slot s is seen by every raw
-  query from s * l on (a long loop, as in the compression branch of native sparse attention) and by the
-  compressed queries c >= s.
+* ``_cat_bwd_dkv_slot_kernel``: one program per (slot tile, batch x kv head, row split): slot s is seen by
+  every raw query from s * l on, a long loop (as in the compression branch of native sparse attention),
+  so the raw queries are split into ranges over grid axis 2 when the other two axes leave SMs idle; the
+  splits write fp32 partial sums that one reduction adds up (deterministic, no atomics). The compressed
+  queries c >= s go to the first split.
 
 Products accumulate in fp32 with ``input_precision="ieee"`` (fp32 operands get exact products rather than
 TF32; fp16/bf16 operands use tensor cores either way). P is rounded to the value dtype for the P V and
@@ -275,11 +277,15 @@ def _cat_bwd_dkv_raw_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_
 def _cat_bwd_dkv_slot_kernel(q_ptr, do_ptr, lse_ptr, delta_ptr, qc_ptr, doc_ptr, lse_c_ptr, delta_c_ptr,
                              kc_ptr, vc_ptr, dkc_ptr, dvc_ptr,
                              stride_qb, stride_qh, stride_cqb, stride_cqh, stride_cb, stride_ch,
-                             HKV, GROUP, L, NC, CHUNK, qk_scale, scale,
+                             HKV, GROUP, L, NC, CHUNK, ROWS_PER_SPLIT, split_stride, qk_scale, scale,
                              HAS_QC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # grid axis 2 splits the raw queries into ranges of ROWS_PER_SPLIT; each split stores its partial
+    # sums split_stride elements after the previous one (the caller adds them up), so a slot tile's long
+    # loop over every later query runs on several SMs
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
+    pid_s = tl.program_id(2)
     b = (bhk // HKV).to(tl.int64)
     hk = (bhk % HKV).to(tl.int64)
     H = HKV * GROUP
@@ -299,17 +305,19 @@ def _cat_bwd_dkv_slot_kernel(q_ptr, do_ptr, lse_ptr, delta_ptr, qc_ptr, doc_ptr,
         h = hk * GROUP + g
         q_off = b * stride_qb + h * stride_qh
         row_base = (b * H + h) * L
-        # raw queries t see slot s when t // CHUNK >= s
-        for start in range(pid_n * BLOCK_N * CHUNK, L, BLOCK_M):
+        # raw queries t see slot s when t // CHUNK >= s; this split takes rows [lo, hi)
+        lo = tl.maximum(pid_n * BLOCK_N * CHUNK, pid_s * ROWS_PER_SPLIT)
+        hi = tl.minimum(L, (pid_s + 1) * ROWS_PER_SPLIT)
+        for start in range(lo, hi, BLOCK_M):
             rows = start + rows0
-            row_ok = rows < L
+            row_ok = rows < hi
             qtile = rows[:, None] * HEAD_DIM + dims[None, :]
             q_mask = row_ok[:, None] & dim_ok[None, :]
             seen = (cols[:, None] <= (rows // CHUNK)[None, :]) & row_ok[None, :]
             dk, dv = _dkv_tile(kt, vt, dk, dv, q_ptr + q_off + qtile, do_ptr + q_off + qtile,
                                lse_ptr + row_base + rows, delta_ptr + row_base + rows, q_mask, row_ok, seen,
                                qk_scale)
-        if HAS_QC:
+        if HAS_QC and pid_s == 0:
             cq_off = b * stride_cqb + h * stride_cqh
             crow_base = (b * H + h) * NC
             for start in range(pid_n * BLOCK_N, NC, BLOCK_M):
@@ -321,8 +329,9 @@ def _cat_bwd_dkv_slot_kernel(q_ptr, do_ptr, lse_ptr, delta_ptr, qc_ptr, doc_ptr,
                 dk, dv = _dkv_tile(kt, vt, dk, dv, qc_ptr + cq_off + qtile, doc_ptr + cq_off + qtile,
                                    lse_c_ptr + crow_base + rows, delta_c_ptr + crow_base + rows, q_mask, row_ok,
                                    seen, qk_scale)
-    tl.store(dkc_ptr + c_off + ktile, (dk * scale).to(dkc_ptr.dtype.element_ty), mask=kmask)
-    tl.store(dvc_ptr + c_off + ktile, dv.to(dvc_ptr.dtype.element_ty), mask=kmask)
+    out_off = pid_s.to(tl.int64) * split_stride + c_off
+    tl.store(dkc_ptr + out_off + ktile, (dk * scale).to(dkc_ptr.dtype.element_ty), mask=kmask)
+    tl.store(dvc_ptr + out_off + ktile, dv.to(dvc_ptr.dtype.element_ty), mask=kmask)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -397,11 +406,35 @@ def backward(do, doc, q, k, v, kc, vc, qc, o, lse, oc, lse_c, chunk: int, scale:
         _cat_bwd_dkv_raw_kernel[(triton.cdiv(L, BN), B * Hkv)](
             q, k, v, do, lse, delta, dk, dv, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             Hkv, group, L, chunk, scale * LOG2E, scale, **common)
-    _cat_bwd_dkv_slot_kernel[(triton.cdiv(NC, BN), B * Hkv)](
-        q, do, lse, delta, qc, doc, lse_c, delta_c, kc, vc, dkc, dvc, q.stride(0), q.stride(1),
-        qc.stride(0), qc.stride(1), kc.stride(0), kc.stride(1), Hkv, group, L, NC, chunk, scale * LOG2E, scale,
-        HAS_QC=has_qc, **common)
+    tiles = triton.cdiv(NC, BN) * B * Hkv
+    splits = _slot_splits(tiles, L, BM)
+    rows_per_split = triton.cdiv(triton.cdiv(max(L, 1), splits), BM) * BM
+    if splits > 1:  # fp32 partial sums per split, added up below
+        part_k = empty((splits,) + tuple(kc.shape), torch.float32, kc.device, POISON_BUFFERS)
+        part_v = empty((splits,) + tuple(vc.shape), torch.float32, vc.device, POISON_BUFFERS)
+    else:
+        part_k, part_v = dkc, dvc
+    _cat_bwd_dkv_slot_kernel[(triton.cdiv(NC, BN), B * Hkv, splits)](
+        q, do, lse, delta, qc, doc, lse_c, delta_c, kc, vc, part_k, part_v, q.stride(0), q.stride(1),
+        qc.stride(0), qc.stride(1), kc.stride(0), kc.stride(1), Hkv, group, L, NC, chunk, rows_per_split,
+        kc.numel(), scale * LOG2E, scale, HAS_QC=has_qc, **common)
+    if splits > 1:
+        dkc.copy_(part_k.sum(0))
+        dvc.copy_(part_v.sum(0))
     return dq, dk, dv, dkc, dvc, dqc
+
+
+#: Tests set this to force a number of row splits in the slot kernel (None: chosen from the grid size).
+SLOT_SPLITS: Optional[int] = None
+#: Programs the slot kernel aims for: four per SM of an H100/H200 (132 SMs).
+_TARGET_PROGRAMS = 4 * 132
+
+
+def _slot_splits(tiles: int, L: int, block_m: int) -> int:
+    """Row splits for the slot kernel: enough programs to fill the GPU, each split at least 4 row tiles."""
+    if SLOT_SPLITS is not None:
+        return max(1, min(SLOT_SPLITS, triton.cdiv(max(L, 1), block_m)))
+    return max(1, min(triton.cdiv(_TARGET_PROGRAMS, max(tiles, 1)), triton.cdiv(max(L, 1), 4 * block_m)))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -451,15 +484,19 @@ def aot_configs(full: bool = False) -> Iterator[dict]:
                                   **{n: "i32" for n in ("HKV", "GROUP", "L", "CHUNK")}, "qk_scale": "fp32",
                                   "scale": "fp32", **{n: "constexpr" for n in tiles}},
                        constexprs=dict(tiles), attrs=_attrs(8), options=dict(opts))
-            for has_qc in (False, True):
-                yield dict(name=f"cat_bwd_dkv_slot[{tag} qc={has_qc}]", kernel=_cat_bwd_dkv_slot_kernel,
+            # the slot kernel stores straight into the gradients, or fp32 partial sums when split
+            variants = [(False, ty), (True, ty)] + ([(False, "*fp32")] if ty != "*fp32" else [])
+            for has_qc, out_ty in variants:
+                yield dict(name=f"cat_bwd_dkv_slot[{tag} qc={has_qc} out={out_ty[1:]}]",
+                           kernel=_cat_bwd_dkv_slot_kernel,
                            signature={"q_ptr": ty, "do_ptr": ty, "lse_ptr": "*fp32", "delta_ptr": "*fp32",
                                       "qc_ptr": ty, "doc_ptr": ty, "lse_c_ptr": "*fp32", "delta_c_ptr": "*fp32",
-                                      "kc_ptr": ty, "vc_ptr": ty, "dkc_ptr": ty, "dvc_ptr": ty,
+                                      "kc_ptr": ty, "vc_ptr": ty, "dkc_ptr": out_ty, "dvc_ptr": out_ty,
                                       **{n: "i64" for n in ("stride_qb", "stride_qh", "stride_cqb", "stride_cqh",
                                                             "stride_cb", "stride_ch")},
-                                      **{n: "i32" for n in ("HKV", "GROUP", "L", "NC", "CHUNK")},
-                                      "qk_scale": "fp32", "scale": "fp32", "HAS_QC": "constexpr",
+                                      **{n: "i32" for n in ("HKV", "GROUP", "L", "NC", "CHUNK", "ROWS_PER_SPLIT")},
+                                      "split_stride": "i64", "qk_scale": "fp32", "scale": "fp32",
+                                      "HAS_QC": "constexpr",
                                       **{n: "constexpr" for n in tiles}},
                            constexprs=dict(HAS_QC=has_qc, **tiles), attrs=_attrs(12), options=dict(opts))
 
