@@ -106,3 +106,16 @@ def test_opcheck(gen):
         t.requires_grad_()
     torch.library.opcheck(torch.ops.fusedlab.cat_attention_triton.default, (q, k, v, kc, vc, qc, l, 0.25))
     torch.library.opcheck(torch.ops.fusedlab.cat_attention_triton.default, (q, k, v, kc, vc, None, l, 0.25))
+
+
+@pytest.mark.timeout(300)
+def test_torch_compile_fullgraph_takes_the_custom_ops(gen):
+    """Compiled code traces the custom ops (eager calls skip them); both give the same gradients."""
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(1, 2, 20, 16, generator=gen).to(DEVICE).requires_grad_() for _ in range(3))
+    kc, vc = (torch.randn(1, 2, 4, 16, generator=gen).to(DEVICE).requires_grad_() for _ in range(2))
+    loss = lambda *a: fusedlab.ops.cat_attention(*a, 8, backend="triton").square().sum()  # noqa: E731
+    compiled = torch.autograd.grad(torch.compile(loss, fullgraph=True)(q, k, v, kc, vc), (q, k, v, kc, vc))
+    eager = torch.autograd.grad(loss(q, k, v, kc, vc), (q, k, v, kc, vc))
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

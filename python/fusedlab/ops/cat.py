@@ -46,10 +46,7 @@ def _cat_triton_backward(do: torch.Tensor, doc: Optional[torch.Tensor], q: torch
                          v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, qc: Optional[torch.Tensor],
                          o: torch.Tensor, lse: torch.Tensor, oc: torch.Tensor, lse_c: torch.Tensor,
                          chunk_size: int, scale: float) -> list[torch.Tensor]:
-    from fusedlab.triton_kernels import cat as tk
-
-    grads = tk.backward(do.contiguous(), None if doc is None else doc.contiguous(), q, k, v, kc, vc, qc, o, lse,
-                        oc, lse_c, chunk_size, scale)
+    grads = _cat_triton_backward_eager(do, doc, q, k, v, kc, vc, qc, o, lse, oc, lse_c, chunk_size, scale)
     return [g for g in grads if g is not None]
 
 
@@ -67,7 +64,7 @@ def _setup_cat_triton(ctx, inputs, output):
     ctx.mark_non_differentiable(lse, lse_c)
 
 
-def _backward_cat_triton(ctx, do, dlse, doc, dlse_c):
+def _backward_cat_triton(ctx, do, dlse, doc, dlse_c, run_backward=None):
     q, k, v, kc, vc, qc, o, lse, oc, lse_c = ctx.saved_tensors
     if not ctx.has_qc:
         qc, doc = None, None
@@ -75,14 +72,39 @@ def _backward_cat_triton(ctx, do, dlse, doc, dlse_c):
         doc = torch.zeros_like(oc)
     if do is None:
         do = torch.zeros_like(o)
-    grads = torch.ops.fusedlab.cat_attention_triton_backward(do, doc, q, k, v, kc, vc, qc, o, lse, oc, lse_c,
-                                                            ctx.chunk_size, ctx.scale)
+    run_backward = run_backward or torch.ops.fusedlab.cat_attention_triton_backward
+    grads = run_backward(do, doc, q, k, v, kc, vc, qc, o, lse, oc, lse_c, ctx.chunk_size, ctx.scale)
     dqc = grads[5] if ctx.has_qc else None
     return grads[0], grads[1], grads[2], grads[3], grads[4], dqc, None, None
 
 
 torch.library.register_autograd("fusedlab::cat_attention_triton", _backward_cat_triton,
                                 setup_context=_setup_cat_triton)
+
+
+class _EagerCATTriton(torch.autograd.Function):
+    """The same forward and backward as the custom ops, called directly: in eager mode this skips the
+    custom-op dispatch layers, which cost about as much as a small problem's kernels. torch.compile
+    traces the custom ops instead."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kc, vc, qc, chunk_size, scale):
+        from fusedlab.triton_kernels import cat as tk
+
+        out = tk.forward(q, k, v, kc, vc, qc, chunk_size, scale)
+        _setup_cat_triton(ctx, (q, k, v, kc, vc, qc, chunk_size, scale), out)
+        return out
+
+    @staticmethod
+    def backward(ctx, do, dlse, doc, dlse_c):
+        return _backward_cat_triton(ctx, do, dlse, doc, dlse_c, run_backward=_cat_triton_backward_eager)
+
+
+def _cat_triton_backward_eager(do, doc, q, k, v, kc, vc, qc, o, lse, oc, lse_c, chunk_size, scale):
+    from fusedlab.triton_kernels import cat as tk
+
+    return tk.backward(do.contiguous(), None if doc is None else doc.contiguous(), q, k, v, kc, vc, qc, o, lse,
+                       oc, lse_c, chunk_size, scale)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -197,7 +219,10 @@ def cat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.T
             raise ValueError(f"backend='triton' takes head dims up to 128, got {q.shape[-1]}; larger ones run on "
                              "backend='reference'")
         args = [t.contiguous() for t in (q, k, v, kc, vc)] + [None if qc is None else qc.contiguous()]
-        o, lse, oc, lse_c = torch.ops.fusedlab.cat_attention_triton(*args, chunk_size, scale)
+        if torch.compiler.is_compiling():
+            o, lse, oc, lse_c = torch.ops.fusedlab.cat_attention_triton(*args, chunk_size, scale)
+        else:
+            o, lse, oc, lse_c = _EagerCATTriton.apply(*args, chunk_size, scale)
     else:
         out = ref.cat_attention(q, k, v, kc, vc, chunk_size, qc, scale)
         o, lse = out[:2]
