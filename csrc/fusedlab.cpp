@@ -31,4 +31,15 @@ TORCH_LIBRARY(fusedlab, m) {
   m.def("symile_n_squared(Tensor[] reps, Tensor logit_scale, int chunk) -> (Tensor loss, Tensor lse)");
   m.def("symile_n_squared_backward(Tensor grad, Tensor[] reps, Tensor logit_scale, Tensor lse, int chunk) -> "
         "(Tensor[] grad_reps, Tensor grad_logit_scale)");
+
+  // ---- cat: CAT's compress-attend attention (python/fusedlab/reference/cat.py). Raw queries q [B, H, L, d]
+  // see the compressed slots kc/vc [B, Hkv, Nc, d] up to their chunk and the causal prefix of their chunk of
+  // k/v [B, Hkv, L, d]; optional compressed queries qc [B, H, Nc, d] see slots 0..c. Returns o, the
+  // log-sum-exp [B, H, L] (float32; float64 for float64 inputs), and oc, lse_c (0 rows without qc). The
+  // backward returns dq, dk, dv, dkc, dvc and, with qc, dqc.
+  m.def("cat_attention(Tensor q, Tensor k, Tensor v, Tensor kc, Tensor vc, Tensor? qc, int chunk_size, "
+        "float scale) -> (Tensor o, Tensor lse, Tensor oc, Tensor lse_c)");
+  m.def("cat_attention_backward(Tensor grad_o, Tensor? grad_oc, Tensor q, Tensor k, Tensor v, Tensor kc, "
+        "Tensor vc, Tensor? qc, Tensor o, Tensor lse, Tensor oc, Tensor lse_c, int chunk_size, float scale) -> "
+        "Tensor[]");
 }

@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fusedlab
 from fusedlab.reference import cat as ref
@@ -70,10 +72,73 @@ def test_no_output_depends_on_a_later_token(gen):
         assert not torch.allclose(out[:, :, t + 1:], base[:, :, t + 1:])
 
 
-def test_gradcheck_reference(gen):
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_gradcheck(backend, gen):
     q, k, v, kc, vc, qc = [t.requires_grad_() for t in draw(gen, 1, 2, 1, 6, 3, 3)]
-    f = lambda *a: fusedlab.ops.cat_attention(*a[:5], 3, qc=a[5], backend="reference")  # noqa: E731
+    f = lambda *a: fusedlab.ops.cat_attention(*a[:5], 3, qc=a[5], backend=backend)  # noqa: E731
     assert torch.autograd.gradcheck(f, (q, k, v, kc, vc, qc))
+
+
+# ------------------------------------------------------------------------------------------- the C++ op
+
+
+def cpu_vs_reference(inputs, l, dtype, gen, tol):
+    """Outputs, log-sum-exps and gradients of the C++ op (in ``dtype``) against the float64 reference."""
+    ours = [None if t is None else t.to(dtype).requires_grad_() for t in inputs]
+    exact = [None if t is None else t.clone().requires_grad_() for t in inputs]
+    out = fusedlab.ops.cat_attention(*ours[:5], l, qc=ours[5], return_lse=True, backend="cpu")
+    want = fusedlab.ops.cat_attention(*exact[:5], l, qc=exact[5], return_lse=True, backend="reference")
+    n = 2 if inputs[5] is not None else 1
+    gouts = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in want[:n]]
+    got_g = torch.autograd.grad(out[:n], [t for t in ours if t is not None], [g.to(dtype) for g in gouts])
+    want_g = torch.autograd.grad(want[:n], [t for t in exact if t is not None], gouts)
+    for a, b in zip(list(out) + list(got_g), list(want) + list(want_g)):
+        assert ((a.double() - b).norm() / b.norm()).item() < tol
+
+
+@pytest.mark.parametrize("B,H,Hkv,L,l,extra,d,with_qc", [(1, 2, 2, 13, 4, 1, 8, True), (2, 4, 2, 9, 1, 0, 4, False),
+                                                         (1, 3, 1, 7, 16, 2, 8, True), (1, 2, 1, 1100, 3, 1, 8, True),
+                                                         (2, 2, 2, 1030, 64, 0, 16, False)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_cpu_op_matches_reference(B, H, Hkv, L, l, extra, d, with_qc, dtype, tol, gen):
+    """Includes L over several row blocks (blocks of whole chunks, about 512 rows), ragged last chunks."""
+    Nc = -(-L // l) + extra
+    cpu_vs_reference(draw(gen, B, H, Hkv, L, Nc, d, qc=with_qc), l, dtype, gen, tol)
+
+
+def test_cpu_op_half_types_compute_in_float32(gen):
+    inputs = draw(gen, 1, 2, 1, 40, 11, 8, qc=False)
+    half = [t.bfloat16() for t in inputs[:5]]
+    got = fusedlab.ops.cat_attention(*half, 4, backend="cpu")
+    want = fusedlab.ops.cat_attention(*(t.float() for t in half), 4, backend="reference")
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want.bfloat16())
+
+
+@settings(max_examples=25, deadline=None)
+@given(L=st.integers(1, 70), l=st.integers(1, 20), extra=st.integers(0, 2), G=st.sampled_from([1, 2]),
+       with_qc=st.booleans(), seed=st.integers(0, 2 ** 31 - 1))
+def test_cpu_op_drawn_shapes(L, l, extra, G, with_qc, seed):
+    gen = torch.Generator().manual_seed(seed)
+    cpu_vs_reference(draw(gen, 1, 2 * G, 2, L, -(-L // l) + extra, 4, qc=with_qc), l, torch.float64, gen, 1e-12)
+
+
+def test_cpu_op_opcheck(gen):
+    q, k, v, kc, vc, qc = [t.requires_grad_() for t in draw(gen, 1, 4, 2, 21, 7, 8)]
+    torch.library.opcheck(torch.ops.fusedlab.cat_attention.default, (q, k, v, kc, vc, qc, 4, 0.3))
+    torch.library.opcheck(torch.ops.fusedlab.cat_attention.default, (q, k, v, kc, vc, None, 4, 0.3))
+
+
+@pytest.mark.timeout(300)
+def test_cpu_op_compiles_fullgraph(gen):
+    torch._dynamo.reset()
+    q, k, v, kc, vc, _ = [None if t is None else t.float().requires_grad_() for t in draw(gen, 1, 2, 1, 30, 8, 8,
+                                                                                          qc=False)]
+    loss = lambda *a: fusedlab.ops.cat_attention(*a, 4).square().sum()  # noqa: E731
+    compiled = torch.autograd.grad(torch.compile(loss, fullgraph=True)(q, k, v, kc, vc), (q, k, v, kc, vc))
+    eager = torch.autograd.grad(loss(q, k, v, kc, vc), (q, k, v, kc, vc))
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b)
 
 
 def test_return_forms_and_default_scale(gen):
@@ -98,7 +163,7 @@ def test_autocast_casts_inputs(gen):
 def test_triton_refuses_float64_and_unknown_backends(gen):
     q, k, v, kc, vc, _ = draw(gen, 1, 1, 1, 4, 1, 4, qc=False)
     with pytest.raises(ValueError, match="no such kernel"):
-        fusedlab.ops.cat_attention(q, k, v, kc, vc, 4, backend="cpu")
+        fusedlab.ops.cat_attention(q, k, v, kc, vc, 4, backend="cuda")
     if "triton" in fusedlab.backends():
         with pytest.raises(TypeError, match="float64 runs on backend='reference'"):
             fusedlab.ops.cat_attention(q, k, v, kc, vc, 4, backend="triton")

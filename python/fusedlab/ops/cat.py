@@ -1,10 +1,15 @@
 """CAT's compress-attend attention: ``cat_attention``.
 
-Semantics: python/fusedlab/reference/cat.py (a dense boolean-mask oracle). The fused kernels so far are
-the Triton ones (triton_kernels/cat.py: forward, and a flash-style backward that recomputes from the saved
-log-sum-exp), wrapped as the custom ops ``fusedlab::cat_attention_triton`` and
-``fusedlab::cat_attention_triton_backward`` so opcheck and torch.compile see them like any op. CPU tensors
-run the reference ("auto" on the CPU; it builds the [L, Nc + L] score matrix per head).
+Semantics: python/fusedlab/reference/cat.py (a dense boolean-mask oracle). Implementations:
+
+* "triton" (triton_kernels/cat.py): fused forward and a flash-style backward that recomputes from the saved
+  log-sum-exp, wrapped as the custom ops ``fusedlab::cat_attention_triton`` and
+  ``fusedlab::cat_attention_triton_backward`` so opcheck and torch.compile see them like any op (eager
+  calls skip the custom-op layer).
+* "cpu" (csrc/cpu/cat.cpp, ``torch.ops.fusedlab.cat_attention`` and ``cat_attention_backward``): blocks of
+  whole chunks, each one [rows x slots] product and one batch of [l x l] chunk products, never an L x L or
+  L x Nc score matrix; the same saved log-sum-exp and recomputing backward.
+* "reference": the dense oracle, any device, float64.
 """
 from __future__ import annotations
 
@@ -55,7 +60,7 @@ def _fake_cat_triton_backward(do, doc, q, k, v, kc, vc, qc, o, lse, oc, lse_c, c
     return [t.new_empty(t.shape) for t in (q, k, v, kc, vc) + ((qc,) if qc is not None else ())]
 
 
-def _setup_cat_triton(ctx, inputs, output):
+def _setup_cat(ctx, inputs, output):
     q, k, v, kc, vc, qc, chunk_size, scale = inputs
     o, lse, oc, lse_c = output
     ctx.has_qc = qc is not None
@@ -64,7 +69,7 @@ def _setup_cat_triton(ctx, inputs, output):
     ctx.mark_non_differentiable(lse, lse_c)
 
 
-def _backward_cat_triton(ctx, do, dlse, doc, dlse_c, run_backward=None):
+def _backward_cat(ctx, do, dlse, doc, dlse_c, run_backward=None):
     q, k, v, kc, vc, qc, o, lse, oc, lse_c = ctx.saved_tensors
     if not ctx.has_qc:
         qc, doc = None, None
@@ -78,8 +83,8 @@ def _backward_cat_triton(ctx, do, dlse, doc, dlse_c, run_backward=None):
     return grads[0], grads[1], grads[2], grads[3], grads[4], dqc, None, None
 
 
-torch.library.register_autograd("fusedlab::cat_attention_triton", _backward_cat_triton,
-                                setup_context=_setup_cat_triton)
+torch.library.register_autograd("fusedlab::cat_attention_triton", _backward_cat,
+                                setup_context=_setup_cat)
 
 
 class _EagerCATTriton(torch.autograd.Function):
@@ -92,12 +97,12 @@ class _EagerCATTriton(torch.autograd.Function):
         from fusedlab.triton_kernels import cat as tk
 
         out = tk.forward(q, k, v, kc, vc, qc, chunk_size, scale)
-        _setup_cat_triton(ctx, (q, k, v, kc, vc, qc, chunk_size, scale), out)
+        _setup_cat(ctx, (q, k, v, kc, vc, qc, chunk_size, scale), out)
         return out
 
     @staticmethod
     def backward(ctx, do, dlse, doc, dlse_c):
-        return _backward_cat_triton(ctx, do, dlse, doc, dlse_c, run_backward=_cat_triton_backward_eager)
+        return _backward_cat(ctx, do, dlse, doc, dlse_c, run_backward=_cat_triton_backward_eager)
 
 
 def _cat_triton_backward_eager(do, doc, q, k, v, kc, vc, qc, o, lse, oc, lse_c, chunk_size, scale):
@@ -105,6 +110,30 @@ def _cat_triton_backward_eager(do, doc, q, k, v, kc, vc, qc, o, lse, oc, lse_c, 
 
     return tk.backward(do.contiguous(), None if doc is None else doc.contiguous(), q, k, v, kc, vc, qc, o, lse,
                        oc, lse_c, chunk_size, scale)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the C++ CPU op (schemas in csrc/fusedlab.cpp, kernels in csrc/cpu/cat.cpp): fakes and the same autograd
+
+
+@torch.library.register_fake("fusedlab::cat_attention")
+def _fake_cat_cpu(q, k, v, kc, vc, qc, chunk_size, scale):
+    B, H, L, d = q.shape
+    Nc = 0 if qc is None else qc.shape[2]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return (q.new_empty(q.shape), q.new_empty((B, H, L), dtype=acc), q.new_empty((B, H, Nc, d)),
+            q.new_empty((B, H, Nc), dtype=acc))
+
+
+@torch.library.register_fake("fusedlab::cat_attention_backward")
+def _fake_cat_cpu_backward(do, doc, q, k, v, kc, vc, qc, o, lse, oc, lse_c, chunk_size, scale):
+    return [t.new_empty(t.shape) for t in (q, k, v, kc, vc) + ((qc,) if qc is not None else ())]
+
+
+torch.library.register_autograd(
+    "fusedlab::cat_attention",
+    lambda ctx, *grads: _backward_cat(ctx, *grads, run_backward=torch.ops.fusedlab.cat_attention_backward),
+    setup_context=_setup_cat)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -181,9 +210,9 @@ def cat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.T
         qc: optional [B, H, Nc, d] compressed queries.
         scale: score scale, default 1 / sqrt(d).
         return_lse: also return the log-sum-exp of each query's scaled scores (float32; float64 for float64).
-        backend: "auto" (CUDA tensors: "triton"; CPU tensors: "reference"), "triton" or "reference".
+        backend: "auto" (CUDA tensors: "triton"; CPU tensors: "cpu"), "triton", "cpu" or "reference".
 
-    All inputs share one dtype (float16, bfloat16, float32; float64 on the reference) and device; under
+    All inputs share one dtype (float16, bfloat16, float32; float64 on "cpu" and "reference") and device; under
     torch.autocast they are cast to the autocast dtype first. Differentiable in every input.
 
     Returns:
@@ -223,6 +252,8 @@ def cat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.T
             o, lse, oc, lse_c = torch.ops.fusedlab.cat_attention_triton(*args, chunk_size, scale)
         else:
             o, lse, oc, lse_c = _EagerCATTriton.apply(*args, chunk_size, scale)
+    elif which == "cpu":
+        o, lse, oc, lse_c = torch.ops.fusedlab.cat_attention(q, k, v, kc, vc, qc, chunk_size, scale)
     else:
         out = ref.cat_attention(q, k, v, kc, vc, chunk_size, qc, scale)
         o, lse = out[:2]
