@@ -198,9 +198,9 @@ def bench_cat(out_dir, min_run_time=0.5, quick=False, device="all"):
     for dev, _ in _devices_and_backends(device):
         if dev == "cuda":
             points, kw = (perf_cat.QUICK_POINTS if quick else perf_cat.GPU_POINTS), {}
-        else:  # the CPU runs the dense reference so far (no C++ kernel yet): a small point and the target
-            points = perf_cat.QUICK_POINTS if quick else [(1024, 16), (4096, 16)]
-            kw = dict(B=1, H=4, dtype=torch.float32, flex=False)
+        else:
+            points = perf_cat.QUICK_POINTS if quick else perf_cat.CPU_POINTS
+            kw = dict(B=1, H=4, dtype=torch.float32, flex=not quick)
         with tqdm(total=len(points), desc=f"cat on {dev}") as bar:
             rows += [dict(r, device=dev) for r in perf_cat.rows(dev, points, min_run_time=min(min_run_time, 0.25),
                                                                 progress=bar, **kw)]
@@ -211,12 +211,15 @@ def bench_cat(out_dir, min_run_time=0.5, quick=False, device="all"):
     fmt = lambda x, p=3: "" if x is None else f"{x:.{p}f}"  # noqa: E731
     shown = [dict(r, ms=fmt(r["ms"]), fwd_ms=fmt(r["fwd_ms"]), sdpa_ms=fmt(r["sdpa_ms"]),
                   vs_sdpa=fmt(r["vs_sdpa"], 2) + "x", flex_ms=fmt(r.get("flex_ms")),
-                  vs_flex=fmt(r.get("vs_flex"), 2) + ("x" if r.get("vs_flex") else ""), tflops=fmt(r["tflops"], 1))
+                  vs_flex=fmt(r.get("vs_flex"), 2) + ("x" if r.get("vs_flex") else ""), tflops=fmt(r["tflops"], 1),
+                  flex_fwd_ms=fmt(r.get("flex_fwd_ms")),
+                  vs_flex_fwd=fmt(r.get("vs_flex_fwd"), 2) + ("x" if r.get("vs_flex_fwd") else ""))
              for r in rows]
     cols = [("device", "device"), ("backend", "backend"), ("dtype", "dtype"), ("B", "B"), ("H", "H"), ("L", "L"),
             ("l", "l"), ("d", "d"), ("fwd+bwd ms", "ms"), ("fwd ms", "fwd_ms"), ("SDPA causal ms", "sdpa_ms"),
             ("vs SDPA", "vs_sdpa"), ("Flex interleaved ms", "flex_ms"), ("vs Flex", "vs_flex"),
-            ("useful TFLOP/s", "tflops"), ("notes", "note")]
+            ("Flex fwd ms", "flex_fwd_ms"), ("fwd vs Flex fwd", "vs_flex_fwd"), ("useful TFLOP/s", "tflops"),
+            ("notes", "note")]
     with open(base + ".md", "w") as f:
         f.write(f"# CAT attention forward+backward, {results['machine']} (torch {results['torch']}, "
                 f"{results['date']})\n\n")

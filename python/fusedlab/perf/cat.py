@@ -1,4 +1,5 @@
-"""CAT attention forward + backward: ours against what a user would otherwise run.
+"""CAT attention forward + backward: ours against what a user would otherwise run (on the CPU, where
+FlexAttention has no backward, its forward against ours).
 
 Peers: dense causal scaled_dot_product_attention over the L raw tokens (FlashAttention on a GPU), and
 FlexAttention over the reference's interleaved sequence [F_0, x_0..x_{l-1}, F_1, ...] with its mask
@@ -15,6 +16,7 @@ from fusedlab.perf.timing import measure
 
 GPU_POINTS = [(L, l) for L in (1024, 4096, 16384) for l in (4, 8, 16, 32)]
 FLEX_POINTS = {(1024, 16), (4096, 4), (4096, 8), (4096, 16), (4096, 32)}  # each costs a compile
+CPU_POINTS = [(1024, 16), (4096, 16)]  # B = 1, H = 4, float32: the issue's CPU target point and a small one
 QUICK_POINTS = [(64, 8)]
 
 
@@ -36,8 +38,8 @@ def _fwd_bwd(fn, tensors, grad):
     torch.autograd.grad(out, tensors, grad)
 
 
-def flex_interleaved(B, H, L, l, d, device, dtype):
-    """A forward+backward closure of FlexAttention over the interleaved sequence, with its block mask."""
+def flex_interleaved(B, H, L, l, d, device, dtype, forward_only=False):
+    """A forward+backward (or forward) closure of FlexAttention over the interleaved sequence and its mask."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     blk = l + 1
@@ -48,9 +50,15 @@ def flex_interleaved(B, H, L, l, d, device, dtype):
 
     block_mask = create_block_mask(mask, None, None, n, n, device=device)
     g = torch.Generator().manual_seed(1)
-    qkv = [torch.randn(B, H, n, d, generator=g).to(device=device, dtype=dtype).requires_grad_() for _ in range(3)]
+    qkv = [torch.randn(B, H, n, d, generator=g).to(device=device, dtype=dtype).requires_grad_(not forward_only)
+           for _ in range(3)]
     grad = torch.randn(B, H, n, d, generator=g).to(device=device, dtype=dtype)
     attn = torch.compile(flex_attention, dynamic=False)
+    if forward_only:  # FlexAttention has no CPU backward
+        def run():
+            with torch.no_grad():
+                attn(*qkv, block_mask=block_mask)
+        return run
     return lambda: _fwd_bwd(lambda q, k, v: attn(q, k, v, block_mask=block_mask), qkv, grad)
 
 
@@ -73,8 +81,12 @@ def rows(device, points=GPU_POINTS, B=2, H=8, d=64, dtype=torch.bfloat16, min_ru
                    tflops=flops / ours.median_ms / 1e9)
         if flex and (L, l) in FLEX_POINTS:
             try:
-                t = measure(flex_interleaved(B, H, L, l, d, device, dtype), min_run_time)
-                row.update(flex_ms=t.median_ms, vs_flex=t.median_ms / ours.median_ms)
+                if q.is_cuda:
+                    t = measure(flex_interleaved(B, H, L, l, d, device, dtype), min_run_time)
+                    row.update(flex_ms=t.median_ms, vs_flex=t.median_ms / ours.median_ms)
+                else:
+                    t = measure(flex_interleaved(B, H, L, l, d, device, dtype, forward_only=True), min_run_time)
+                    row.update(flex_fwd_ms=t.median_ms, vs_flex_fwd=t.median_ms / ours_fwd.median_ms)
             except Exception as err:  # a peer that fails to build is reported, not fatal
                 row.update(flex_ms=None, note=f"flex failed: {type(err).__name__}")
         out.append(row)
