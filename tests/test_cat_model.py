@@ -1,0 +1,64 @@
+"""fusedlab.nn.CATTransformer: the de-interleaved model against a port of the reference's interleaved
+forward, causality, ragged lengths, chunk-size training."""
+import pytest
+import torch
+
+import fusedlab
+from fusedlab.nn import CATConfig, CATTransformer, chunk_size_for_step
+from fusedlab.reference.cat_model import interleaved_logits
+
+
+def make(chunk_sizes, seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = CATConfig(vocab_size=40, dim=32, n_heads=4, n_kv_heads=2, compressor_dim=16, compressor_heads=2,
+                    compressor_layers=1, n_layers=2, chunk_sizes=chunk_sizes, max_seq_len=96, **kw)
+    return CATTransformer(cfg).double().eval()
+
+
+@pytest.mark.parametrize("chunk_sizes, l, L", [((4,), 4, 24), ((8,), 8, 16), ((4, 8, 16), 4, 32),
+                                               ((4, 8, 16), 16, 48), ((2, 4), 2, 10)])
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_logits_equal_the_interleaved_reference(chunk_sizes, l, L, qk_norm, gen):
+    model = make(chunk_sizes, qk_norm=qk_norm)
+    tokens = torch.randint(0, 40, (2, L), generator=gen)
+    torch.testing.assert_close(model(tokens, l), interleaved_logits(model, tokens, l), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("chunk_sizes, l", [((4,), 4), ((4, 8), 8), ((4, 8), 4)])
+def test_prefixes_and_ragged_lengths_agree(chunk_sizes, l, gen):
+    """Logits of any prefix (L not a multiple of l included) equal the full sequence's at those positions:
+    no position depends on a later token."""
+    model = make(chunk_sizes)
+    tokens = torch.randint(0, 40, (2, 27), generator=gen)
+    full = model(tokens, l)
+    for L in (1, l - 1, l, l + 1, 2 * l + 3, 26):
+        torch.testing.assert_close(model(tokens[:, :L], l), full[:, :L], rtol=1e-9, atol=1e-9)
+
+
+def test_chunk_sizes_are_chosen_per_call_and_round_robin_in_training(gen):
+    cfg = CATConfig(vocab_size=30, dim=32, n_heads=2, compressor_dim=16, compressor_heads=2,
+                    chunk_sizes=(2, 4, 8), max_seq_len=64)
+    assert [chunk_size_for_step(cfg, s) for s in range(5)] == [2, 4, 8, 2, 4]
+    torch.manual_seed(0)
+    model = CATTransformer(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    tokens = torch.arange(32).repeat(8, 1) % 30  # a predictable sequence
+    first = [model.loss(tokens, l).item() for l in cfg.chunk_sizes]
+    for step in range(60):
+        opt.zero_grad()
+        model.loss(tokens, chunk_size_for_step(cfg, step)).backward()
+        opt.step()
+    last = [model.loss(tokens, l).item() for l in cfg.chunk_sizes]
+    assert all(b < 0.5 * a for a, b in zip(first, last)), (first, last)
+
+
+def test_errors():
+    model = make((4, 8))
+    with pytest.raises(ValueError, match=r"chunk_size must be one of the trained sizes \(4, 8\)"):
+        model(torch.zeros(1, 8, dtype=torch.long), 16)
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+        model(torch.zeros(1, 97, dtype=torch.long), 4)
+    with pytest.raises(ValueError, match="powers of two"):
+        CATConfig(chunk_sizes=(3, 6))
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        CATConfig(dim=32, n_heads=4, n_kv_heads=3)
