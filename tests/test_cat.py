@@ -195,3 +195,36 @@ def _bad(**change):
 def test_argument_errors(change, exc, pattern):
     with pytest.raises(exc, match=pattern):
         fusedlab.ops.cat_attention(**_bad(**change))
+
+
+# -------------------------------------------------------------------------------------------- decode
+
+
+def test_decode_matches_attention_over_the_filled_cache(gen):
+    """Variable fill per sequence: each query sees exactly its first n_slots slots and n_raw raw keys."""
+    B, H, Hkv, S, R, d = 3, 4, 2, 6, 5, 8
+    mk = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    q, kc, vc, k, v = mk(B, H, d), mk(B, Hkv, S, d), mk(B, Hkv, S, d), mk(B, Hkv, R, d), mk(B, Hkv, R, d)
+    n_slots, n_raw = torch.tensor([6, 1, 3]), torch.tensor([0, 5, 2])
+    got = fusedlab.ops.cat_decode(q, kc, vc, n_slots, k, v, n_raw, scale=0.4)
+    for b in range(B):
+        for h in range(H):
+            hk = h // (H // Hkv)
+            keys = torch.cat([kc[b, hk, : n_slots[b]], k[b, hk, : n_raw[b]]])
+            vals = torch.cat([vc[b, hk, : n_slots[b]], v[b, hk, : n_raw[b]]])
+            want = torch.softmax(keys @ q[b, h] * 0.4, 0) @ vals
+            torch.testing.assert_close(got[b, h], want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("change, pattern", [(dict(n_slots=torch.tensor([0, 1])), r"n_slots must lie in \[1, 4\]"),
+                                             (dict(n_raw=torch.tensor([3, 1])), r"n_raw must lie in \[0, 2\]"),
+                                             (dict(n_raw=torch.tensor([1.0, 0.0])), "n_raw must be an integer"),
+                                             (dict(q=torch.zeros(2, 3, 8)), "multiple of the cache's 2 kv heads"),
+                                             (dict(k=torch.zeros(2, 2, 2, 4)), "expected q")])
+def test_decode_errors(change, pattern):
+    args = dict(q=torch.zeros(2, 4, 8), kc=torch.zeros(2, 2, 4, 8), vc=torch.zeros(2, 2, 4, 8),
+                n_slots=torch.tensor([4, 1]), k=torch.zeros(2, 2, 2, 8), v=torch.zeros(2, 2, 2, 8),
+                n_raw=torch.tensor([0, 2]))
+    args.update(change)
+    with pytest.raises(ValueError, match=pattern):
+        fusedlab.ops.cat_decode(**args)

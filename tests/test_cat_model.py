@@ -62,3 +62,56 @@ def test_errors():
         CATConfig(chunk_sizes=(3, 6))
     with pytest.raises(ValueError, match="n_kv_heads"):
         CATConfig(dim=32, n_heads=4, n_kv_heads=3)
+
+
+def recompute_generate(model, prompt, n, l, temperature=0.0, top_k=None, generator=None):
+    """The slow oracle: the full forward over everything so far, at every step."""
+    seq = prompt
+    for _ in range(n):
+        logits = model(seq, l)[:, -1]
+        seq = torch.cat([seq, model._pick(logits, temperature, top_k, generator)[:, None]], 1)
+    return seq
+
+
+@pytest.mark.parametrize("chunk_sizes, l", [((4,), 4), ((4, 8), 4), ((4, 8), 8)])
+@pytest.mark.parametrize("P", [1, 3, 4, 9])
+def test_cached_greedy_generation_equals_recompute(chunk_sizes, l, P, gen):
+    model = make(chunk_sizes, seed=1)
+    prompt = torch.randint(0, 40, (3, P), generator=gen)
+    got = model.generate(prompt, 21, chunk_size=l)
+    assert torch.equal(got, recompute_generate(model, prompt, 21, l))
+
+
+@pytest.mark.parametrize("chunk_sizes, l", [((4,), 4), ((4, 8), 8)])
+def test_cached_sampling_equals_recompute(chunk_sizes, l, gen):
+    model = make(chunk_sizes, seed=2)
+    prompt = torch.randint(0, 40, (4, 5), generator=gen)
+    seed = int(torch.randint(0, 2 ** 31, (1,), generator=gen))
+    got = model.generate(prompt, 19, chunk_size=l, temperature=1.3, top_k=10,
+                         generator=torch.Generator().manual_seed(seed))
+    want = recompute_generate(model, prompt, 19, l, 1.3, 10, torch.Generator().manual_seed(seed))
+    assert torch.equal(got, want)
+
+
+def test_cache_bytes_count_compressed_slots_plus_one_chunk(gen):
+    model = make((8,))
+    tokens, stats = model.generate(torch.randint(0, 40, (2, 10), generator=gen), 54, return_stats=True)
+    assert tokens.shape == (2, 64)
+    assert stats["cache_slots_per_layer"] == 64 // 8 + 1 + 8 == model.cache_slots(64)
+    assert stats["dense_slots_per_layer"] == 64
+    # k and v, 2 kv heads of 8 dims, 2 layers, batch 2, float64
+    assert stats["cache_bytes"] == 2 * 2 * 8 * 8 * 2 * 2 * stats["cache_slots_per_layer"]
+    assert stats["dense_cache_bytes"] == 2 * 2 * 8 * 8 * 2 * 2 * 64
+    # the issue's count at L = 4096, l = 16: 273 slots against 4096
+    big = CATConfig(dim=64, n_heads=4, compressor_dim=32, compressor_heads=2, chunk_sizes=(16,), max_seq_len=4096)
+    assert CATTransformer(big).cache_slots(4096) == 273
+
+
+def test_generate_errors(gen):
+    model = make((4,))
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+        model.generate(torch.zeros(1, 90, dtype=torch.long), 10)
+    with pytest.raises(ValueError, match="prompt must be"):
+        model.generate(torch.zeros(1, 0, dtype=torch.long), 10)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(torch.zeros(1, 3, dtype=torch.long), 2, temperature=-1.0)

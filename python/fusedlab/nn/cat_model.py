@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusedlab.nn.cat import rotary
-from fusedlab.ops.cat import cat_attention
+from fusedlab.ops.cat import cat_attention, cat_decode
 
 
 @dataclass
@@ -163,13 +163,14 @@ class Compressor(nn.Module):
             return w
         return F.interpolate(w[None, None], size=(w.shape[0], width), mode="bilinear", align_corners=False)[0, 0]
 
-    def forward(self, tokens: torch.Tensor, l: int) -> torch.Tensor:
-        """tokens [B, K * l] (whole chunks) -> [B, K, dim]."""
+    def forward(self, tokens: torch.Tensor, l: int, first_chunk: int = 0) -> torch.Tensor:
+        """tokens [B, K * l] (whole chunks, the first at chunk index ``first_chunk``) -> [B, K, dim]."""
         c = self.config
         B, n = tokens.shape
         K = n // l
         x = self.wte(tokens.view(B * K, l))
-        special = [self.pos_tokens(torch.arange(K, device=tokens.device)).repeat(B, 1)[:, None]]
+        index = torch.arange(first_chunk, first_chunk + K, device=tokens.device)
+        special = [self.pos_tokens(index).repeat(B, 1)[:, None]]
         if self.size_tokens is not None:
             idx = torch.full((B * K,), c.chunk_sizes.index(l), device=tokens.device)
             special.insert(0, self.size_tokens(idx)[:, None])
@@ -191,14 +192,66 @@ class DecoderBlock(nn.Module):
         self.mlp = SwiGLU(c.dim, c.multiple_of)
         self.rope_base, self.backend = c.rope_base, c.backend
 
-    def forward(self, x, f, raw_positions, block: int):
-        """x [B, T, dim] raw stream (chunks of ``block``), f [B, Nc, dim] compressed stream."""
+    def forward(self, x, f, raw_positions, block: int, capture: Optional[list] = None):
+        """x [B, T, dim] raw stream (chunks of ``block``), f [B, Nc, dim] compressed stream. With
+        ``capture``, appends this layer's (k, v, kc, vc) (a generation prefill)."""
         q, k, v = self.attn.qkv(self.attn_norm(x), raw_positions, self.rope_base)
         qc, kc, vc = self.attn.qkv(self.attn_norm(f), None, self.rope_base)  # slots sit at position 0
+        if capture is not None:
+            capture.append((k, v, kc, vc))
         o, oc = cat_attention(q, k, v, kc, vc, block, qc=qc, backend=self.backend)
         x = x + self.attn.out(o)
         f = f + self.attn.out(oc)
         return x + self.mlp(self.mlp_norm(x)), f + self.mlp(self.mlp_norm(f))
+
+    def step(self, h, position: Optional[int], cache: "_LayerCache", as_slot: bool):
+        """One new position of one stream (h [B, 1, dim]) against this layer's cache: a raw token
+        (rotary at ``position``) or a compressed slot (position 0, sees the slots only). Its k, v join the
+        cache first."""
+        pos = None if position is None else torch.tensor([position], device=h.device)
+        q, k, v = self.attn.qkv(self.attn_norm(h), pos, self.rope_base)
+        if as_slot:
+            cache.add_slot(k, v)
+            n_raw = torch.zeros_like(cache.n_raw)
+        else:
+            cache.add_raw(k, v)
+            n_raw = cache.n_raw
+        o = cat_decode(q[:, :, 0], cache.kc, cache.vc, cache.n_slots, cache.k, cache.v, n_raw)
+        h = h + self.attn.out(o[:, :, None])
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class _LayerCache:
+    """One decoder layer's generation cache: compressed slots [B, Hkv, S, hd] and the current chunk's raw
+    keys [B, Hkv, block, hd], with their fill counts."""
+
+    def __init__(self, B, Hkv, hd, slots, block, dtype, device):
+        self.kc = torch.zeros(B, Hkv, slots, hd, dtype=dtype, device=device)
+        self.vc = torch.zeros_like(self.kc)
+        self.k = torch.zeros(B, Hkv, block, hd, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.n_slots = torch.zeros(B, dtype=torch.int64, device=device)
+        self.n_raw = torch.zeros(B, dtype=torch.int64, device=device)
+        self.filled_slots = self.filled_raw = 0
+
+    def add_slot(self, k, v):
+        i = self.filled_slots
+        self.kc[:, :, i: i + k.shape[2]] = k
+        self.vc[:, :, i: i + k.shape[2]] = v
+        self.filled_slots += k.shape[2]
+        self.n_slots.fill_(self.filled_slots)
+        self.filled_raw = 0  # a new slot starts a new chunk
+        self.n_raw.zero_()
+
+    def add_raw(self, k, v):
+        i = self.filled_raw
+        self.k[:, :, i: i + k.shape[2]] = k
+        self.v[:, :, i: i + k.shape[2]] = v
+        self.filled_raw += k.shape[2]
+        self.n_raw.fill_(self.filled_raw)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.kc, self.vc, self.k, self.v))
 
 
 class CATTransformer(nn.Module):
@@ -298,13 +351,121 @@ class CATTransformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, chunk_size: Optional[int] = None) -> torch.Tensor:
         x, f, l = self.hidden(tokens, chunk_size)
-        from_f, rows = self._predicting_rows(tokens.shape[1], l, tokens.device)
-        h = x.new_empty(x.shape[0], tokens.shape[1], x.shape[2])
-        h[:, from_f] = f[:, rows[from_f]]
-        h[:, ~from_f] = x[:, rows[~from_f]]
-        return self.lm_head(h)
+        return self._logits_from(x, f, tokens.shape[1], l)
 
     def loss(self, tokens: torch.Tensor, chunk_size: Optional[int] = None) -> torch.Tensor:
         """Mean next-token cross-entropy over positions 0..L-2."""
         logits = self(tokens, chunk_size)[:, :-1]
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
+
+    # ------------------------------------------------------------------------------------------ generation
+
+    def cache_slots(self, L: int, chunk_size: Optional[int] = None) -> int:
+        """Key/value slots per layer a generation cache holds for L tokens: ceil(L / l) + 1 compressed slots
+        plus one chunk of raw keys (l, or l + 1 with the separator), against L for a dense decoder."""
+        l = self._chunk_size(chunk_size)
+        return -(-L // l) + 1 + l + (1 if self.config.adaptive else 0)
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, chunk_size: Optional[int] = None,
+                 temperature: float = 0.0, top_k: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None, return_stats: bool = False):
+        """Continue ``prompt`` [B, P] (P >= 1) by ``max_new_tokens`` tokens with a compressed cache.
+
+        The prompt runs as one parallel forward that fills each layer's cache with the compressed slots of
+        its complete chunks and the raw keys of its current chunk. Then each new token attends to that cache
+        (``fusedlab.ops.cat_decode``); when a chunk completes it is compressed once, and its slot runs through
+        the decoder to join every layer's cache. ``temperature`` 0 is greedy (equal, token for token, to
+        recomputing the full forward at every step); otherwise sampling from softmax(logits / temperature),
+        restricted to the ``top_k`` most likely tokens when given, with ``generator``.
+
+        Returns the tokens [B, P + max_new_tokens], and with ``return_stats`` a dict with the cache's bytes
+        and slots per layer and those of a dense decoder's cache at the final length.
+        """
+        c = self.config
+        l = self._chunk_size(chunk_size)
+        if prompt.dim() != 2 or prompt.shape[1] < 1:
+            raise ValueError(f"prompt must be [B, P] with P >= 1, got shape {tuple(prompt.shape)}")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        total = prompt.shape[1] + max_new_tokens
+        if total > c.max_seq_len:
+            raise ValueError(f"prompt + max_new_tokens = {total} exceeds max_seq_len {c.max_seq_len}")
+        if temperature < 0 or (top_k is not None and top_k < 1):
+            raise ValueError(f"temperature must be >= 0 and top_k >= 1, got {temperature}, {top_k}")
+        B, P = prompt.shape
+        block = l + 1 if c.adaptive else l
+        dtype = self.wte.weight.dtype
+        hkv, hd = c.n_kv_heads or c.n_heads, c.dim // c.n_heads
+        caches = [_LayerCache(B, hkv, hd, -(-total // l) + 1, block, dtype, prompt.device) for _ in self.blocks]
+
+        # prefill: one parallel forward, keeping each layer's keys of the complete chunks' slots and of the
+        # current chunk's raw positions
+        captured = []
+        f = self.compressed_stream(prompt, l)
+        x, _, pos = self.raw_stream(prompt, l)
+        for blk in self.blocks:
+            layer = []
+            x, f = blk(x, f, pos, block, capture=layer)
+            captured.append(layer[0])
+        b = P // l  # the chunk the next token belongs to; slots F_0..F_b are complete
+        raw_start = b * block
+        for cache, (k, v, kc, vc) in zip(caches, captured):
+            cache.add_slot(kc[:, :, : b + 1], vc[:, :, : b + 1])
+            if k.shape[2] > raw_start:
+                cache.add_raw(k[:, :, raw_start:], v[:, :, raw_start:])
+        logits = self._logits_from(self.norm(x), self.norm(f), P, l)[:, -1]
+
+        out = [prompt]
+        n = P
+        for _ in range(max_new_tokens):
+            nxt = self._pick(logits, temperature, top_k, generator)
+            out.append(nxt[:, None])
+            n += 1
+            if n == total:
+                break
+            if n % l:  # a token inside its chunk: one raw step
+                h = self.wte(nxt)[:, None]
+                pos_in_block = (n - 1) % l + (2 if c.adaptive else 1)
+                for blk, cache in zip(self.blocks, caches):
+                    h = blk.step(h, pos_in_block, cache, as_slot=False)
+                logits = self.lm_head(self.norm(h))[:, 0]
+                continue
+            # the chunk is complete. Its last token's output and key are never used (nothing after it in its
+            # chunk), so it takes no decoder step: the chunk is compressed once and its slot runs through the
+            # decoder into every layer's cache. The slot's output predicts the next token (fixed variant),
+            # or the next chunk's separator is fed and predicts it (adaptive variant).
+            g = self.compressor(torch.cat(out, 1)[:, n - l: n], l, first_chunk=n // l - 1)
+            for blk, cache in zip(self.blocks, caches):
+                g = blk.step(g, None, cache, as_slot=True)
+            h = g
+            if c.adaptive:
+                h = self.sep.to(dtype).expand(B, 1, -1)
+                for blk, cache in zip(self.blocks, caches):
+                    h = blk.step(h, 1, cache, as_slot=False)
+            logits = self.lm_head(self.norm(h))[:, 0]
+        tokens = torch.cat(out, 1)
+        if not return_stats:
+            return tokens
+        slots = caches[0].kc.shape[2] + block
+        per_slot = 2 * B * hkv * hd * self.wte.weight.element_size() * len(caches)  # k and v, every layer
+        stats = dict(cache_bytes=sum(cache.nbytes() for cache in caches), cache_slots_per_layer=slots,
+                     dense_slots_per_layer=total, dense_cache_bytes=per_slot * total)
+        return tokens, stats
+
+    def _logits_from(self, x, f, L, l):
+        from_f, rows = self._predicting_rows(L, l, x.device)
+        h = x.new_empty(x.shape[0], L, x.shape[2])
+        h[:, from_f] = f[:, rows[from_f]]
+        h[:, ~from_f] = x[:, rows[~from_f]]
+        return self.lm_head(h)
+
+    @staticmethod
+    def _pick(logits, temperature, top_k, generator):
+        if temperature == 0:
+            return logits.argmax(-1)
+        logits = logits.float() / temperature
+        if top_k is not None:
+            kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, -float("inf"))
+        return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]

@@ -2,9 +2,9 @@
 
 Each op is also reachable as ``torch.ops.fusedlab.<name>`` (the C++ schema in csrc/fusedlab.cpp).
 """
-from fusedlab.ops.cat import cat_attention
+from fusedlab.ops.cat import cat_attention, cat_decode
 from fusedlab.ops.newton_schulz import newton_schulz
 from fusedlab.ops.resample import ResampleResult, gather, gather_, resample
 from fusedlab.ops.symile import mip, symile_loss
 
-__all__ = ["ResampleResult", "cat_attention", "gather", "gather_", "mip", "newton_schulz", "resample", "symile_loss"]
+__all__ = ["ResampleResult", "cat_attention", "cat_decode", "gather", "gather_", "mip", "newton_schulz", "resample", "symile_loss"]

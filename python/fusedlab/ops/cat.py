@@ -261,3 +261,45 @@ def cat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.T
     if qc is None:
         return (o, lse) if return_lse else o
     return (o, oc, lse, lse_c) if return_lse else (o, oc)
+
+
+def cat_decode(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, n_slots: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor, n_raw: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+    """CAT attention for generation: one new query per sequence against a compressed cache.
+
+    Args:
+        q: [B, H, d], the new query of each sequence.
+        kc, vc: [B, Hkv, S, d] compressed-slot cache; sequence b has its first ``n_slots[b]`` filled.
+        n_slots: [B] integer tensor, 1 <= n_slots[b] <= S.
+        k, v: [B, Hkv, R, d] the current chunk's raw keys; the first ``n_raw[b]`` filled (0 allowed).
+        n_raw: [B] integer tensor, 0 <= n_raw[b] <= R.
+        scale: default 1 / sqrt(d).
+
+    Returns [B, H, d]: one softmax over the filled slots and raw keys. Runs the reference computation (a
+    masked softmax over S + R keys per query) on every device so far.
+
+    Example:
+        >>> import torch, fusedlab
+        >>> q = torch.randn(2, 4, 8); kc, vc = torch.randn(2, 2, 2, 5, 8); k, v = torch.randn(2, 2, 2, 3, 8)
+        >>> o = fusedlab.ops.cat_decode(q, kc, vc, torch.tensor([5, 2]), k, v, torch.tensor([1, 0]))
+        >>> o.shape
+        torch.Size([2, 4, 8])
+    """
+    for name, t in (("q", q), ("kc", kc), ("vc", vc), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor")
+    if q.dim() != 3 or kc.dim() != 4 or k.dim() != 4 or kc.shape != vc.shape or k.shape != v.shape:
+        raise ValueError(f"expected q [B, H, d], kc = vc [B, Hkv, S, d], k = v [B, Hkv, R, d]; got q "
+                         f"{tuple(q.shape)}, kc {tuple(kc.shape)}, vc {tuple(vc.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    B, H, d = q.shape
+    if kc.shape[0] != B or k.shape[0] != B or kc.shape[3] != d or k.shape[3] != d or kc.shape[1] != k.shape[1]:
+        raise ValueError("kc, vc, k, v must share q's batch and head dim and one kv head count")
+    if H % kc.shape[1]:
+        raise ValueError(f"q's {H} heads must be a multiple of the cache's {kc.shape[1]} kv heads")
+    for name, n, size, low in (("n_slots", n_slots, kc.shape[2], 1), ("n_raw", n_raw, k.shape[2], 0)):
+        if not isinstance(n, torch.Tensor) or n.shape != (B,) or n.dtype.is_floating_point:
+            raise ValueError(f"{name} must be an integer tensor of shape [{B}]")
+        if not torch.compiler.is_compiling() and n.numel() and (int(n.min()) < low or int(n.max()) > size):
+            raise ValueError(f"{name} must lie in [{low}, {size}], got {n.tolist()}")
+    return ref.cat_decode(q, kc, vc, n_slots.to(q.device), k, v, n_raw.to(q.device), scale)

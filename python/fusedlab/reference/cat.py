@@ -72,3 +72,17 @@ def cat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.T
 def keys_seen(L: int, chunk_size: int) -> int:
     """Most keys any raw query sees (compressed slots plus its chunk's prefix), for cost statements."""
     return (L - 1) // chunk_size + 1 + min(chunk_size, L)
+
+
+def cat_decode(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, n_slots: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor, n_raw: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+    """One query per sequence against its cache: q [B, H, d]; compressed slots kc, vc [B, Hkv, S, d] of which
+    the first n_slots[b] are filled; the current chunk's raw keys k, v [B, Hkv, R, d], the first n_raw[b]
+    filled. One softmax over both; returns [B, H, d] (float32 math for half inputs)."""
+    B, H, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    S, R = kc.shape[2], k.shape[2]
+    seen = torch.cat([torch.arange(S, device=q.device)[None, :] < n_slots[:, None],
+                      torch.arange(R, device=q.device)[None, :] < n_raw[:, None]], 1)  # [B, S + R]
+    o, _ = _attend(q[:, :, None], torch.cat([kc, k], 2), torch.cat([vc, v], 2), seen[:, None, None, :], scale)
+    return o[:, :, 0]
