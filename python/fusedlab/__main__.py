@@ -18,6 +18,7 @@ import torch
 
 import fusedlab
 from fusedlab._backend import FAMILY_BACKENDS
+from fusedlab.perf import cat as perf_cat
 from fusedlab.perf import fk_tailrisk as perf_fk
 from fusedlab.perf import newton_schulz as perf_ns
 from fusedlab.perf import resample as perf_resample
@@ -115,13 +116,15 @@ def demo(quick=False):
             rows.append(perf_ns.optimizer_row(device, quick, min_run_time))
             bar.update(1)
         all_rows += _ns_display(rows, errors)
+        all_rows.append(perf_cat.demo_row(device, quick, min_run_time))
     all_rows.append(perf_fk.fk_row(B=4, K=8) if quick else perf_fk.fk_row())
     all_rows.append(perf_fk.tailrisk_row(n=100, seeds=2) if quick else perf_fk.tailrisk_row())
     all_rows.append(perf_symile.symile_row(N=16, d=8, runs=1) if quick else perf_symile.symile_row())
     print(_table(all_rows, COLS))
     print("\nmax err, resample: differing ancestors + largest abs. error of log-weights and log_norm over every "
           "method and threshold (0 = identical); newton_schulz: relative error of the float32 kernel against "
-          "float64; symile: largest loss/gradient difference from the package; FK: error of the steered mean; tail risk: median relative error against the exact "
+          "float64; cat: largest relative error of output and gradients (fp32) against float64; symile: largest "
+          "loss/gradient difference from the package; FK: error of the steered mean; tail risk: median relative error against the exact "
           "probability. Speedups are time ratios measured in this process.")
     return all_rows
 
@@ -189,8 +192,6 @@ def bench_newton_schulz(out_dir, min_run_time=0.5, quick=False, device="all"):
 def bench_cat(out_dir, min_run_time=0.5, quick=False, device="all"):
     """CAT attention forward+backward against dense causal SDPA and FlexAttention's interleaved mask."""
     from tqdm import tqdm
-
-    from fusedlab.perf import cat as perf_cat
 
     os.makedirs(out_dir, exist_ok=True)
     tag = "gpu" if torch.cuda.is_available() else "cpu"
