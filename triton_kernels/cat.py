@@ -74,6 +74,19 @@ def _config(dtype, pas, d):
 
 
 @triton.jit
+def _softmax_tile(q, kt_ptrs, vt_ptrs, kv_mask, seen, m_i, l_i, acc, qk_scale):
+    """One key tile of the forward's online softmax (base 2): rescale the running sum and output."""
+    kt = tl.load(kt_ptrs, mask=kv_mask, other=0.0)
+    s = tl.where(seen, tl.dot(q, tl.trans(kt), input_precision="ieee") * qk_scale, -float("inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    vt = tl.load(vt_ptrs, mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
+    return m_new, l_i * alpha + tl.sum(p, 1), acc
+
+
+@triton.jit
 def _cat_fwd_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, o_ptr, lse_ptr,
                     stride_qb, stride_qh, stride_kb, stride_kh, stride_cb, stride_ch,
                     H, GROUP, T, NC, CHUNK, qk_scale,
@@ -111,34 +124,19 @@ def _cat_fwd_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, o_ptr, lse_ptr,
     # compressed slots: slot 0 is visible to every row, so m_i is finite after the first tile
     for start in range(0, slot_end, BLOCK_N):
         cols = start + cols0
+        offs = cols[:, None] * HEAD_DIM + dims[None, :]
         kv_mask = (cols < slot_end)[:, None] & dim_ok[None, :]
-        kt = tl.load(kc_base + cols[:, None] * HEAD_DIM + dims[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(kt), input_precision="ieee") * qk_scale
-        s = tl.where(cols[None, :] <= chunk[:, None], s, -float("inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        vt = tl.load(vc_base + cols[:, None] * HEAD_DIM + dims[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
-        m_i = m_new
+        m_i, l_i, acc = _softmax_tile(q, kc_base + offs, vc_base + offs, kv_mask, cols[None, :] <= chunk[:, None],
+                                      m_i, l_i, acc, qk_scale)
     if not COMPRESSED:
         # raw keys: from the first row's chunk start to the last row (chunk-diagonal causal mask)
         raw_start = ((pid_m * BLOCK_M) // CHUNK) * CHUNK
         for start in range(raw_start, last + 1, BLOCK_N):
             cols = start + cols0
+            offs = cols[:, None] * HEAD_DIM + dims[None, :]
             kv_mask = (cols <= last)[:, None] & dim_ok[None, :]
-            kt = tl.load(k_base + cols[:, None] * HEAD_DIM + dims[None, :], mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(kt), input_precision="ieee") * qk_scale
             seen = ((cols // CHUNK)[None, :] == chunk[:, None]) & (cols[None, :] <= rows[:, None])
-            s = tl.where(seen, s, -float("inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            vt = tl.load(v_base + cols[:, None] * HEAD_DIM + dims[None, :], mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
-            m_i = m_new
+            m_i, l_i, acc = _softmax_tile(q, k_base + offs, v_base + offs, kv_mask, seen, m_i, l_i, acc, qk_scale)
     o = acc / l_i[:, None]
     o_base = o_ptr + b * stride_qb + h * stride_qh
     tl.store(o_base + rows[:, None] * HEAD_DIM + dims[None, :], o.to(o_ptr.dtype.element_ty),
@@ -230,6 +228,36 @@ def _dkv_tile(kt, vt, dk, dv, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, q_mask, row
 
 
 @triton.jit
+def _dkv_rows(kt, vt, dk, dv, q_ptr, do_ptr, lse_ptr, delta_ptr, row_base, lo, hi, cols, dims, dim_ok, CHUNK,
+              qk_scale, SEEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Accumulate dK, dV of one key tile (keys ``cols``) over query rows [lo, hi). SEEN: 0 raw keys (same
+    chunk, not later), 1 slots seen by raw queries (slot <= chunk), 2 slots seen by compressed queries."""
+    rows0 = tl.arange(0, BLOCK_M)
+    for start in range(lo, hi, BLOCK_M):
+        rows = start + rows0
+        row_ok = rows < hi
+        qtile = rows[:, None] * HEAD_DIM + dims[None, :]
+        q_mask = row_ok[:, None] & dim_ok[None, :]
+        if SEEN == 0:
+            seen = ((cols // CHUNK)[:, None] == (rows // CHUNK)[None, :]) & (cols[:, None] <= rows[None, :])
+        elif SEEN == 1:
+            seen = cols[:, None] <= (rows // CHUNK)[None, :]
+        else:
+            seen = cols[:, None] <= rows[None, :]
+        dk, dv = _dkv_tile(kt, vt, dk, dv, q_ptr + qtile, do_ptr + qtile, lse_ptr + row_base + rows,
+                           delta_ptr + row_base + rows, q_mask, row_ok, seen & row_ok[None, :], qk_scale)
+    return dk, dv
+
+
+@triton.jit
+def _load_key_tile(k_ptr, v_ptr, cols, n, dims, dim_ok, HEAD_DIM: tl.constexpr):
+    """A tile of keys and values (rows ``cols`` of n) and its offsets and mask, for the dK/dV kernels."""
+    ktile = cols[:, None] * HEAD_DIM + dims[None, :]
+    kmask = (cols < n)[:, None] & dim_ok[None, :]
+    return tl.load(k_ptr + ktile, mask=kmask, other=0.0), tl.load(v_ptr + ktile, mask=kmask, other=0.0), ktile, kmask
+
+
+@triton.jit
 def _cat_bwd_dkv_raw_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
                             stride_qb, stride_qh, stride_kb, stride_kh,
                             HKV, GROUP, L, CHUNK, qk_scale, scale,
@@ -241,34 +269,20 @@ def _cat_bwd_dkv_raw_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_
     hk = (bhk % HKV).to(tl.int64)
     H = HKV * GROUP
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < L
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
     k_off = b * stride_kb + hk * stride_kh
-    ktile = cols[:, None] * HEAD_DIM + dims[None, :]
-    kmask = col_ok[:, None] & dim_ok[None, :]
-    kt = tl.load(k_ptr + k_off + ktile, mask=kmask, other=0.0)
-    vt = tl.load(v_ptr + k_off + ktile, mask=kmask, other=0.0)
+    kt, vt, ktile, kmask = _load_key_tile(k_ptr + k_off, v_ptr + k_off, cols, L, dims, dim_ok, HEAD_DIM)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     # queries that see these keys: from the first key to the end of the last key's chunk
     last_col = tl.minimum(pid_n * BLOCK_N + BLOCK_N, L) - 1
     q_end = tl.minimum((last_col // CHUNK + 1) * CHUNK, L)
-    rows0 = tl.arange(0, BLOCK_M)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         q_off = b * stride_qb + h * stride_qh
-        row_base = (b * H + h) * L
-        for start in range(pid_n * BLOCK_N, q_end, BLOCK_M):
-            rows = start + rows0
-            row_ok = rows < q_end
-            qtile = rows[:, None] * HEAD_DIM + dims[None, :]
-            q_mask = row_ok[:, None] & dim_ok[None, :]
-            seen = (((cols // CHUNK)[:, None] == (rows // CHUNK)[None, :]) & (cols[:, None] <= rows[None, :])
-                    & row_ok[None, :])
-            dk, dv = _dkv_tile(kt, vt, dk, dv, q_ptr + q_off + qtile, do_ptr + q_off + qtile,
-                               lse_ptr + row_base + rows, delta_ptr + row_base + rows, q_mask, row_ok, seen,
-                               qk_scale)
+        dk, dv = _dkv_rows(kt, vt, dk, dv, q_ptr + q_off, do_ptr + q_off, lse_ptr, delta_ptr, (b * H + h) * L,
+                           pid_n * BLOCK_N, q_end, cols, dims, dim_ok, CHUNK, qk_scale, 0, HEAD_DIM, BLOCK_M)
     tl.store(dk_ptr + k_off + ktile, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kmask)
     tl.store(dv_ptr + k_off + ktile, dv.to(dv_ptr.dtype.element_ty), mask=kmask)
 
@@ -290,45 +304,25 @@ def _cat_bwd_dkv_slot_kernel(q_ptr, do_ptr, lse_ptr, delta_ptr, qc_ptr, doc_ptr,
     hk = (bhk % HKV).to(tl.int64)
     H = HKV * GROUP
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < NC
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
     c_off = b * stride_cb + hk * stride_ch
-    ktile = cols[:, None] * HEAD_DIM + dims[None, :]
-    kmask = col_ok[:, None] & dim_ok[None, :]
-    kt = tl.load(kc_ptr + c_off + ktile, mask=kmask, other=0.0)
-    vt = tl.load(vc_ptr + c_off + ktile, mask=kmask, other=0.0)
+    kt, vt, ktile, kmask = _load_key_tile(kc_ptr + c_off, vc_ptr + c_off, cols, NC, dims, dim_ok, HEAD_DIM)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    rows0 = tl.arange(0, BLOCK_M)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         q_off = b * stride_qb + h * stride_qh
-        row_base = (b * H + h) * L
         # raw queries t see slot s when t // CHUNK >= s; this split takes rows [lo, hi)
         lo = tl.maximum(pid_n * BLOCK_N * CHUNK, pid_s * ROWS_PER_SPLIT)
         hi = tl.minimum(L, (pid_s + 1) * ROWS_PER_SPLIT)
-        for start in range(lo, hi, BLOCK_M):
-            rows = start + rows0
-            row_ok = rows < hi
-            qtile = rows[:, None] * HEAD_DIM + dims[None, :]
-            q_mask = row_ok[:, None] & dim_ok[None, :]
-            seen = (cols[:, None] <= (rows // CHUNK)[None, :]) & row_ok[None, :]
-            dk, dv = _dkv_tile(kt, vt, dk, dv, q_ptr + q_off + qtile, do_ptr + q_off + qtile,
-                               lse_ptr + row_base + rows, delta_ptr + row_base + rows, q_mask, row_ok, seen,
-                               qk_scale)
+        dk, dv = _dkv_rows(kt, vt, dk, dv, q_ptr + q_off, do_ptr + q_off, lse_ptr, delta_ptr, (b * H + h) * L,
+                           lo, hi, cols, dims, dim_ok, CHUNK, qk_scale, 1, HEAD_DIM, BLOCK_M)
         if HAS_QC and pid_s == 0:
             cq_off = b * stride_cqb + h * stride_cqh
-            crow_base = (b * H + h) * NC
-            for start in range(pid_n * BLOCK_N, NC, BLOCK_M):
-                rows = start + rows0
-                row_ok = rows < NC
-                qtile = rows[:, None] * HEAD_DIM + dims[None, :]
-                q_mask = row_ok[:, None] & dim_ok[None, :]
-                seen = (cols[:, None] <= rows[None, :]) & row_ok[None, :]
-                dk, dv = _dkv_tile(kt, vt, dk, dv, qc_ptr + cq_off + qtile, doc_ptr + cq_off + qtile,
-                                   lse_c_ptr + crow_base + rows, delta_c_ptr + crow_base + rows, q_mask, row_ok,
-                                   seen, qk_scale)
+            dk, dv = _dkv_rows(kt, vt, dk, dv, qc_ptr + cq_off, doc_ptr + cq_off, lse_c_ptr, delta_c_ptr,
+                               (b * H + h) * NC, pid_n * BLOCK_N, NC, cols, dims, dim_ok, CHUNK, qk_scale, 2,
+                               HEAD_DIM, BLOCK_M)
     out_off = pid_s.to(tl.int64) * split_stride + c_off
     tl.store(dkc_ptr + out_off + ktile, (dk * scale).to(dkc_ptr.dtype.element_ty), mask=kmask)
     tl.store(dvc_ptr + out_off + ktile, dv.to(dvc_ptr.dtype.element_ty), mask=kmask)
