@@ -18,6 +18,14 @@ TORCH_LIBRARY(fusedlab, m) {
   m.def("resample_gather(Tensor log_weights, Tensor uniforms, str method, float ess_threshold, Tensor state) -> "
         "(Tensor log_weights_out, Tensor ancestors, Tensor ess, Tensor log_norm, Tensor status, Tensor state_out)");
   m.def("gather(Tensor state, Tensor ancestors) -> Tensor");
+  // one Feynman-Kac steering step (python/fusedlab/smc/fk.py): the potential ("diff", "max", "add", "rt")
+  // from float64 rewards [B*K] and the running reward state, the log-weight update, resample_gather of the
+  // latents, and r_state, applied (the potentials applied so far) and the rewards (NaN read as -inf) moved by
+  // the ancestors; with raise_degenerate, a group left without a finite weight is a ValueError naming it.
+  // Returns (log_weights_out, ancestors, ess, log_norm, status, state_out, r_state, applied, rewards).
+  m.def("fk_step(Tensor log_weights, Tensor rewards, Tensor r_state, Tensor applied, Tensor state, "
+        "Tensor uniforms, str potential, float lam, bool first, bool last, str method, float ess_threshold, "
+        "bool raise_degenerate) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("gather_(Tensor(a!) state, Tensor ancestors) -> ()");
 
   // ---- newton_schulz: Muon's orthogonalization (python/fusedlab/reference/newton_schulz.py). `coefficients`

@@ -8,7 +8,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -256,9 +258,100 @@ void gather_inplace_cpu(at::Tensor& state, const at::Tensor& ancestors) {
   });
 }
 
+// ---- one Feynman-Kac steering step (python/fusedlab/smc/fk.py, FKSteering.run, is the semantics): the
+// potential from this step's rewards, the log-weight update, resampling with the latents moved, and the
+// per-particle reward bookkeeping moved by the same ancestors, in one call and one pass per particle.
+
+enum Potential : int32_t { kDiff = 0, kMax = 1, kAdd = 2, kRt = 3 };
+
+int32_t parse_potential(c10::string_view name) {
+  if (name == "diff") return kDiff;
+  if (name == "max") return kMax;
+  if (name == "add") return kAdd;
+  TORCH_CHECK(name == "rt", "fusedlab.fk_step: potential must be one of diff, max, add, rt, got ", std::string(name));
+  return kRt;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
+fk_step_cpu(const at::Tensor& log_weights, const at::Tensor& rewards, const at::Tensor& r_state,
+            const at::Tensor& applied, const at::Tensor& state, const at::Tensor& uniforms, c10::string_view potential,
+            double lam, bool first, bool last, c10::string_view method, double ess_threshold,
+            bool raise_degenerate) {
+  const int32_t pot = parse_potential(potential);
+  TORCH_CHECK(log_weights.dim() == 2 && log_weights.scalar_type() == at::kDouble,
+              "fusedlab.fk_step: log_weights must be [B, K] float64");
+  const int64_t B = log_weights.size(0), K = log_weights.size(1), n = B * K;
+  for (const at::Tensor* t : {&rewards, &r_state, &applied})
+    TORCH_CHECK(t->dim() == 1 && t->numel() == n && t->scalar_type() == at::kDouble,
+                "fusedlab.fk_step: rewards, r_state and applied must be float64 of B * K = ", n, " elements");
+  const at::Tensor r_in = rewards.contiguous(), rs_in = r_state.contiguous(), ap_in = applied.contiguous();
+  at::Tensor lw = log_weights.contiguous().clone();
+  at::Tensor rs_new = at::empty_like(rs_in), ap_new = at::empty_like(ap_in), r_clean = at::empty_like(r_in);
+  {
+    const double* r = r_in.data_ptr<double>();
+    double* rc = r_clean.data_ptr<double>();
+    const double* rs = rs_in.data_ptr<double>();
+    const double* ap = ap_in.data_ptr<double>();
+    double* w = lw.data_ptr<double>();
+    double* rs_o = rs_new.data_ptr<double>();
+    double* ap_o = ap_new.data_ptr<double>();
+    const double inf = std::numeric_limits<double>::infinity();
+    for (int64_t i = 0; i < n; ++i) {
+      const double ri = std::isnan(r[i]) ? -inf : r[i];  // NaN reward: a dead particle
+      rc[i] = ri;
+      double g, st = rs[i];
+      switch (pot) {
+        case kDiff: g = lam * (ri - st); st = ri; break;
+        case kMax: st = first ? ri : std::max(st, ri); g = lam * st; break;
+        case kAdd: st = st + ri; g = lam * st; break;
+        default: g = lam * ri;
+      }
+      if (last && pot != kDiff) g = lam * ri - ap[i];  // the product of potentials becomes exp(lam r(x))
+      if (std::isnan(g) || ri == -inf) g = -inf;      // dead whatever the potential and the sign of lam
+      else if (g == inf) g = std::numeric_limits<double>::max();  // as torch.nan_to_num: the largest finite
+      rs_o[i] = st;
+      ap_o[i] = ap[i] + g;
+      w[i] += g;
+    }
+  }
+  auto out = resample_impl(lw, uniforms, std::string(method), ess_threshold, &state);
+  const at::Tensor& anc = std::get<1>(out);
+  if (raise_degenerate) {  // the message of fusedlab.smc.resample's on_degenerate="raise"
+    const uint8_t* st = std::get<4>(out).data_ptr<uint8_t>();
+    std::vector<int64_t> dead;
+    for (int64_t b = 0; b < B; ++b)
+      if (st[b] & kDegenerate) dead.push_back(b);
+    if (!dead.empty()) {
+      std::string groups;
+      for (size_t k = 0; k < std::min<size_t>(dead.size(), 10); ++k) groups += (k ? ", " : "") + std::to_string(dead[k]);
+      if (dead.size() > 10) groups += ", ...";
+      TORCH_CHECK_VALUE(false, "log_weights: group(s) ", groups, " have no finite log-weight (all -inf or NaN, "
+                        "or +inf); pass on_degenerate='uniform' to resample them uniformly instead");
+    }
+  }
+  // reorder the bookkeeping by the ancestors (the identity where a group was not resampled)
+  at::Tensor rs_out = at::empty_like(rs_new), ap_out = at::empty_like(ap_new), r_out = at::empty_like(r_in);
+  {
+    const int64_t* a = anc.data_ptr<int64_t>();
+    const double *rs = rs_new.data_ptr<double>(), *ap = ap_new.data_ptr<double>(), *r = r_clean.data_ptr<double>();
+    double *rs_o = rs_out.data_ptr<double>(), *ap_o = ap_out.data_ptr<double>(), *r_o = r_out.data_ptr<double>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < K; ++i) {
+        const int64_t src = b * K + a[b * K + i];
+        rs_o[b * K + i] = rs[src];
+        ap_o[b * K + i] = ap[src];
+        r_o[b * K + i] = r[src];
+      }
+  }
+  return {std::get<0>(out), anc, std::get<2>(out), std::get<3>(out), std::get<4>(out), std::get<5>(out),
+          rs_out, ap_out, r_out};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedlab, CPU, m) {
+  m.impl("fk_step", &fk_step_cpu);
   m.impl("resample", &resample_cpu);
   m.impl("resample_gather", &resample_gather_cpu);
   m.impl("gather", &gather_cpu);

@@ -142,6 +142,15 @@ class _ReferenceResample(torch.autograd.Function):
         return _grad_log_weights(log_weights, status, g_lw, g_ess, g_norm), None, None, None
 
 
+@torch.library.register_fake("fusedlab::fk_step")
+def _fake_fk_step(log_weights, rewards, r_state, applied, state, uniforms, potential, lam, first, last, method,
+                  ess_threshold, raise_degenerate):
+    lw_out, anc, ess, log_norm, status, state_out = _fake_resample_gather(log_weights, uniforms, method,
+                                                                          ess_threshold, state)
+    return lw_out, anc, ess, log_norm, status, state_out, torch.empty_like(r_state), torch.empty_like(applied), \
+        torch.empty_like(rewards)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the Triton backend, wrapped as custom ops so opcheck and torch.compile see it like the C++ ops
 

@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
-from fusedlab.ops.resample import gather, resample
+from fusedlab.ops.resample import METHODS, gather, resample
 
 POTENTIALS = ("diff", "max", "add", "rt")
 
@@ -92,17 +92,36 @@ class FKSteering:
             raise ValueError(f"num_particles must be an int >= 1, got {num_particles!r}")
         if not isinstance(every, int) or every < 0 or not isinstance(start, int) or start < 0:
             raise ValueError(f"start and every must be ints >= 0, got start={start!r}, every={every!r}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if not isinstance(ess_threshold, (int, float)) or not math.isfinite(ess_threshold) or ess_threshold < 0:
+            raise ValueError(f"ess_threshold must be a finite number >= 0, got {ess_threshold!r}")
+        if on_degenerate not in ("raise", "uniform"):
+            raise ValueError(f"on_degenerate must be 'raise' or 'uniform', got {on_degenerate!r}")
         self.reward_fn, self.lmbda, self.potential, self.K = reward_fn, float(lmbda), potential, num_particles
         self.start, self.end, self.every = start, end, every
         self.method, self.ess_threshold, self.on_degenerate = method, ess_threshold, on_degenerate
         self.generator, self.backend, self.progress = generator, backend, progress
 
-    def _rewards(self, x0: torch.Tensor) -> torch.Tensor:
+    def _rewards(self, x0: torch.Tensor, clean: bool = True) -> torch.Tensor:
         r = self.reward_fn(x0)
         if not isinstance(r, torch.Tensor) or r.shape != (x0.shape[0],):
             raise ValueError(f"reward_fn must return a tensor of shape [{x0.shape[0]}] (one reward per particle), "
                              f"got {getattr(r, 'shape', type(r).__name__)}")
-        return r.detach().to(torch.float64).nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)  # NaN: dead
+        r = r.detach()
+        r = r if r.dtype == torch.float64 else r.to(torch.float64)
+        return r.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf) if clean else r  # NaN: dead
+
+    def _fused_step(self, x, lw, log_norm, r, r_state, applied, first, last, i, trace):
+        """One scheduled step through the fused CPU op; the same arithmetic and draws as the generic loop."""
+        B, K = lw.shape
+        u = torch.rand((B,) if self.method == "systematic" else (B, K), dtype=torch.float64, generator=self.generator)
+        with torch._C._AutoDispatchBelowAutograd():
+            lw, anc, ess, ln, status, xs, r_state, applied, moved_r = torch.ops.fusedlab.fk_step(
+                lw, r, r_state, applied, x.reshape(B, K, *x.shape[1:]), u.view(B, -1), self.potential, self.lmbda,
+                first, last, self.method, float(self.ess_threshold), self.on_degenerate == "raise")
+        trace.append((i, ess, status.bool()))
+        return xs.view(x.shape), lw, log_norm + ln, r_state, applied, anc, moved_r
 
     def run(self, step_fn: Callable[[torch.Tensor, int], tuple], x: torch.Tensor, num_steps: int,
             states: Optional[dict] = None) -> FKResult:
@@ -127,11 +146,24 @@ class FKSteering:
 
             it = tqdm(it, desc="FK steering", leave=False)
         rewards = None
+        # CPU tensors take the fused C++ step (torch.ops.fusedlab.fk_step): the potential, the weights, the
+        # resampling and the moves of the latents and of the reward bookkeeping in one call per step
+        fused = x.device.type == "cpu" and self.backend in ("auto", "cpu")
         for i in it:
             x, x0 = step_fn(x, i)
             if i not in steps:
                 continue
             last = i == num_steps - 1
+            if fused:  # the op reads a NaN reward as -inf itself
+                r = self._rewards(x if last else x0, clean=False)
+                x, lw, log_norm, r_state, applied, anc, moved_r = self._fused_step(
+                    x, lw, log_norm, r, r_state, applied, first, last, i, trace)
+                first = False
+                if last:
+                    rewards = r_state if self.potential == "diff" else moved_r
+                for k, v in states.items():
+                    states[k] = gather(v.reshape(B, K, *v.shape[1:]), anc, backend=self.backend).view(v.shape)
+                continue
             r = self._rewards(x if last else x0)
             lam = self.lmbda
             if self.potential == "diff":
