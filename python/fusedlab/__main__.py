@@ -129,6 +129,21 @@ def demo(quick=False):
     return all_rows
 
 
+def _write_results(out_dir, name, title, rows, shown, cols):
+    """bench/results/<name>_<cpu|gpu>.json (every row) and .md (the shown columns); returns the base path."""
+    os.makedirs(out_dir, exist_ok=True)
+    results = {"machine": machine(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    base = os.path.join(out_dir, f"{name}_{'gpu' if torch.cuda.is_available() else 'cpu'}")
+    with open(base + ".json", "w") as f:
+        json.dump(results, f, indent=1)
+    with open(base + ".md", "w") as f:
+        f.write(f"# {title}, {results['machine']} (torch {results['torch']}, {results['date']})\n\n")
+        f.write(_table(shown, cols) + "\n")
+    print(open(base + ".md").read())
+    print(f"wrote {base}.json, .md")
+    return base, results
+
+
 def bench(out_dir, min_run_time=0.5, shapes=perf_resample.SHAPES, family="resample", device="all"):
     if family == "newton_schulz":
         return bench_newton_schulz(out_dir, min_run_time, quick=shapes != perf_resample.SHAPES, device=device)
@@ -136,37 +151,24 @@ def bench(out_dir, min_run_time=0.5, shapes=perf_resample.SHAPES, family="resamp
         return bench_cat(out_dir, min_run_time, quick=shapes != perf_resample.SHAPES, device=device)
     from tqdm import tqdm
 
-    os.makedirs(out_dir, exist_ok=True)
-    tag = "gpu" if torch.cuda.is_available() else "cpu"
-    results = {"machine": machine(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "rows": []}
+    all_rows = []
     for device, backends in _devices_and_backends(device):
         errors = {be: perf_resample.check(be, device) for be in backends}
         with tqdm(total=len(shapes), desc=f"resample on {device}") as bar:
             rows = perf_resample.rows(device, backends, shapes, min_run_time, progress=bar)
-        for r in rows:
-            r["device"] = device
-            r["max_err"] = errors.get(r["backend"])
-        results["rows"] += rows
-    base = os.path.join(out_dir, f"resample_{tag}")
-    with open(base + ".json", "w") as f:
-        json.dump(results, f, indent=1)
-    md_rows = [dict(r, ms=f"{r['ms']:.4f}", **{k: f"{r[k]:.2f}" for k in ("vs_plain", "vs_naive", "over_clone") if k in r})
-               for r in results["rows"]]
+        all_rows += [dict(r, device=device, max_err=errors.get(r["backend"])) for r in rows]
+    shown = [dict(r, ms=f"{r['ms']:.4f}", **{k: f"{r[k]:.2f}" for k in ("vs_plain", "vs_naive", "over_clone") if k in r})
+             for r in all_rows]
     cols = [("device", "device"), ("op", "op"), ("backend", "backend"), ("B", "B"), ("K", "K"), ("D", "D"),
             ("median ms", "ms"), ("speedup vs plain", "vs_plain"), ("speedup vs naive", "vs_naive"),
-            ("time / clone", "over_clone")] + ([("kernel launches", "launches")] if tag == "gpu" else [])
-    with open(base + ".md", "w") as f:
-        f.write(f"# resample + gather, {results['machine']} (torch {results['torch']}, {results['date']})\n\n")
-        f.write(_table(md_rows, cols) + "\n")
+            ("time / clone", "over_clone")] + ([("kernel launches", "launches")] if torch.cuda.is_available() else [])
+    base, results = _write_results(out_dir, "resample", "resample + gather", all_rows, shown, cols)
     _plot(results, base + ".png")
-    print(open(base + ".md").read())
-    print(f"wrote {base}.json, .md, .png")
+    print(f"wrote {base}.png")
 
 
 def bench_newton_schulz(out_dir, min_run_time=0.5, quick=False, device="all"):
     """Newton-Schulz on every backend here against torch.optim.Muon's per-matrix loop, and a Muon step."""
-    os.makedirs(out_dir, exist_ok=True)
-    tag = "gpu" if torch.cuda.is_available() else "cpu"
     rows = []
     for device, backends in _devices_and_backends(device):
         ns_backends = [b for b in backends if b in FAMILY_BACKENDS["newton_schulz"]] or ["reference"]
@@ -175,26 +177,16 @@ def bench_newton_schulz(out_dir, min_run_time=0.5, quick=False, device="all"):
         for r in perf_ns.rows(device, ns_backends, shapes, min_run_time) + [perf_ns.optimizer_row(device, quick,
                                                                                                  min_run_time)]:
             rows.append(dict(r, device=device, max_err=errors.get(r["backend"])))
-    results = {"machine": machine(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "rows": rows}
-    base = os.path.join(out_dir, f"newton_schulz_{tag}")
-    with open(base + ".json", "w") as f:
-        json.dump(results, f, indent=1)
     shown = [dict(r, ms=f"{r['ms']:.3f}", peer_ms=f"{r['peer_ms']:.3f}", speedup=f"{r['speedup']:.2f}x") for r in rows]
     cols = [("device", "device"), ("op", "op"), ("backend", "backend"), ("shape", "shape"), ("median ms", "ms"),
             ("peer", "peer"), ("peer ms", "peer_ms"), ("speedup", "speedup"), ("notes", "note")]
-    with open(base + ".md", "w") as f:
-        f.write(f"# Newton-Schulz and Muon, {results['machine']} (torch {results['torch']}, {results['date']})\n\n")
-        f.write(_table(shown, cols) + "\n")
-    print(open(base + ".md").read())
-    print(f"wrote {base}.json, .md")
+    _write_results(out_dir, "newton_schulz", "Newton-Schulz and Muon", rows, shown, cols)
 
 
 def bench_cat(out_dir, min_run_time=0.5, quick=False, device="all"):
     """CAT attention forward+backward against dense causal SDPA and FlexAttention's interleaved mask."""
     from tqdm import tqdm
 
-    os.makedirs(out_dir, exist_ok=True)
-    tag = "gpu" if torch.cuda.is_available() else "cpu"
     rows = []
     for dev, _ in _devices_and_backends(device):
         if dev == "cuda":
@@ -205,10 +197,6 @@ def bench_cat(out_dir, min_run_time=0.5, quick=False, device="all"):
         with tqdm(total=len(points), desc=f"cat on {dev}") as bar:
             rows += [dict(r, device=dev) for r in perf_cat.rows(dev, points, min_run_time=min(min_run_time, 0.25),
                                                                 progress=bar, **kw)]
-    results = {"machine": machine(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "rows": rows}
-    base = os.path.join(out_dir, f"cat_{tag}")
-    with open(base + ".json", "w") as f:
-        json.dump(results, f, indent=1)
     fmt = lambda x, p=3: "" if x is None else f"{x:.{p}f}"  # noqa: E731
     shown = [dict(r, ms=fmt(r["ms"]), fwd_ms=fmt(r["fwd_ms"]), sdpa_ms=fmt(r["sdpa_ms"]),
                   vs_sdpa=fmt(r["vs_sdpa"], 2) + "x", flex_ms=fmt(r.get("flex_ms")),
@@ -221,12 +209,7 @@ def bench_cat(out_dir, min_run_time=0.5, quick=False, device="all"):
             ("vs SDPA", "vs_sdpa"), ("Flex interleaved ms", "flex_ms"), ("vs Flex", "vs_flex"),
             ("Flex fwd ms", "flex_fwd_ms"), ("fwd vs Flex fwd", "vs_flex_fwd"), ("useful TFLOP/s", "tflops"),
             ("notes", "note")]
-    with open(base + ".md", "w") as f:
-        f.write(f"# CAT attention forward+backward, {results['machine']} (torch {results['torch']}, "
-                f"{results['date']})\n\n")
-        f.write(_table(shown, cols) + "\n")
-    print(open(base + ".md").read())
-    print(f"wrote {base}.json, .md")
+    _write_results(out_dir, "cat", "CAT attention forward+backward", rows, shown, cols)
 
 
 def _plot(results, path):
