@@ -37,6 +37,8 @@ class SymileLoss(nn.Module):
         generator: "n" only: draw the permutations from this generator instead of the global RNG (with
             the global RNG, seeding torch as for the package replays its draws exactly).
         backend: see fusedlab.ops.symile_loss.
+        process_group: negatives from every rank's rows (all-gathered with gradient), the global batch's
+            loss on every rank; see fusedlab.ops.symile_loss.
 
     forward(representations, logit_scale, permutations=None): a list of M tensors [N, d] and the
     already-exponentiated scale (float or one-element tensor); returns the scalar loss averaged over the
@@ -44,7 +46,7 @@ class SymileLoss(nn.Module):
     """
 
     def __init__(self, negative_sampling: str = "n", *, generator: Optional[torch.Generator] = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", process_group=None):
         super().__init__()
         if not isinstance(negative_sampling, str) or negative_sampling not in _ops.STRATEGIES:
             raise ValueError(f"negative_sampling must be one of {_ops.STRATEGIES}, got {negative_sampling!r}")
@@ -53,11 +55,12 @@ class SymileLoss(nn.Module):
         self.negative_sampling = negative_sampling
         self.generator = generator
         self.backend = backend
+        self.process_group = process_group
 
     def forward(self, representations: Sequence[torch.Tensor], logit_scale,
                 permutations: Optional[torch.Tensor] = None) -> torch.Tensor:
         return _ops.symile_loss(representations, logit_scale, self.negative_sampling, permutations=permutations,
-                                generator=self.generator, backend=self.backend)
+                                generator=self.generator, backend=self.backend, process_group=self.process_group)
 
     def extra_repr(self) -> str:
         return f"negative_sampling={self.negative_sampling!r}"

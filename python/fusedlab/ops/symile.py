@@ -107,7 +107,7 @@ def _check_permutations(permutations, M: int, N: int, device: torch.device) -> t
 
 def symile_loss(reps: Sequence[torch.Tensor], logit_scale, negative_sampling: str = "n",
                 permutations: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
-                backend: str = "auto") -> torch.Tensor:
+                backend: str = "auto", process_group=None) -> torch.Tensor:
     """The Symile loss of M modalities, averaged over anchors exactly as ``symile.Symile`` 0.1.0 defines it.
 
     Args:
@@ -121,6 +121,13 @@ def symile_loss(reps: Sequence[torch.Tensor], logit_scale, negative_sampling: st
             ``generator``, or from the global RNG (then seeding torch as for the package replays its draws).
         generator: "n" only: the torch.Generator the permutations are drawn from.
         backend: "auto" (CPU tensors: "cpu"), "cpu" or "reference" ("n_squared" there builds the N^M tensor).
+        process_group: a torch.distributed group: each rank passes its own rows, the negatives come from
+            every rank's rows (all-gathered with gradient, rank order), and every rank returns the loss of
+            the global batch. The backward gives each rank's rows the gradient summed over the ranks'
+            losses, i.e. world size times the global loss's gradient, which DDP's averaging of parameter
+            gradients turns into exactly the global-batch gradient (open_clip's gather-with-grad
+            convention); logit_scale gets the global loss's gradient. "n" permutations cover the global
+            batch and must be the same on every rank (pass them, or seed the generator alike).
 
     "n_squared" on the C++ kernel never forms the N^(M-1) x d products: its extra memory is a few tiles of
     about 2^19 elements each, and N^(M-2) floats for M >= 4. float16/bfloat16 inputs are computed in float32.
@@ -135,6 +142,8 @@ def symile_loss(reps: Sequence[torch.Tensor], logit_scale, negative_sampling: st
         True
     """
     reps = _check_reps(reps)
+    if process_group is not None:
+        reps = _gather_with_grad(reps, process_group)
     M, N = len(reps), reps[0].shape[0]
     scale = _check_logit_scale(logit_scale, reps[0])
     if not isinstance(negative_sampling, str) or negative_sampling not in STRATEGIES:
@@ -153,6 +162,19 @@ def symile_loss(reps: Sequence[torch.Tensor], logit_scale, negative_sampling: st
         permutations = ref.draw_permutations(M, N, generator)
     perms = _check_permutations(permutations, M, N, reps[0].device)
     return ref.symile_loss_n(reps, scale.reshape(()), perms)
+
+
+def _gather_with_grad(reps, group):
+    """Every rank's rows of each modality, concatenated in rank order; differentiable (the backward sums
+    the gradients that all ranks' losses send to each rank's rows)."""
+    import torch.distributed as dist
+    from torch.distributed.nn.functional import all_gather
+
+    sizes = [None] * dist.get_world_size(group)
+    dist.all_gather_object(sizes, [tuple(r.shape) for r in reps], group=group)
+    if any(s != sizes[0] for s in sizes):
+        raise ValueError(f"every rank must pass reps of the same shapes, got {sizes}")
+    return [torch.cat(all_gather(r, group=group)) for r in reps]
 
 
 def mip(candidates: torch.Tensor, query_reps: Sequence[torch.Tensor]) -> torch.Tensor:
