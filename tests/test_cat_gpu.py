@@ -108,3 +108,20 @@ def test_torch_compile_fullgraph_forward_backward(gen):
                                 (q, k, v, kc, vc))
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.timeout(300)
+def test_model_cached_generation_equals_recompute_on_cuda(gen):
+    """fp32 on the GPU: the Triton forward for the prefill and the recomputes, the Triton decode kernel for
+    the cached steps; greedy tokens agree."""
+    torch.manual_seed(0)
+    cfg = fusedlab.nn.CATConfig(vocab_size=64, dim=64, n_heads=4, n_kv_heads=2, compressor_dim=32,
+                                compressor_heads=2, chunk_sizes=(8, 16), max_seq_len=128)
+    model = fusedlab.nn.CATTransformer(cfg).to(DEV).eval()
+    prompt = torch.randint(0, 64, (3, 11), generator=gen).to(DEV)
+    got = model.generate(prompt, 40, chunk_size=8)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(40):
+            seq = torch.cat([seq, model(seq, 8)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(got, seq)

@@ -328,6 +328,44 @@ def _cat_bwd_dkv_slot_kernel(q_ptr, do_ptr, lse_ptr, delta_ptr, qc_ptr, doc_ptr,
     tl.store(dvc_ptr + out_off + ktile, dv.to(dvc_ptr.dtype.element_ty), mask=kmask)
 
 
+@triton.jit
+def _cat_decode_kernel(q_ptr, kc_ptr, vc_ptr, n_slots_ptr, k_ptr, v_ptr, n_raw_ptr, o_ptr,
+                       H, HKV, S, R, qk_scale,
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Generation: one program per (sequence, kv head) carries the kv head's GROUP query heads (rows of a
+    BLOCK_G tile) through one online softmax over the sequence's filled slots, then its filled raw keys."""
+    b = tl.program_id(0).to(tl.int64)
+    hk = tl.program_id(1).to(tl.int64)
+    group = H // HKV
+    g = tl.arange(0, BLOCK_G)
+    g_ok = g < group
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    q_offs = (b * H + hk * group + g)[:, None] * HEAD_DIM + dims[None, :]
+    q = tl.load(q_ptr + q_offs, mask=g_ok[:, None] & dim_ok[None, :], other=0.0)
+    n_slots = tl.load(n_slots_ptr + b)
+    n_raw = tl.load(n_raw_ptr + b)
+    m_i = tl.full([BLOCK_G], -float("inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    cols0 = tl.arange(0, BLOCK_N)
+    slot_base = (b * HKV + hk) * S * HEAD_DIM
+    for start in range(0, n_slots, BLOCK_N):  # n_slots >= 1: m_i is finite after the first tile
+        cols = start + cols0
+        offs = slot_base + cols[:, None] * HEAD_DIM + dims[None, :]
+        kv_mask = (cols < n_slots)[:, None] & dim_ok[None, :]
+        m_i, l_i, acc = _softmax_tile(q, kc_ptr + offs, vc_ptr + offs, kv_mask, (cols < n_slots)[None, :], m_i,
+                                      l_i, acc, qk_scale)
+    raw_base = (b * HKV + hk) * R * HEAD_DIM
+    for start in range(0, n_raw, BLOCK_N):
+        cols = start + cols0
+        offs = raw_base + cols[:, None] * HEAD_DIM + dims[None, :]
+        kv_mask = (cols < n_raw)[:, None] & dim_ok[None, :]
+        m_i, l_i, acc = _softmax_tile(q, k_ptr + offs, v_ptr + offs, kv_mask, (cols < n_raw)[None, :], m_i, l_i,
+                                      acc, qk_scale)
+    tl.store(o_ptr + q_offs, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=g_ok[:, None] & dim_ok[None, :])
+
+
 # --------------------------------------------------------------------------------------------------------
 # Python API (inputs already checked by fusedlab.ops.cat; every tensor contiguous)
 
@@ -431,6 +469,29 @@ def _slot_splits(tiles: int, L: int, block_m: int) -> int:
     return max(1, min(triton.cdiv(_TARGET_PROGRAMS, max(tiles, 1)), triton.cdiv(max(L, 1), 4 * block_m)))
 
 
+def decode(q, kc, vc, n_slots, k, v, n_raw, scale: float):
+    """One query per sequence against its compressed cache: q [B, H, d] -> [B, H, d]."""
+    for t, name in ((q, "q"), (kc, "kc"), (k, "k")):
+        check_device(t, name)
+    B, H, d = q.shape
+    Hkv, S, R = kc.shape[1], kc.shape[2], k.shape[2]
+    o = empty(q.shape, q.dtype, q.device, POISON_BUFFERS)
+    if B == 0:
+        return o
+    _cat_decode_kernel[(B, Hkv)](q, kc, vc, n_slots, k, v, n_raw, o, H, Hkv, S, R, scale * LOG2E, HEAD_DIM=d,
+                                 BLOCK_D=_block_d(d), BLOCK_G=_block_g(H // Hkv), BLOCK_N=DECODE_BLOCK_N,
+                                 num_warps=4, num_stages=2)
+    return o
+
+
+#: Keys per tile of the decode kernel.
+DECODE_BLOCK_N = 64
+
+
+def _block_g(group: int) -> int:
+    return max(16, triton.next_power_of_2(group))  # tl.dot takes at least 16 rows
+
+
 # --------------------------------------------------------------------------------------------------------
 # ahead-of-time compile list
 
@@ -442,6 +503,7 @@ def aot_configs(full: bool = False) -> Iterator[dict]:
     dtypes = (torch.bfloat16, torch.float16, torch.float32) if full else (torch.bfloat16, torch.float32)
     dims = (32, 64, 128) if full else (64, 128)
     names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    yield from _decode_aot_configs(dtypes, dims, names)
     for dtype in dtypes:
         ty = "*" + names[dtype]
         for d in dims:
@@ -493,6 +555,19 @@ def aot_configs(full: bool = False) -> Iterator[dict]:
                                       "HAS_QC": "constexpr",
                                       **{n: "constexpr" for n in tiles}},
                            constexprs=dict(HAS_QC=has_qc, **tiles), attrs=_attrs(12), options=dict(opts))
+
+
+def _decode_aot_configs(dtypes, dims, names) -> Iterator[dict]:
+    for dtype in dtypes:
+        ty = "*" + names[dtype]
+        for d in dims:
+            yield dict(name=f"cat_decode[{names[dtype]} d={d}]", kernel=_cat_decode_kernel,
+                       signature={"q_ptr": ty, "kc_ptr": ty, "vc_ptr": ty, "n_slots_ptr": "*i64", "k_ptr": ty,
+                                  "v_ptr": ty, "n_raw_ptr": "*i64", "o_ptr": ty,
+                                  **{n: "i32" for n in ("H", "HKV", "S", "R")}, "qk_scale": "fp32",
+                                  **{n: "constexpr" for n in ("HEAD_DIM", "BLOCK_D", "BLOCK_G", "BLOCK_N")}},
+                       constexprs=dict(HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_G=16, BLOCK_N=DECODE_BLOCK_N),
+                       attrs=_attrs(8), options={"num_warps": 4, "num_stages": 2})
 
 
 _FWD_STRIDES = ("stride_qb", "stride_qh", "stride_kb", "stride_kh", "stride_cb", "stride_ch")

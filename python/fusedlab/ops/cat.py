@@ -263,8 +263,22 @@ def cat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.T
     return (o, oc, lse, lse_c) if return_lse else (o, oc)
 
 
+@torch.library.custom_op("fusedlab::cat_decode_triton", mutates_args=())
+def _cat_decode_triton(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, n_slots: torch.Tensor, k: torch.Tensor,
+                       v: torch.Tensor, n_raw: torch.Tensor, scale: float) -> torch.Tensor:
+    from fusedlab.triton_kernels import cat as tk
+
+    return tk.decode(q, kc, vc, n_slots, k, v, n_raw, scale)
+
+
+@torch.library.register_fake("fusedlab::cat_decode_triton")
+def _fake_cat_decode_triton(q, kc, vc, n_slots, k, v, n_raw, scale):
+    return q.new_empty(q.shape)
+
+
 def cat_decode(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, n_slots: torch.Tensor, k: torch.Tensor,
-               v: torch.Tensor, n_raw: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+               v: torch.Tensor, n_raw: torch.Tensor, scale: Optional[float] = None,
+               backend: str = "auto") -> torch.Tensor:
     """CAT attention for generation: one new query per sequence against a compressed cache.
 
     Args:
@@ -275,8 +289,11 @@ def cat_decode(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, n_slots: tor
         n_raw: [B] integer tensor, 0 <= n_raw[b] <= R.
         scale: default 1 / sqrt(d).
 
-    Returns [B, H, d]: one softmax over the filled slots and raw keys. Runs the reference computation (a
-    masked softmax over S + R keys per query) on every device so far.
+        backend: "auto" (CUDA tensors: "triton", one program per sequence and kv head carrying its query
+            heads through one online softmax; CPU tensors: "reference"), "triton" or "reference" (a masked
+            softmax over all S + R keys per query).
+
+    Returns [B, H, d]: one softmax over the filled slots and raw keys. Not differentiable on "triton".
 
     Example:
         >>> import torch, fusedlab
@@ -292,6 +309,9 @@ def cat_decode(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, n_slots: tor
         raise ValueError(f"expected q [B, H, d], kc = vc [B, Hkv, S, d], k = v [B, Hkv, R, d]; got q "
                          f"{tuple(q.shape)}, kc {tuple(kc.shape)}, vc {tuple(vc.shape)}, k {tuple(k.shape)}, "
                          f"v {tuple(v.shape)}")
+    if not (q.dtype == kc.dtype == vc.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, kc, vc, k, v must share one dtype, got {q.dtype}, {kc.dtype}, {vc.dtype}, {k.dtype}, "
+                        f"{v.dtype}")
     B, H, d = q.shape
     if kc.shape[0] != B or k.shape[0] != B or kc.shape[3] != d or k.shape[3] != d or kc.shape[1] != k.shape[1]:
         raise ValueError("kc, vc, k, v must share q's batch and head dim and one kv head count")
@@ -302,4 +322,12 @@ def cat_decode(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, n_slots: tor
             raise ValueError(f"{name} must be an integer tensor of shape [{B}]")
         if not torch.compiler.is_compiling() and n.numel() and (int(n.min()) < low or int(n.max()) > size):
             raise ValueError(f"{name} must lie in [{low}, {size}], got {n.tolist()}")
+    which = _backend.resolve(backend, _FAMILY, q.device)
+    if which == "triton":
+        if q.dtype == torch.float64 or q.shape[-1] > 128:
+            raise ValueError("backend='triton' decodes float16, bfloat16 or float32 with head dims up to 128")
+        scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+        args = [t.contiguous() for t in (q, kc, vc)] + [n_slots.to(q.device, torch.int64).contiguous()] + \
+            [t.contiguous() for t in (k, v)] + [n_raw.to(q.device, torch.int64).contiguous()]
+        return torch.ops.fusedlab.cat_decode_triton(*args, scale)
     return ref.cat_decode(q, kc, vc, n_slots.to(q.device), k, v, n_raw.to(q.device), scale)
