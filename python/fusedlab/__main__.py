@@ -210,6 +210,27 @@ def bench_cat(out_dir, min_run_time=0.5, quick=False, device="all"):
             ("Flex fwd ms", "flex_fwd_ms"), ("fwd vs Flex fwd", "vs_flex_fwd"), ("useful TFLOP/s", "tflops"),
             ("notes", "note")]
     _write_results(out_dir, "cat", "CAT attention forward+backward", rows, shown, cols)
+    # generation: CAT's compressed cache against the same decoder with a dense cache (GPU sizes on a GPU; a
+    # tiny run elsewhere, to exercise the path)
+    gen = []
+    for dev, _ in _devices_and_backends(device):
+        if dev == "cuda" and not quick:
+            gen.append(dict(perf_cat.generation_row(dev), device=dev))
+        elif quick:
+            gen.append(dict(perf_cat.generation_row(dev, B=2, L=64, l=8, new_tokens=8, dim=64, layers=2, heads=4,
+                                                    vocab=100, dtype=torch.float32), device=dev))
+    if gen:
+        mb = lambda x: "" if x is None else f"{x / 2**20:.0f}"  # noqa: E731
+        shown = [dict(r, tps=f"{r['tokens_per_s']:.0f}", dense_tps=f"{r['dense_tokens_per_s']:.0f}",
+                      speedup=f"{r['speedup']:.2f}x", cache=mb(r["cache_bytes"]), dense_cache=mb(r["dense_cache_bytes"]),
+                      ratio=f"{r['cache_ratio']:.1f}x", peak=mb(r["peak_bytes"]), dense_peak=mb(r["dense_peak_bytes"]))
+                 for r in gen]
+        cols = [("device", "device"), ("B", "B"), ("L", "L"), ("l", "l"), ("layers", "layers"), ("dim", "dim"),
+                ("CAT tokens/s", "tps"), ("dense tokens/s", "dense_tps"), ("speedup", "speedup"),
+                ("CAT cache MiB", "cache"), ("dense cache MiB", "dense_cache"), ("cache ratio", "ratio"),
+                ("slots/layer", "slots"), ("dense slots/layer", "dense_slots"), ("CAT peak MiB", "peak"),
+                ("dense peak MiB", "dense_peak")]
+        _write_results(out_dir, "cat_generation", "CAT cached generation against a dense cache", gen, shown, cols)
 
 
 def _plot(results, path):

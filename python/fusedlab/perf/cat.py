@@ -126,3 +126,97 @@ def demo_row(device, quick=False, min_run_time=0.2):
     return dict(op="cat_attention (fwd+bwd)", backend=r["backend"], shape=f"B={r['B']} H={r['H']} L={L} l={l} d=64",
                 time=f"{r['ms']:.2f} ms", peer="dense causal SDPA", err=f"{check(device):.1e}",
                 speedup=f"{r['vs_sdpa']:.2f}x", note=f"each token sees <= {L // l + l} keys, not up to {L}")
+
+
+# ---------------------------------------------------------------------------------------------- generation
+
+
+class DenseDecoder(torch.nn.Module):
+    """The CAT model's decoder run as a dense causal transformer with a full KV cache (the same weights,
+    global rotary positions, no compressor): the baseline a CAT cache is compared with."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    @torch.no_grad()
+    def generate(self, prompt, new_tokens):
+        from fusedlab.nn.cat import rotary
+
+        m = self.model
+        B, P = prompt.shape
+        total = P + new_tokens
+        caches = []
+        x = m.wte(prompt)
+        pos = torch.arange(P, device=prompt.device)
+        for blk in m.blocks:  # prefill: causal attention over the prompt, keys kept
+            q, k, v = blk.attn.qkv(blk.attn_norm(x), pos, blk.rope_base)
+            kc = k.new_zeros(B, k.shape[1], total, k.shape[3])
+            vc = torch.zeros_like(kc)
+            kc[:, :, :P], vc[:, :, :P] = k, v
+            caches.append((kc, vc))
+            g = q.shape[1] // k.shape[1]
+            o = F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1),
+                                               is_causal=True)
+            x = x + blk.attn.out(o)
+            x = x + blk.mlp(blk.mlp_norm(x))
+        nxt = m.lm_head(m.norm(x[:, -1:])).argmax(-1)
+        out = [prompt, nxt]
+        for t in range(P, total - 1):
+            h = m.wte(nxt)
+            p = torch.tensor([t], device=prompt.device)
+            for blk, (kc, vc) in zip(m.blocks, caches):
+                q, k, v = blk.attn.qkv(blk.attn_norm(h), p, blk.rope_base)
+                kc[:, :, t: t + 1], vc[:, :, t: t + 1] = k, v
+                g = q.shape[1] // k.shape[1]
+                o = F.scaled_dot_product_attention(q, kc[:, :, : t + 1].repeat_interleave(g, 1),
+                                                   vc[:, :, : t + 1].repeat_interleave(g, 1))
+                h = h + blk.attn.out(o)
+                h = h + blk.mlp(blk.mlp_norm(h))
+            nxt = m.lm_head(m.norm(h)).argmax(-1)
+            out.append(nxt)
+        cache_bytes = sum(kc.numel() * kc.element_size() * 2 for kc, _ in caches)
+        return torch.cat(out, 1), cache_bytes
+
+
+def generation_row(device, B=256, L=4096, l=16, new_tokens=128, dim=512, layers=8, heads=8, vocab=32000,
+                   dtype=torch.bfloat16):
+    """Greedy decoding of ``new_tokens`` after a prompt of L - new_tokens, CAT's compressed cache against the
+    same decoder with a dense cache: decode tokens/s (the prompt's prefill timed apart), peak memory."""
+    import time
+
+    from fusedlab.nn import CATConfig, CATTransformer
+
+    torch.manual_seed(0)
+    cfg = CATConfig(vocab_size=vocab, dim=dim, n_layers=layers, n_heads=heads, compressor_dim=dim // 2,
+                    compressor_heads=max(1, heads // 2), compressor_layers=max(1, layers // 4), chunk_sizes=(l,),
+                    max_seq_len=L)
+    model = CATTransformer(cfg).to(device=device, dtype=dtype).eval()
+    dense = DenseDecoder(model)
+    prompt = torch.randint(0, vocab, (B, L - new_tokens), generator=torch.Generator().manual_seed(1)).to(device)
+    cuda = torch.device(device).type == "cuda"
+
+    def run(fn):
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() if cuda else 0
+        t0 = time.perf_counter()
+        out = fn()
+        if cuda:
+            torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) if cuda else None
+        return out, time.perf_counter() - t0, peak
+
+    # decode time = (prompt + n tokens) - (prompt + 1 token): the prefill cancels out
+    (_, stats), t_cat, peak_cat = run(lambda: model.generate(prompt, new_tokens, chunk_size=l, return_stats=True))
+    _, t_cat1, _ = run(lambda: model.generate(prompt, 1, chunk_size=l))
+    (_, dense_bytes), t_dense, peak_dense = run(lambda: dense.generate(prompt, new_tokens))
+    _, t_dense1, _ = run(lambda: dense.generate(prompt, 1))
+    tps_cat = B * (new_tokens - 1) / max(t_cat - t_cat1, 1e-9)
+    tps_dense = B * (new_tokens - 1) / max(t_dense - t_dense1, 1e-9)
+    return dict(family="cat", op="generation (greedy, bf16)" if dtype == torch.bfloat16 else "generation (greedy)",
+                B=B, L=L, l=l, layers=layers, dim=dim, tokens_per_s=tps_cat, dense_tokens_per_s=tps_dense,
+                speedup=tps_cat / tps_dense, cache_bytes=stats["cache_bytes"], dense_cache_bytes=dense_bytes,
+                cache_ratio=dense_bytes / stats["cache_bytes"], peak_bytes=peak_cat, dense_peak_bytes=peak_dense,
+                slots=stats["cache_slots_per_layer"], dense_slots=L)
