@@ -219,6 +219,16 @@ def bench_cat(out_dir, min_run_time=0.5, quick=False, device="all"):
         elif quick:
             gen.append(dict(perf_cat.generation_row(dev, B=2, L=64, l=8, new_tokens=8, dim=64, layers=2, heads=4,
                                                     vocab=100, dtype=torch.float32), device=dev))
+    if not quick and torch.cuda.is_available() and device in ("all", "cuda"):
+        breakdown = perf_cat.profile_breakdown("cuda")
+        with open(os.path.join(out_dir, "cat_profile_gpu.json"), "w") as f:
+            json.dump(breakdown, f, indent=1)
+        print("one forward+backward at L = 4096, l = 16 (per step, us): by GPU time")
+        for e in breakdown["by_device"]:
+            print(f"  {e['self_us_per_call_step']:10.1f}  x{e['calls']:<3} {e['name'][:90]}")
+        print("by host time")
+        for e in breakdown["by_host"]:
+            print(f"  {e['self_us_per_call_step']:10.1f}  x{e['calls']:<3} {e['name'][:90]}")
     if gen:
         mb = lambda x: "" if x is None else f"{x / 2**20:.0f}"  # noqa: E731
         shown = [dict(r, tps=f"{r['tokens_per_s']:.0f}", dense_tps=f"{r['dense_tokens_per_s']:.0f}",

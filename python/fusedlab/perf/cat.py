@@ -220,3 +220,32 @@ def generation_row(device, B=256, L=4096, l=16, new_tokens=128, dim=512, layers=
                 speedup=tps_cat / tps_dense, cache_bytes=stats["cache_bytes"], dense_cache_bytes=dense_bytes,
                 cache_ratio=dense_bytes / stats["cache_bytes"], peak_bytes=peak_cat, dense_peak_bytes=peak_dense,
                 slots=stats["cache_slots_per_layer"], dense_slots=L)
+
+
+def profile_breakdown(device, B=2, H=8, L=4096, l=16, d=64, dtype=torch.bfloat16, top=12):
+    """Where one forward+backward spends its time (torch.profiler; the GPU's kernels on CUDA): the top
+    events by device time and by host time, to tell kernel time from per-call overhead."""
+    from torch.profiler import ProfilerActivity, profile
+
+    q, k, v, kc, vc = inputs(B, H, L, l, d, device, dtype)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(device=device, dtype=dtype)
+    run = lambda: _fwd_bwd(lambda *a: fusedlab.ops.cat_attention(*a, l), (q, k, v, kc, vc), grad)  # noqa: E731
+    for _ in range(3):
+        run()
+    cuda = torch.device(device).type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=acts) as prof:
+        for _ in range(5):
+            run()
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    dev_key = "self_device_time_total" if cuda else "self_cpu_time_total"
+
+    def rows(key):
+        picked = sorted(events, key=lambda e: getattr(e, key, 0), reverse=True)[:top]
+        return [dict(name=e.key, calls=e.count // 5, self_us_per_call_step=getattr(e, key, 0) / 5) for e in picked]
+
+    return dict(B=B, H=H, L=L, l=l, d=d, by_device=rows(dev_key), by_host=rows("self_cpu_time_total"))
