@@ -1,11 +1,7 @@
 """Distributed Muon: 2 gloo processes on the CPU end with exactly the parameters of one process."""
-import os
-import sys
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_ranks import needs_gloo, run_ranks
 
 import fusedlab
 
@@ -28,42 +24,32 @@ def train(params, grads, process_group=None):
     return [p.detach() for p in params]
 
 
-def _worker(rank, world, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _rank_body(rank, group):
+    params, grads = params_and_grads()
+    calls = []
+    real = fusedlab.optim.muon.newton_schulz
+
+    def counting(G, *args, **kw):
+        calls.append(G.shape[0])
+        return real(G, *args, **kw)
+
+    fusedlab.optim.muon.newton_schulz = counting  # count the matrices this rank orthogonalizes
     try:
-        params, grads = params_and_grads()
-        calls = []
-        real = fusedlab.optim.muon.newton_schulz
-
-        def counting(G, *args, **kw):
-            calls.append(G.shape[0])
-            return real(G, *args, **kw)
-
-        fusedlab.optim.muon.newton_schulz = counting  # count the matrices this rank orthogonalizes
-        try:
-            result = train(params, grads, process_group=dist.group.WORLD)
-        finally:
-            fusedlab.optim.muon.newton_schulz = real
-        torch.save((result, sum(calls)), os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    # Results are saved: leave without tearing gloo down. Its teardown can abort a rank on a loaded machine
-    # ("terminate called without an active exception") after all the work is done; a failure before this
-    # point still fails the test (no result file, or a non-zero exit).
-    os._exit(0)
+        result = train(params, grads, process_group=group)
+    finally:
+        fusedlab.optim.muon.newton_schulz = real
+    return result, sum(calls)
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.skipif(not dist.is_available() or sys.platform == "win32", reason="needs torch.distributed with gloo")
+@needs_gloo
 def test_two_gloo_ranks_match_one_process(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = run_ranks(_rank_body, tmp_path)
     params, grads = params_and_grads()
     single = train(params, grads)
     work = []
     for rank in range(2):
-        got, matrices = torch.load(tmp_path / f"rank{rank}.pt")
+        got, matrices = ranks[rank]
         work.append(matrices)
         for a, b in zip(got, single):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -1,11 +1,7 @@
 """Distributed Symile: 2 gloo processes, each with half the rows, see the global batch's negatives."""
-import os
-import sys
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_ranks import needs_gloo, run_ranks
 
 import fusedlab
 
@@ -29,32 +25,21 @@ def loss_and_grads(reps, strategy, perms, group=None):
     return loss.detach(), [r.grad for r in leaves], scale.grad
 
 
-def _worker(rank, world, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        reps, perms = global_inputs()
-        mine = [r[rank * N: (rank + 1) * N] for r in reps]
-        out = {s: loss_and_grads(mine, s, perms, dist.group.WORLD) for s in ("n", "n_squared")}
-        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    # Results are saved: leave without tearing gloo down. Its teardown can abort a rank on a loaded machine
-    # ("terminate called without an active exception") after all the work is done; a failure before this
-    # point still fails the test (no result file, or a non-zero exit).
-    os._exit(0)
+def _rank_body(rank, group):
+    reps, perms = global_inputs()
+    mine = [r[rank * N: (rank + 1) * N] for r in reps]
+    return {s: loss_and_grads(mine, s, perms, group) for s in ("n", "n_squared")}
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.skipif(not dist.is_available() or sys.platform == "win32", reason="needs torch.distributed with gloo")
+@needs_gloo
 def test_two_gloo_ranks_see_the_global_batch(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = run_ranks(_rank_body, tmp_path)
     reps, perms = global_inputs()
     for strategy in ("n", "n_squared"):
         loss, grads, scale_grad = loss_and_grads(reps, strategy, perms)
         for rank in range(2):
-            r_loss, r_grads, r_scale_grad = torch.load(tmp_path / f"rank{rank}.pt")[strategy]
+            r_loss, r_grads, r_scale_grad = ranks[rank][strategy]
             torch.testing.assert_close(r_loss, loss, rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(r_scale_grad, scale_grad, rtol=1e-12, atol=1e-12)
             for g_rank, g_all in zip(r_grads, grads):  # world size x the global gradient of this rank's rows
