@@ -11,14 +11,15 @@ BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
 
 # For CUDA tensors, "auto" takes the GPU backend measured faster for each op family on an H100/H200
 # (bench/results/gpu/): resample's CUDA kernel ran 1.3-4.5x faster than its Triton kernel at every benchmark
-# point on both cards. newton_schulz and cat have only Triton kernels on GPUs so far.
-AUTO_GPU_PREFERENCE = {"resample": ("cuda", "triton"), "newton_schulz": ("triton",), "cat": ("triton",)}
+# point on both cards. newton_schulz, cat and symile have only Triton kernels on GPUs so far.
+AUTO_GPU_PREFERENCE = {"resample": ("cuda", "triton"), "newton_schulz": ("triton",), "cat": ("triton",),
+                       "symile": ("triton",)}
 
 # The implementations each family has so far ("reference" runs on any device).
 FAMILY_BACKENDS = {
     "resample": ("cuda", "triton", "cpu", "reference"),
     "newton_schulz": ("triton", "cpu", "reference"),
-    "symile": ("cpu", "reference"),
+    "symile": ("triton", "cpu", "reference"),
     "cat": ("triton", "cpu", "reference"),
 }
 

@@ -1,9 +1,18 @@
 """The Symile contrastive loss and MIP scoring: ``symile_loss``, ``mip``.
 
 Semantics: python/fusedlab/reference/symile.py (the loss exactly as the ``symile`` 0.1.0 package defines it).
-"n_squared" runs on the C++ CPU kernel (csrc/cpu/symile.cpp): tiles of the shared logit tensor with an
-online log-sum-exp for every anchor, [M, N] statistics saved, tiles recomputed in the backward. "n" is a
-CLIP-sized computation (M GEMMs of N x N x d) and runs as ATen ops on every backend.
+"n_squared" implementations, all streaming tiles of the one logit tensor every anchor shares, with an
+online log-sum-exp per anchor, only the [M, N] statistics saved and the tiles recomputed in the backward:
+
+* "triton" (triton_kernels/symile.py, M = 2..4, fp32/fp16/bf16): a fused forward and backward that never
+  form the logits or the N^(M-1) x d products, wrapped as the custom ops
+  ``fusedlab::symile_n_squared_triton`` and ``fusedlab::symile_n_squared_triton_backward``. The backward
+  adds partial sums with atomics; under torch.use_deterministic_algorithms it takes a deterministic path
+  (one launch per modality, partial sums added by torch).
+* "cpu" (csrc/cpu/symile.cpp, ``torch.ops.fusedlab.symile_n_squared`` and its backward op).
+* "reference": builds the N^M tensor (the oracle).
+
+"n" is a CLIP-sized computation (M GEMMs of N x N x d) and runs as ATen ops on every backend.
 """
 from __future__ import annotations
 
@@ -48,6 +57,52 @@ def _backward_n_squared(ctx, grad_loss, grad_lse):
 
 
 torch.library.register_autograd("fusedlab::symile_n_squared", _backward_n_squared, setup_context=_setup_n_squared)
+
+
+# the Triton backend, wrapped as custom ops so opcheck and torch.compile see it like the C++ ops
+@torch.library.custom_op("fusedlab::symile_n_squared_triton", mutates_args=())
+def _symile_triton(reps: list[torch.Tensor], logit_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from fusedlab.triton_kernels import symile as tk
+
+    return tk.forward(reps, logit_scale)
+
+
+@_symile_triton.register_fake
+def _fake_symile_triton(reps, logit_scale):
+    r0 = reps[0]
+    return r0.new_empty((), dtype=r0.dtype), r0.new_empty((len(reps), r0.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("fusedlab::symile_n_squared_triton_backward", mutates_args=())
+def _symile_triton_backward(grad: torch.Tensor, reps: list[torch.Tensor], logit_scale: torch.Tensor,
+                            lse: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    from fusedlab.triton_kernels import symile as tk
+
+    # checked when the backward runs: the default path adds fp32 partial sums with atomics
+    grads, grad_scale = tk.backward(grad, reps, logit_scale, lse,
+                                    deterministic=torch.are_deterministic_algorithms_enabled())
+    return grads, grad_scale
+
+
+@_symile_triton_backward.register_fake
+def _fake_symile_triton_backward(grad, reps, logit_scale, lse):
+    return [r.new_empty(r.shape) for r in reps], logit_scale.new_empty(logit_scale.shape)
+
+
+def _setup_n_squared_triton(ctx, inputs, output):
+    reps, logit_scale = inputs
+    ctx.save_for_backward(logit_scale, output[1], *reps)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward_n_squared_triton(ctx, grad_loss, grad_lse):
+    logit_scale, lse, *reps = ctx.saved_tensors
+    grad_reps, grad_scale = torch.ops.fusedlab.symile_n_squared_triton_backward(grad_loss, reps, logit_scale, lse)
+    return list(grad_reps), grad_scale
+
+
+torch.library.register_autograd("fusedlab::symile_n_squared_triton", _backward_n_squared_triton,
+                                setup_context=_setup_n_squared_triton)
 
 
 def _check_reps(reps, name: str = "reps") -> list[torch.Tensor]:
@@ -120,7 +175,9 @@ def symile_loss(reps: Sequence[torch.Tensor], logit_scale, negative_sampling: st
             modalities in list order. Default: drawn with torch.randperm(N) in the package's order from
             ``generator``, or from the global RNG (then seeding torch as for the package replays its draws).
         generator: "n" only: the torch.Generator the permutations are drawn from.
-        backend: "auto" (CPU tensors: "cpu"), "cpu" or "reference" ("n_squared" there builds the N^M tensor).
+        backend: "auto" (CPU tensors: "cpu"; CUDA tensors: "triton", or "reference" for float64), "triton"
+            ("n_squared" with M = 2..4 in float32/float16/bfloat16; "n" runs as ATen ops on every backend),
+            "cpu" or "reference" ("n_squared" there builds the N^M tensor).
         process_group: a torch.distributed group: each rank passes its own rows, the negatives come from
             every rank's rows (all-gathered with gradient, rank order), and every rank returns the loss of
             the global batch. The backward gives each rank's rows the gradient summed over the ranks'
@@ -131,6 +188,9 @@ def symile_loss(reps: Sequence[torch.Tensor], logit_scale, negative_sampling: st
 
     "n_squared" on the C++ kernel never forms the N^(M-1) x d products: its extra memory is a few tiles of
     about 2^19 elements each, and N^(M-2) floats for M >= 4. float16/bfloat16 inputs are computed in float32.
+    The Triton kernels keep tiles on chip: their extra memory is partial log-sum-exps (O(N) per program,
+    N^(M-2) per block pair for M >= 3) and the fp32 gradient sums; fp16/bf16 products run on tensor cores
+    with fp32 accumulation.
 
     Example:
         >>> import torch, fusedlab
@@ -152,8 +212,17 @@ def symile_loss(reps: Sequence[torch.Tensor], logit_scale, negative_sampling: st
     if negative_sampling == "n_squared":
         if permutations is not None or generator is not None:
             raise ValueError("permutations and generator apply to negative_sampling='n' only")
+        if which == "triton" and (reps[0].dtype == torch.float64 or M > 4):
+            if backend != "auto":
+                raise ValueError(f"backend='triton' runs 'n_squared' for M = 2..4 in float32, float16 or bfloat16, "
+                                 f"got M = {M} and {reps[0].dtype}; use backend='reference' (or 'cpu' for CPU "
+                                 "tensors)")
+            which = "reference"  # CUDA tensors the kernels do not cover: the exact oracle
         if which == "reference":
             return ref.symile_loss_n_squared(reps, scale.reshape(()))
+        if which == "triton":
+            loss, _ = torch.ops.fusedlab.symile_n_squared_triton(reps, scale)
+            return loss
         loss, _ = torch.ops.fusedlab.symile_n_squared(reps, scale, 0)
         return loss
     if permutations is not None and generator is not None:
