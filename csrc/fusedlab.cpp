@@ -19,12 +19,16 @@ TORCH_LIBRARY(fusedlab, m) {
         "(Tensor log_weights_out, Tensor ancestors, Tensor ess, Tensor log_norm, Tensor status, Tensor state_out)");
   m.def("gather(Tensor state, Tensor ancestors) -> Tensor");
   // one Feynman-Kac steering step (python/fusedlab/smc/fk.py): the potential ("diff", "max", "add", "rt")
-  // from float64 rewards [B*K] and the running reward state, the log-weight update, resample_gather of the
-  // latents, and r_state, applied (the potentials applied so far) and the rewards (NaN read as -inf) moved by
-  // the ancestors; with raise_degenerate, a group left without a finite weight is a ValueError naming it.
-  // Returns (log_weights_out, ancestors, ess, log_norm, status, state_out, r_state, applied, rewards).
-  m.def("fk_step(Tensor log_weights, Tensor rewards, Tensor r_state, Tensor applied, Tensor state, "
-        "Tensor uniforms, str potential, float lam, bool first, bool last, str method, float ess_threshold, "
+  // from float32 or float64 rewards [B*K] and the running reward state, the log-weight update, resample_gather
+  // of the latents, and r_state, applied (the potentials applied so far) and the rewards (NaN read as -inf,
+  // float64) moved by the ancestors; log_norm [B] is the run's log-normalizer so far, returned with this step's
+  // added; with raise_degenerate, a group left without a finite weight is a ValueError naming it.
+  // state is in the FK layout [B*K, ...]; without uniforms they are drawn from the generator (as torch.rand
+  // draws them). Returns (log_weights_out, ancestors, ess, log_norm, resampled [B] bool,
+  // state_out, r_state, applied, rewards).
+  m.def("fk_step(Tensor log_weights, Tensor rewards, Tensor r_state, Tensor applied, Tensor log_norm, Tensor state, "
+        "Tensor? uniforms, Generator? generator, str potential, float lam, bool first, bool last, str method, "
+        "float ess_threshold, "
         "bool raise_degenerate) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("gather_(Tensor(a!) state, Tensor ancestors) -> ()");
 

@@ -229,8 +229,9 @@ def test_baselines():
 
 
 @pytest.mark.parametrize("potential", fusedlab.smc.POTENTIALS)
-@pytest.mark.parametrize("ess_threshold, every", [(1.0, 1), (0.5, 2)])
-def test_fused_cpu_step_equals_the_generic_loop(potential, ess_threshold, every):
+@pytest.mark.parametrize("ess_threshold, every, reward_dtype", [(1.0, 1, torch.float64), (0.5, 2, torch.float64),
+                                                                (0.5, 1, torch.float32)])
+def test_fused_cpu_step_equals_the_generic_loop(potential, ess_threshold, every, reward_dtype):
     """CPU runs take torch.ops.fusedlab.fk_step; backend="reference" runs the step op by op. With the same
     seeds both draw the same uniforms, so ancestors agree exactly and everything else to float64 rounding,
     dead particles (NaN rewards) and carried weights included."""
@@ -243,7 +244,7 @@ def test_fused_cpu_step_equals_the_generic_loop(potential, ess_threshold, every)
             return x, x
 
         def reward(x0):
-            r = x0[:, 0].clone()
+            r = x0[:, 0].to(reward_dtype, copy=True)
             r[::13] = float("nan")  # a few dead particles every step
             return r
 
@@ -268,11 +269,28 @@ def test_fk_step_opcheck(gen):
     B, K = 3, 5
     lw = torch.randn(B, K, generator=gen, dtype=torch.float64)
     r, rs, ap = (torch.randn(B * K, generator=gen, dtype=torch.float64) for _ in range(3))
-    x = torch.randn(B, K, 2, generator=gen)
+    ln = torch.randn(B, generator=gen, dtype=torch.float64)
+    x = torch.randn(B * K, 2, generator=gen)
     u = torch.rand(B, 1, generator=gen, dtype=torch.float64)
     for pot in fusedlab.smc.POTENTIALS:
-        torch.library.opcheck(torch.ops.fusedlab.fk_step.default,
-                              (lw, r, rs, ap, x, u, pot, 1.5, False, True, "systematic", 0.7, True),
-                              test_utils=("test_schema", "test_faketensor"))
+        for rewards in (r, r.float()):
+            torch.library.opcheck(torch.ops.fusedlab.fk_step.default,
+                                  (lw, rewards, rs, ap, ln, x, u, None, pot, 1.5, False, True, "systematic", 0.7, True),
+                                  test_utils=("test_schema", "test_faketensor"))
+    # no uniforms: drawn inside from the generator, the stream torch.rand gives
+    args = (lw, r, rs, ap, ln, x, None, torch.Generator().manual_seed(3), "diff", 1.5, False, False, "systematic",
+            1.0, True)
+    torch.library.opcheck(torch.ops.fusedlab.fk_step.default, args, test_utils=("test_schema", "test_faketensor"))
+    drawn = torch.ops.fusedlab.fk_step(*args[:7], torch.Generator().manual_seed(3), *args[8:])
+    given = torch.ops.fusedlab.fk_step(lw, r, rs, ap, ln, x, torch.rand(B, 1, dtype=torch.float64,
+                                       generator=torch.Generator().manual_seed(3)), None, *args[8:])
+    for a, b in zip(drawn, given):
+        assert torch.equal(a, b)
     with pytest.raises(RuntimeError, match="potential must be one of"):
-        torch.ops.fusedlab.fk_step(lw, r, rs, ap, x, u, "sum", 1.0, False, False, "systematic", 1.0, True)
+        torch.ops.fusedlab.fk_step(lw, r, rs, ap, ln, x, u, None, "sum", 1.0, False, False, "systematic", 1.0, True)
+    with pytest.raises(RuntimeError, match="state must have B \\* K = 15 rows"):
+        torch.ops.fusedlab.fk_step(lw, r, rs, ap, ln, x[:4], u, None, "diff", 1.0, False, False, "systematic", 1.0,
+                                   True)
+    with pytest.raises(RuntimeError, match="log_norm must be float64 of B = 3"):
+        torch.ops.fusedlab.fk_step(lw, r, rs, ap, ln[:2], x, u, None, "diff", 1.0, False, False, "systematic", 1.0,
+                                   True)

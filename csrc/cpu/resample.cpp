@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/rand.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -275,21 +276,33 @@ int32_t parse_potential(c10::string_view name) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            at::Tensor>
 fk_step_cpu(const at::Tensor& log_weights, const at::Tensor& rewards, const at::Tensor& r_state,
-            const at::Tensor& applied, const at::Tensor& state, const at::Tensor& uniforms, c10::string_view potential,
+            const at::Tensor& applied, const at::Tensor& log_norm, const at::Tensor& state,
+            const std::optional<at::Tensor>& uniforms_opt, std::optional<at::Generator> generator,
+            c10::string_view potential,
             double lam, bool first, bool last, c10::string_view method, double ess_threshold,
             bool raise_degenerate) {
   const int32_t pot = parse_potential(potential);
   TORCH_CHECK(log_weights.dim() == 2 && log_weights.scalar_type() == at::kDouble,
               "fusedlab.fk_step: log_weights must be [B, K] float64");
   const int64_t B = log_weights.size(0), K = log_weights.size(1), n = B * K;
-  for (const at::Tensor* t : {&rewards, &r_state, &applied})
+  for (const at::Tensor* t : {&r_state, &applied})
     TORCH_CHECK(t->dim() == 1 && t->numel() == n && t->scalar_type() == at::kDouble,
-                "fusedlab.fk_step: rewards, r_state and applied must be float64 of B * K = ", n, " elements");
+                "fusedlab.fk_step: r_state and applied must be float64 of B * K = ", n, " elements");
+  // rewards come as the reward function returns them (float32 or float64): read in double here rather than
+  // converted by a separate op
+  TORCH_CHECK(rewards.dim() == 1 && rewards.numel() == n &&
+                  (rewards.scalar_type() == at::kDouble || rewards.scalar_type() == at::kFloat),
+              "fusedlab.fk_step: rewards must be float32 or float64 of B * K = ", n, " elements");
+  TORCH_CHECK(log_norm.dim() == 1 && log_norm.numel() == B && log_norm.scalar_type() == at::kDouble,
+              "fusedlab.fk_step: log_norm must be float64 of B = ", B, " elements");
   const at::Tensor r_in = rewards.contiguous(), rs_in = r_state.contiguous(), ap_in = applied.contiguous();
   at::Tensor lw = log_weights.contiguous().clone();
-  at::Tensor rs_new = at::empty_like(rs_in), ap_new = at::empty_like(ap_in), r_clean = at::empty_like(r_in);
+  at::Tensor rs_new = at::empty_like(rs_in), ap_new = at::empty_like(ap_in);
+  at::Tensor r_clean = at::empty_like(rs_in);  // float64 whatever the rewards' dtype
   {
-    const double* r = r_in.data_ptr<double>();
+    const bool r_double = r_in.scalar_type() == at::kDouble;
+    const double* r64 = r_double ? r_in.data_ptr<double>() : nullptr;
+    const float* r32 = r_double ? nullptr : r_in.data_ptr<float>();
     double* rc = r_clean.data_ptr<double>();
     const double* rs = rs_in.data_ptr<double>();
     const double* ap = ap_in.data_ptr<double>();
@@ -298,7 +311,8 @@ fk_step_cpu(const at::Tensor& log_weights, const at::Tensor& rewards, const at::
     double* ap_o = ap_new.data_ptr<double>();
     const double inf = std::numeric_limits<double>::infinity();
     for (int64_t i = 0; i < n; ++i) {
-      const double ri = std::isnan(r[i]) ? -inf : r[i];  // NaN reward: a dead particle
+      const double ri_raw = r_double ? r64[i] : static_cast<double>(r32[i]);
+      const double ri = std::isnan(ri_raw) ? -inf : ri_raw;  // NaN reward: a dead particle
       rc[i] = ri;
       double g, st = rs[i];
       switch (pot) {
@@ -315,8 +329,27 @@ fk_step_cpu(const at::Tensor& log_weights, const at::Tensor& rewards, const at::
       w[i] += g;
     }
   }
-  auto out = resample_impl(lw, uniforms, std::string(method), ess_threshold, &state);
+  // the latents come in the FK layout [B*K, ...] and are viewed per group here
+  TORCH_CHECK(state.dim() >= 1 && state.size(0) == n, "fusedlab.fk_step: state must have B * K = ", n,
+              " rows, got shape ", state.sizes());
+  std::vector<int64_t> grouped{B, K};
+  for (int64_t d = 1; d < state.dim(); ++d) grouped.push_back(state.size(d));
+  const at::Tensor grouped_state = state.contiguous().view(grouped);
+  // no uniforms given: drawn here from the generator, the same stream torch.rand(..., generator=) gives
+  const int64_t n_uniforms = parse_resample_method(std::string(method)) == kSystematic ? 1 : K;
+  const at::Tensor uniforms = uniforms_opt.has_value()
+                                  ? *uniforms_opt
+                                  : at::rand({B, n_uniforms}, generator, log_weights.options().dtype(at::kDouble));
+  auto out = resample_impl(lw, uniforms, std::string(method), ess_threshold, &grouped_state);
   const at::Tensor& anc = std::get<1>(out);
+  // the run's log-normalizer, accumulated here so the caller makes no extra op per step
+  at::Tensor log_norm_out = std::get<3>(out);
+  {
+    const at::Tensor ln_in = log_norm.contiguous();
+    const double* a = ln_in.data_ptr<double>();
+    double* o = log_norm_out.data_ptr<double>();
+    for (int64_t b = 0; b < B; ++b) o[b] = a[b] + o[b];
+  }
   if (raise_degenerate) {  // the message of fusedlab.smc.resample's on_degenerate="raise"
     const uint8_t* st = std::get<4>(out).data_ptr<uint8_t>();
     std::vector<int64_t> dead;
@@ -331,7 +364,7 @@ fk_step_cpu(const at::Tensor& log_weights, const at::Tensor& rewards, const at::
     }
   }
   // reorder the bookkeeping by the ancestors (the identity where a group was not resampled)
-  at::Tensor rs_out = at::empty_like(rs_new), ap_out = at::empty_like(ap_new), r_out = at::empty_like(r_in);
+  at::Tensor rs_out = at::empty_like(rs_new), ap_out = at::empty_like(ap_new), r_out = at::empty_like(r_clean);
   {
     const int64_t* a = anc.data_ptr<int64_t>();
     const double *rs = rs_new.data_ptr<double>(), *ap = ap_new.data_ptr<double>(), *r = r_clean.data_ptr<double>();
@@ -344,7 +377,14 @@ fk_step_cpu(const at::Tensor& log_weights, const at::Tensor& rewards, const at::
         r_o[b * K + i] = r[src];
       }
   }
-  return {std::get<0>(out), anc, std::get<2>(out), std::get<3>(out), std::get<4>(out), std::get<5>(out),
+  // the trace wants "was this group resampled" as a bool, not the status bits
+  at::Tensor resampled = at::empty({B}, log_weights.options().dtype(at::kBool));
+  {
+    const uint8_t* st = std::get<4>(out).data_ptr<uint8_t>();
+    bool* o = resampled.data_ptr<bool>();
+    for (int64_t b = 0; b < B; ++b) o[b] = (st[b] & kResampled) != 0;
+  }
+  return {std::get<0>(out), anc, std::get<2>(out), log_norm_out, resampled, std::get<5>(out).view(state.sizes()),
           rs_out, ap_out, r_out};
 }
 

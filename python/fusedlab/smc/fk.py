@@ -104,24 +104,30 @@ class FKSteering:
         self.generator, self.backend, self.progress = generator, backend, progress
 
     def _rewards(self, x0: torch.Tensor, clean: bool = True) -> torch.Tensor:
+        """The reward of each particle, float64 with NaN read as -inf; with ``clean=False`` (the fused CPU
+        step, which does both itself) float32 rewards stay float32 and NaN stays NaN."""
         r = self.reward_fn(x0)
         if not isinstance(r, torch.Tensor) or r.shape != (x0.shape[0],):
             raise ValueError(f"reward_fn must return a tensor of shape [{x0.shape[0]}] (one reward per particle), "
                              f"got {getattr(r, 'shape', type(r).__name__)}")
-        r = r.detach()
+        if r.requires_grad:
+            r = r.detach()
+        if not clean:
+            return r if r.dtype in (torch.float64, torch.float32) else r.to(torch.float64)
         r = r if r.dtype == torch.float64 else r.to(torch.float64)
-        return r.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf) if clean else r  # NaN: dead
+        return r.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)  # NaN: dead
 
     def _fused_step(self, x, lw, log_norm, r, r_state, applied, first, last, i, trace):
-        """One scheduled step through the fused CPU op; the same arithmetic and draws as the generic loop."""
-        B, K = lw.shape
-        u = torch.rand((B,) if self.method == "systematic" else (B, K), dtype=torch.float64, generator=self.generator)
+        """One scheduled step through the fused CPU op; the same arithmetic and draws as the generic loop.
+        One torch call per step: at these sizes the cost is mostly dispatch, so the op draws the uniforms from
+        the generator, takes the latents in their [B*K, ...] layout and float32 rewards, and accumulates the
+        log-normalizer."""
         with torch._C._AutoDispatchBelowAutograd():
-            lw, anc, ess, ln, status, xs, r_state, applied, moved_r = torch.ops.fusedlab.fk_step(
-                lw, r, r_state, applied, x.reshape(B, K, *x.shape[1:]), u.view(B, -1), self.potential, self.lmbda,
-                first, last, self.method, float(self.ess_threshold), self.on_degenerate == "raise")
-        trace.append((i, ess, status.bool()))
-        return xs.view(x.shape), lw, log_norm + ln, r_state, applied, anc, moved_r
+            lw, anc, ess, log_norm, resampled, x, r_state, applied, moved_r = torch.ops.fusedlab.fk_step(
+                lw, r, r_state, applied, log_norm, x, None, self.generator, self.potential, self.lmbda, first, last,
+                self.method, float(self.ess_threshold), self.on_degenerate == "raise")
+        trace.append((i, ess, resampled))
+        return x, lw, log_norm, r_state, applied, anc, moved_r
 
     def run(self, step_fn: Callable[[torch.Tensor, int], tuple], x: torch.Tensor, num_steps: int,
             states: Optional[dict] = None) -> FKResult:
