@@ -49,22 +49,33 @@ def test_bf16_error_at_most_twice_torch(shape, gen):
     assert ours <= 2 * theirs, (ours, theirs)
 
 
-@pytest.mark.parametrize("coefficients, band", [("keller", (0.45, 1.25)), ("polar_express", (0.8, 1.2))])
-def test_singular_values_in_band(coefficients, band, gen):
-    """Singular values spanning a factor 100 (after Frobenius normalization about [0.004, 0.4]) land in the
-    set's band (scalar analysis: Keller [0.47, 1.20], Polar Express [0.84, 1.12] for inputs in [1e-3, 1]);
-    the singular vectors are the input's, as in the exact polar factor U V^T."""
-    m, n = 64, 128
+BANDS = [("keller", (0.45, 1.25)), ("polar_express", (0.8, 1.2))]
+
+
+def spread_spectrum(gen, m, n):
+    """(G, U, V): an m x n (m <= n) float64 matrix U diag(s) V^T * 3.7 with s spanning a factor 100."""
     U, _ = torch.linalg.qr(torch.randn(m, m, generator=gen, dtype=torch.float64))
     V, _ = torch.linalg.qr(torch.randn(n, m, generator=gen, dtype=torch.float64))
     s = torch.logspace(-2, 0, m, dtype=torch.float64)
-    G = (U * s) @ V.T * 3.7
-    X = fusedlab.ops.newton_schulz(G, coefficients=coefficients, dtype=torch.float32)
+    return (U * s) @ V.T * 3.7, U, V
+
+
+def assert_in_band(X, U, V, band):
+    """X's singular values lie in band and its singular vectors are U's and V's (X ~ U diag(s') V^T)."""
     sv = torch.linalg.svdvals(X.double())
     assert band[0] < sv.min() and sv.max() < band[1], (sv.min(), sv.max())
     proj = U.T @ X.double() @ V  # diag(s') when X = U diag(s') V^T
     off = proj - torch.diag(torch.diagonal(proj))
     assert off.norm() / proj.norm() < 2e-2
+
+
+@pytest.mark.parametrize("coefficients, band", BANDS)
+def test_singular_values_in_band(coefficients, band, gen):
+    """Singular values spanning a factor 100 (after Frobenius normalization about [0.004, 0.4]) land in the
+    set's band (scalar analysis: Keller [0.47, 1.20], Polar Express [0.84, 1.12] for inputs in [1e-3, 1]);
+    the singular vectors are the input's, as in the exact polar factor U V^T."""
+    G, U, V = spread_spectrum(gen, 64, 128)
+    assert_in_band(fusedlab.ops.newton_schulz(G, coefficients=coefficients, dtype=torch.float32), U, V, band)
 
 
 def test_zero_scale_invariance_and_rank_deficient(gen):

@@ -58,12 +58,17 @@ def frobenius_norm_fp32(G: torch.Tensor, dtype: torch.dtype = torch.float32) -> 
     return (g / safe).square().sum(dim=(-2, -1), keepdim=True).sqrt() * safe
 
 
+def normalize(G: torch.Tensor, scale: float, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """G / max(scale * ||G||_F, eps) per matrix, computed in float32 (float64 when dtype is float64), cast to dtype."""
+    norm = frobenius_norm_fp32(G) if dtype != torch.float64 else torch.linalg.matrix_norm(G.double(), keepdim=True)
+    return (G.to(norm.dtype) / (norm * scale).clamp(min=eps)).to(dtype)
+
+
 def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients="keller", eps: float = 1e-7,
                   dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Reference Newton-Schulz in ``dtype`` (normalization in float32, or float64 when dtype is float64)."""
     triples, scale = resolve_coefficients(coefficients, steps)
-    norm = frobenius_norm_fp32(G) if dtype != torch.float64 else torch.linalg.matrix_norm(G.double(), keepdim=True)
-    X = (G.to(norm.dtype) / (norm * scale).clamp(min=eps)).to(dtype)
+    X = normalize(G, scale, eps, dtype)
     wide = G.shape[-2] <= G.shape[-1]
     if not wide:
         X = X.mT
@@ -87,3 +92,49 @@ def newton_schulz_torch_order(G: torch.Tensor, steps: int = 5, coefficients=(3.4
         B = torch.baddbmm(A, A, A, beta=b, alpha=c) if A.dim() == 3 else torch.addmm(A, A, A, beta=b, alpha=c)
         X = torch.baddbmm(X, B, X, beta=a) if X.dim() == 3 else torch.addmm(X, B, X, beta=a)
     return X.mT if G.size(-2) > G.size(-1) else X
+
+
+GRAM_RESTARTS = (2,)  # restart once, after the second step: the published default
+
+
+def gram_compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The Gram iteration's dtype for a requested ``dtype``: float16 for either half type (the normalized
+    values are bounded, and float16 keeps 3 more mantissa bits than bfloat16), else ``dtype`` itself."""
+    return torch.float16 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def gram_newton_schulz(G: torch.Tensor, steps: int = 5, coefficients="keller", eps: float = 1e-7,
+                       dtype: torch.dtype = torch.float64, restarts=GRAM_RESTARTS,
+                       compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Gram Newton-Schulz: the same iterate as ``newton_schulz``, carried on the small Gram matrix.
+
+    With X the normalized input (n x m, n <= m after the transpose), every step's X' = (a I + b A + c A^2) X
+    is P X with P a polynomial in R = X X^T, so X_k = Q X_0 with Q the product of the P's. Per step:
+        Z = b R + c R^2,   Q <- Q Z + a Q   (= Q P),   RZ = R Z + a R   (= R P),   R <- Z RZ + a RZ   (= P R P)
+    so every product is n x n; X is touched only to form R and the final Q X. After each step count in
+    ``restarts`` (not in exact arithmetic, only against round-off drift in half precision) X <- Q X,
+    R <- X X^T, Q <- I. The products run in ``compute_dtype`` (default ``gram_compute_dtype(dtype)``),
+    the normalization in float32 as in ``newton_schulz``; the result has ``dtype``.
+    """
+    triples, scale = resolve_coefficients(coefficients, steps)
+    cdt = gram_compute_dtype(dtype) if compute_dtype is None else compute_dtype
+    X = normalize(G, scale, eps, cdt)
+    wide = G.shape[-2] <= G.shape[-1]
+    if not wide:
+        X = X.mT
+    eye = torch.eye(X.shape[-2], dtype=cdt, device=X.device)
+    R = X @ X.mT
+    Q = None  # the identity, kept implicit so that the first product after a (re)start is skipped
+    for i, (a, b, c) in enumerate(triples):
+        if i in restarts and Q is not None:
+            X = Q @ X
+            R = X @ X.mT
+            Q = None
+        Z = b * R + c * (R @ R)
+        Q = Z + a * eye if Q is None else Q @ Z + a * Q
+        if i + 1 < len(triples) and i + 1 not in restarts:  # R is not needed after the last step or before a restart
+            RZ = R @ Z + a * R
+            R = Z @ RZ + a * RZ
+    if Q is not None:
+        X = Q @ X
+    return (X if wide else X.mT).to(dtype)
