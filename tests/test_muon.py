@@ -99,10 +99,34 @@ def test_coefficient_names():
     (lambda p: fusedlab.optim.Muon([p], ns_coefficients="newton"), "coefficients must be one of"),
     (lambda p: fusedlab.optim.Muon([p], adjust_lr_fn="spectral"), "adjust_lr_fn"),
     (lambda p: fusedlab.optim.Muon([p], ns_steps=100), "ns_steps"),
+    (lambda p: fusedlab.optim.Muon([p], ns_method="polar"), "ns_method must be one of"),
+    (lambda p: fusedlab.optim.Muon([p], ns_method="gram", backend="cpu"), "ns_method='gram' needs backend"),
 ])
 def test_errors(make, pattern):
     with pytest.raises(ValueError, match=pattern):
         make(torch.nn.Parameter(torch.zeros(4, 4)))
+
+
+def test_ns_method_gram(gen):
+    """Gram Newton-Schulz in the optimizer: the standard step in float64, and what "auto" runs for a batch
+    of strongly rectangular float32 matrices."""
+    shapes = [(24, 96), (96, 24), (24, 96), (32, 32)]
+    params = make_params(gen, shapes)
+    params = [torch.nn.Parameter(p.detach().double()) for p in params]
+    twin = copy.deepcopy(params)
+    grads = [[g.double() for g in gs] for gs in full_rank_grads(gen, 3, shapes)]
+    run(fusedlab.optim.Muon, params, grads, lr=0.02, ns_dtype=torch.float64, ns_method="gram")
+    run(fusedlab.optim.Muon, twin, grads, lr=0.02, ns_dtype=torch.float64, ns_method="standard")
+    for a, b in zip(params, twin):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    shapes = [(256, 768), (256, 768)]
+    grads = full_rank_grads(gen, 1, shapes)
+    auto = make_params(gen, shapes)
+    gram = copy.deepcopy(auto)
+    run(fusedlab.optim.Muon, auto, grads, lr=0.02, ns_dtype=torch.float32)
+    run(fusedlab.optim.Muon, gram, grads, lr=0.02, ns_dtype=torch.float32, ns_method="gram")
+    for a, b in zip(auto, gram):
+        assert torch.equal(a, b)
 
 
 def test_sparse_grad_rejected():

@@ -16,6 +16,7 @@ from fusedlab.ops.newton_schulz import default_dtype, newton_schulz
 from fusedlab.reference.newton_schulz import resolve_coefficients
 
 _ADJUST = (None, "original", "match_rms_adamw")
+_METHODS = ("auto", "standard", "gram")
 
 
 def _finite_nonneg(name, value):
@@ -39,13 +40,15 @@ class Muon(torch.optim.Optimizer):
     p <- p - adjusted_lr O. Gradients are never modified.
 
     Extra keyword arguments: ``ns_dtype`` (the Newton-Schulz computation dtype; default bfloat16 where the
-    hardware multiplies bf16 natively, as torch does everywhere), ``backend`` (as for every fusedlab op) and
-    ``process_group``: pass one (``torch.distributed.group.WORLD`` for all ranks) to shard the work when
-    every rank holds the same parameters and gradients (data parallel, after DDP's all-reduce): each rank
-    orthogonalizes its share of the matrices, the results are all-gathered, and every rank ends with the
-    parameters one process would compute; a parameter without a gradient on a rank then counts as a zero
-    gradient, so all ranks make the same collective calls. Without it the optimizer never communicates
-    (as torch.optim.Muon), which is right for pipeline- or tensor-parallel jobs.
+    hardware multiplies bf16 natively, as torch does everywhere), ``backend`` (as for every fusedlab op),
+    ``ns_method`` ("auto", "standard" or "gram": the ``method`` of fusedlab.ops.newton_schulz; "auto" takes
+    Gram Newton-Schulz for strongly rectangular shapes where it measured faster) and ``process_group``: pass
+    one (``torch.distributed.group.WORLD`` for all ranks) to shard the work when every rank holds the same
+    parameters and gradients (data parallel, after DDP's all-reduce): each rank orthogonalizes its share of
+    the matrices, the results are all-gathered, and every rank ends with the parameters one process would
+    compute; a parameter without a gradient on a rank then counts as a zero gradient, so all ranks make the
+    same collective calls. Without it the optimizer never communicates (as torch.optim.Muon), which is right
+    for pipeline- or tensor-parallel jobs.
 
     Example:
         >>> import torch, fusedlab
@@ -57,7 +60,7 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
                  ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-7, ns_steps=5, adjust_lr_fn=None, *,
-                 ns_dtype=None, backend="auto", process_group=None):
+                 ns_dtype=None, backend="auto", ns_method="auto", process_group=None):
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("lr: a tensor lr must have one element")
         _finite_nonneg("lr", lr)
@@ -71,9 +74,13 @@ class Muon(torch.optim.Optimizer):
         triples, _ = resolve_coefficients(ns_coefficients, ns_steps)  # validates names and shapes
         if not all(math.isfinite(v) for t in triples for v in t):
             raise ValueError(f"ns_coefficients must be finite, got {ns_coefficients!r}")
+        if ns_method not in _METHODS:
+            raise ValueError(f"ns_method must be one of {_METHODS}, got {ns_method!r}")
+        if ns_method == "gram" and backend not in ("auto", "reference"):
+            raise ValueError(f"ns_method='gram' needs backend 'auto' or 'reference' (it has no {backend!r} kernel)")
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
-                        ns_dtype=ns_dtype, backend=backend)
+                        ns_dtype=ns_dtype, backend=backend, ns_method=ns_method)
         super().__init__(params, defaults)
         self.process_group = process_group
 
@@ -122,7 +129,8 @@ class Muon(torch.optim.Optimizer):
         for (shape, _, _), items in batches.items():
             stacked = torch.stack([u for _, u in items]) if len(items) > 1 else items[0][1].unsqueeze(0)
             ns = lambda x: newton_schulz(x, group["ns_steps"], group["ns_coefficients"], group["eps"],  # noqa: E731
-                                         group["ns_dtype"], group["backend"])
+                                         group["ns_dtype"], group["backend"],
+                                         group.get("ns_method", "auto"))  # absent from older state dicts
             if world == 1:
                 ortho = ns(stacked)
             else:
@@ -185,7 +193,7 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
 
     MUON_DEFAULTS = dict(lr=0.02, momentum=0.95, weight_decay=0.0, nesterov=True,
                          ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-7, ns_steps=5, adjust_lr_fn=None,
-                         ns_dtype=None, backend="auto")
+                         ns_dtype=None, backend="auto", ns_method="auto")
     ADAM_DEFAULTS = dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.0)
 
     def __init__(self, param_groups, process_group=None):
