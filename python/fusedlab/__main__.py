@@ -168,14 +168,17 @@ def bench(out_dir, min_run_time=0.5, shapes=perf_resample.SHAPES, family="resamp
 
 
 def bench_newton_schulz(out_dir, min_run_time=0.5, quick=False, device="all"):
-    """Newton-Schulz on every backend here against torch.optim.Muon's per-matrix loop, and a Muon step."""
+    """Newton-Schulz on every backend here against torch.optim.Muon's per-matrix loop, the Gram path against the
+    standard one, and a Muon step."""
     rows = []
     for device, backends in _devices_and_backends(device):
         ns_backends = [b for b in backends if b in FAMILY_BACKENDS["newton_schulz"]] or ["reference"]
         errors = {be: perf_ns.check(be, device) for be in ns_backends}
         shapes = perf_ns.QUICK_SHAPES if quick else perf_ns.GPU_SHAPES if device == "cuda" else perf_ns.SHAPES
-        for r in perf_ns.rows(device, ns_backends, shapes, min_run_time) + [perf_ns.optimizer_row(device, quick,
-                                                                                                 min_run_time)]:
+        gram_shapes = ((2, 32, 128),) if quick else perf_ns.GRAM_SHAPES
+        for r in (perf_ns.rows(device, ns_backends, shapes, min_run_time)
+                  + perf_ns.gram_rows(device, gram_shapes, min_run_time)
+                  + [perf_ns.optimizer_row(device, quick, min_run_time)]):
             rows.append(dict(r, device=device, max_err=errors.get(r["backend"])))
     shown = [dict(r, ms=f"{r['ms']:.3f}", peer_ms=f"{r['peer_ms']:.3f}", speedup=f"{r['speedup']:.2f}x") for r in rows]
     cols = [("device", "device"), ("op", "op"), ("backend", "backend"), ("shape", "shape"), ("median ms", "ms"),

@@ -15,6 +15,7 @@ KELLER = (3.4445, -4.7750, 2.0315)
 SHAPES = ((1, 1024, 1024), (64, 256, 256), (1, 768, 3072))  # (batch, m, n)
 GPU_SHAPES = ((1, 1024, 1024), (1, 4096, 4096), (1, 4096, 16384), (64, 768, 768))  # the issue's GPU points
 QUICK_SHAPES = ((2, 32, 48),)
+GRAM_SHAPES = ((1, 768, 3072), (12, 768, 3072))  # GPT-2 small's MLP matrices: aspect ratio 4
 GPT2_SMALL = [(768, 768)] * 48 + [(3072, 768)] * 12 + [(768, 3072)] * 12  # the GPT-2-small matrix set
 
 
@@ -48,6 +49,35 @@ def rows(device, backends, shapes=SHAPES, min_run_time=0.2, progress=None):
                             shape=f"{bsz}x{m}x{n}", ms=t.median_ms, peer="torch.optim.Muon's NS, per matrix",
                             peer_ms=peer.median_ms, speedup=peer.median_ms / t.median_ms,
                             note=f"{flops / t.median_ms / 1e6:.0f} GFLOP/s"))
+        if progress is not None:
+            progress.update(1)
+    return out
+
+
+def gram_rows(device, shapes=GRAM_SHAPES, min_run_time=0.2, progress=None):
+    """Gram Newton-Schulz (method="gram") against the op's standard path (backend "auto": the C++ kernel on
+    CPUs) and torch.optim.Muon's NS per matrix, in bf16 (the Gram path iterates in float16) and in float32
+    (where "auto" takes it on CPUs). Errors: relative to float64 on the first matrix of the batch."""
+    out = []
+    for bsz, m, n in shapes:
+        G = torch.randn(bsz, m, n, generator=torch.Generator().manual_seed(3)).to(device)
+        exact = ref.newton_schulz(G[:1].double().cpu())
+        err = lambda x: ((x[:1].double().cpu() - exact).norm() / exact.norm()).item()  # noqa: E731
+        peer = measure(lambda: torch_loop(G), min_run_time)
+        torch_err = err(torch_loop(G[:1]))
+        for dt, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+            std = lambda dt=dt: fusedlab.ops.newton_schulz(G, dtype=dt, method="standard")  # noqa: E731
+            gram = lambda dt=dt: fusedlab.ops.newton_schulz(G, dtype=dt, method="gram")  # noqa: E731
+            t_std, t_gram = measure(std, min_run_time), measure(gram, min_run_time)
+            e_std, e_gram = err(std()), err(gram())
+            vs_torch = peer.median_ms / t_gram.median_ms
+            out.append(dict(family="newton_schulz", op=f"newton_schulz gram ({name}, 5 steps)", backend="gram",
+                            shape=f"{bsz}x{m}x{n}", ms=t_gram.median_ms, peer=f"standard path ({name})",
+                            peer_ms=t_std.median_ms, speedup=t_std.median_ms / t_gram.median_ms,
+                            torch_ms=peer.median_ms, vs_torch=vs_torch, err=e_gram, standard_err=e_std,
+                            torch_err=torch_err,
+                            note=f"{vs_torch:.2f}x vs torch.optim.Muon's bf16 NS ({peer.median_ms:.1f} ms); err "
+                                 f"{e_gram:.1e} (standard {e_std:.1e}, torch {torch_err:.1e})"))
         if progress is not None:
             progress.update(1)
     return out
