@@ -35,6 +35,12 @@ TORCH_LIBRARY(fusedlab, m) {
   // ---- newton_schulz: Muon's orthogonalization (python/fusedlab/reference/newton_schulz.py). `coefficients`
   // holds (a, b, c) for each step; the result is in `dtype`, the computation dtype.
   m.def("newton_schulz(Tensor G, float[] coefficients, float norm_scale, float eps, ScalarType dtype) -> Tensor");
+  // Muon's step for a batch of same-shaped contiguous float32 parameters (python/fusedlab/optim/muon.py):
+  // buf <- lerp(buf, g, 1 - momentum); update = lerp(g, buf, momentum) (nesterov) or buf, viewed as
+  // [rows, -1]; O = newton_schulz(update); p <- p (1 - lr weight_decay) - step_lr O. Updates params and bufs.
+  m.def("muon_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] bufs, float momentum, bool nesterov, "
+        "float[] coefficients, float norm_scale, float eps, ScalarType dtype, float lr, float weight_decay, "
+        "float step_lr) -> ()");
 
   // ---- symile: the Symile contrastive loss (python/fusedlab/reference/symile.py). "n_squared" negatives for
   // M = len(reps) modalities of shape [N, d]; logit_scale is the (already exponentiated) one-element scale.

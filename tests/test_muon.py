@@ -173,6 +173,45 @@ def test_muon_with_aux_adam_errors():
         fusedlab.optim.MuonWithAuxAdam([dict(params=[torch.nn.Parameter(torch.zeros(3))], use_muon=True)])
 
 
+@pytest.mark.parametrize("kw", KWS)
+def test_fused_cpu_step_equals_the_generic_path(gen, kw):
+    """Contiguous float32 CPU batches take one C++ call (fusedlab::muon_step_); strided gradients take the
+    op-by-op path. In float32 Newton-Schulz both compute the same update up to float32 rounding."""
+    shapes = [(24, 40), (24, 40), (72, 16), (8, 4, 3, 3), (33, 33)]
+    fused, generic = make_params(gen, shapes), None
+    generic = copy.deepcopy(fused)
+    grads = full_rank_grads(gen, 3, shapes)
+    opts = [fusedlab.optim.Muon(ps, ns_dtype=torch.float32, **{"lr": 0.02, **kw}) for ps in (fused, generic)]
+    for gs in grads:
+        for p, q, g in zip(fused, generic, gs):
+            p.grad = g.clone()
+            q.grad = g.clone().transpose(0, 1).contiguous().transpose(0, 1)  # same values, strided
+            assert not q.grad.is_contiguous()
+        for opt in opts:
+            opt.step()
+    for a, b in zip(fused, generic):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(fused, generic):
+        torch.testing.assert_close(opts[0].state[a]["momentum_buffer"], opts[1].state[b]["momentum_buffer"])
+
+
+def test_muon_step_op_checks(gen):
+    ps = make_params(gen, [(6, 4), (6, 4)])
+    gs = [torch.randn(6, 4, generator=gen) for _ in ps]
+    bufs = [torch.zeros(6, 4) for _ in ps]
+    coeffs = [3.4445, -4.775, 2.0315] * 2
+    with torch.no_grad():
+        torch.library.opcheck(torch.ops.fusedlab.muon_step_.default,
+                              (ps, gs, bufs, 0.95, True, coeffs, 1.0, 1e-7, torch.float32, 0.02, 0.1, 0.02),
+                              test_utils=("test_schema", "test_faketensor"))
+        with pytest.raises(RuntimeError, match="contiguous float32 CPU tensors of one shape"):
+            torch.ops.fusedlab.muon_step_(ps, [gs[0], gs[1].double()], bufs, 0.95, True, coeffs, 1.0, 1e-7,
+                                          torch.float32, 0.02, 0.1, 0.02)
+        with pytest.raises(RuntimeError, match="lists of one length"):
+            torch.ops.fusedlab.muon_step_(ps, gs[:1], bufs, 0.95, True, coeffs, 1.0, 1e-7, torch.float32, 0.02, 0.1,
+                                          0.02)
+
+
 @pytest.mark.timeout(300)
 def test_compiled_step_matches_eager(gen):
     """torch.compile(opt.step) gives the parameters of the eager step (fp32 Newton-Schulz: same arithmetic)."""

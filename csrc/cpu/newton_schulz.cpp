@@ -1,13 +1,46 @@
-// C++ CPU kernel of the newton_schulz family: the whole iteration in one op over a batch of same-shaped
-// matrices, with the aX + BX and bA + cA^2 updates fused into baddbmm (one GEMM each, epilogue included).
-// Semantics: python/fusedlab/reference/newton_schulz.py.
+// C++ CPU kernels of the newton_schulz family: the whole iteration in one op over a batch of same-shaped
+// matrices, with the aX + BX and bA + cA^2 updates fused into baddbmm (one GEMM each, epilogue included);
+// and Muon's step for a batch of same-shaped parameters around it, with its elementwise work fused into
+// two passes before the iteration and one after. Semantics: python/fusedlab/reference/newton_schulz.py and
+// python/fusedlab/optim/muon.py.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/linalg_vector_norm.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "fusedlab/cpu_math.h"
 
 namespace fusedlab {
 namespace {
+
+void check_ns_args(at::ArrayRef<double> coefficients, double norm_scale, double eps, at::ScalarType dtype,
+                   const char* op) {
+  TORCH_CHECK(coefficients.size() % 3 == 0, "fusedlab.", op, ": coefficients must hold (a, b, c) per step, got ",
+              coefficients.size(), " values");
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat || dtype == at::kDouble, "fusedlab.",
+              op, ": dtype must be bfloat16, float16, float32 or float64, got ", dtype);
+  TORCH_CHECK(eps >= 0.0 && norm_scale > 0.0, "fusedlab.", op, ": need eps >= 0 and norm_scale > 0, got ", eps, " and ",
+              norm_scale);
+}
+
+// The iteration on a normalized batch X [b, m, n] with m <= n (already the wide orientation).
+at::Tensor iterate(at::Tensor X, at::ArrayRef<double> coefficients) {
+  for (size_t s = 0; s + 2 < coefficients.size(); s += 3) {
+    const double a = coefficients[s], b = coefficients[s + 1], c = coefficients[s + 2];
+    const at::Tensor A = X.bmm(X.transpose(1, 2));
+    const at::Tensor B = A.baddbmm(A, A, /*beta=*/b, /*alpha=*/c);
+    X = X.baddbmm(B, X, /*beta=*/a, /*alpha=*/1.0);
+  }
+  return X;
+}
 
 at::Tensor newton_schulz_cpu(const at::Tensor& G, at::ArrayRef<double> coefficients, double norm_scale, double eps,
                              at::ScalarType dtype) {
@@ -15,12 +48,7 @@ at::Tensor newton_schulz_cpu(const at::Tensor& G, at::ArrayRef<double> coefficie
               G.sizes());
   TORCH_CHECK(at::isFloatingType(G.scalar_type()), "fusedlab.newton_schulz: G must be floating point, got ",
               G.scalar_type());
-  TORCH_CHECK(coefficients.size() % 3 == 0,
-              "fusedlab.newton_schulz: coefficients must hold (a, b, c) per step, got ", coefficients.size(), " values");
-  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat || dtype == at::kDouble,
-              "fusedlab.newton_schulz: dtype must be bfloat16, float16, float32 or float64, got ", dtype);
-  TORCH_CHECK(eps >= 0.0 && norm_scale > 0.0, "fusedlab.newton_schulz: need eps >= 0 and norm_scale > 0, got ", eps,
-              " and ", norm_scale);
+  check_ns_args(coefficients, norm_scale, eps, dtype, "newton_schulz");
   const int64_t m = G.size(-2), n = G.size(-1);
   if (G.numel() == 0) return at::empty(G.sizes(), G.options().dtype(dtype));
   // Frobenius norm accumulated in float64 (one pass, no upcast copy): the squares of any float32 input
@@ -32,18 +60,160 @@ at::Tensor newton_schulz_cpu(const at::Tensor& G, at::ArrayRef<double> coefficie
   at::Tensor X = g.to(acc).mul(inv).to(dtype);
   const bool tall = m > n;  // iterate on the wide orientation: the Gram matrix is min(m, n) square
   if (tall) X = X.transpose(1, 2);
-  for (size_t s = 0; s + 2 < coefficients.size(); s += 3) {
-    const double a = coefficients[s], b = coefficients[s + 1], c = coefficients[s + 2];
-    const at::Tensor A = X.bmm(X.transpose(1, 2));
-    const at::Tensor B = A.baddbmm(A, A, /*beta=*/b, /*alpha=*/c);
-    X = X.baddbmm(B, X, /*beta=*/a, /*alpha=*/1.0);
-  }
+  X = iterate(X, coefficients);
   if (tall) X = X.transpose(1, 2);
   return X.contiguous().view(G.sizes());
 }
 
+// ---- Muon's step for a batch of same-shaped float32 parameters (python/fusedlab/optim/muon.py, Muon._step_group).
+// torch.optim.Muon makes about eight passes over memory per parameter around the iteration (two lerps, the
+// stack, the norm, the scale, the cast, the decay, the add); here: pass 1 updates the momentum buffer and sums
+// the squares of the update, pass 2 recomputes the update and writes it scaled, cast and in the wide
+// orientation into the batch, and after the iteration one pass applies decay and update to the parameter.
+
+// torch's lerp: self + w (end - self) for |w| < 0.5, else end - (end - self)(1 - w)
+inline float lerp(float self, float end, float w) {
+  return std::abs(w) < 0.5f ? self + w * (end - self) : end - (end - self) * (1.0f - w);
+}
+
+constexpr int64_t kRowBlock = 32;  // rows per work item: the unit of parallel work and of the transposed writes
+
+struct MuonBatch {
+  int64_t count, rows, cols, blocks;  // matrices, their [rows, cols] shape, row blocks per matrix
+  bool tall;                          // rows > cols: the batch holds the transposes
+};
+
+// Pass 1 over n elements: the momentum update in place and the sum of squares of the update, kept in eight
+// float64 lanes (a fixed order the compiler can vectorize without reassociating).
+FL_TARGET_CLONES
+double momentum_pass(const float* g, float* buf, int64_t n, float mu, bool nesterov) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t e = 0;
+  for (; e + 8 <= n; e += 8)
+    for (int k = 0; k < 8; ++k) {
+      const float b = lerp(buf[e + k], g[e + k], 1.0f - mu);
+      buf[e + k] = b;
+      const float u = nesterov ? lerp(g[e + k], b, mu) : b;
+      acc[k] += static_cast<double>(u) * static_cast<double>(u);
+    }
+  for (; e < n; ++e) {
+    const float b = lerp(buf[e], g[e], 1.0f - mu);
+    buf[e] = b;
+    const float u = nesterov ? lerp(g[e], b, mu) : b;
+    acc[e & 7] += static_cast<double>(u) * static_cast<double>(u);
+  }
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+// Pass 2 over rows [r0, r1) of one matrix: x = cast(u * inv), x in the wide orientation. Tall matrices are
+// written column by column, each column's run of rows contiguous in x.
+template <typename T>
+void write_scaled(const float* g, const float* buf, float mu, bool nesterov, float inv, T* x, const MuonBatch& s,
+                  int64_t r0, int64_t r1) {
+  auto update = [&](int64_t e) { return nesterov ? lerp(g[e], buf[e], mu) : buf[e]; };
+  if (s.tall) {
+    for (int64_t c = 0; c < s.cols; ++c)
+      for (int64_t r = r0; r < r1; ++r) x[c * s.rows + r] = static_cast<T>(update(r * s.cols + c) * inv);
+  } else {
+    for (int64_t e = r0 * s.cols; e < r1 * s.cols; ++e) x[e] = static_cast<T>(update(e) * inv);
+  }
+}
+
+// After the iteration, rows [r0, r1): p <- p (1 - lr wd) - step_lr o, as p.mul_ then p.add_(o, alpha=...).
+template <typename T>
+void apply_update(float* p, const T* o, float decay, float step, const MuonBatch& s, int64_t r0, int64_t r1) {
+  if (s.tall) {
+    for (int64_t c = 0; c < s.cols; ++c)
+      for (int64_t r = r0; r < r1; ++r) {
+        float& pe = p[r * s.cols + c];
+        pe = pe * decay + step * static_cast<float>(o[c * s.rows + r]);
+      }
+  } else {
+    for (int64_t e = r0 * s.cols; e < r1 * s.cols; ++e) p[e] = p[e] * decay + step * static_cast<float>(o[e]);
+  }
+}
+
+void muon_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList bufs, double momentum, bool nesterov,
+                   at::ArrayRef<double> coefficients, double norm_scale, double eps, at::ScalarType dtype, double lr,
+                   double weight_decay, double step_lr) {
+  check_ns_args(coefficients, norm_scale, eps, dtype, "muon_step_");
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat,
+              "fusedlab.muon_step_: dtype must be bfloat16, float16 or float32, got ", dtype);
+  const int64_t count = static_cast<int64_t>(params.size());
+  TORCH_CHECK(count >= 1 && grads.size() == params.size() && bufs.size() == params.size(),
+              "fusedlab.muon_step_: params, grads and bufs must be lists of one length >= 1, got ", params.size(), ", ",
+              grads.size(), " and ", bufs.size());
+  const at::Tensor& p0 = params[0];
+  TORCH_CHECK(p0.dim() >= 2, "fusedlab.muon_step_: params must have at least 2 dims, got shape ", p0.sizes());
+  for (int64_t i = 0; i < count; ++i)
+    for (const at::Tensor* t : {&params[i], &grads[i], &bufs[i]}) {
+      TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu() && t->is_contiguous() &&
+                      t->sizes() == p0.sizes(),
+                  "fusedlab.muon_step_: params, grads and bufs must be contiguous float32 CPU tensors of one shape ",
+                  p0.sizes(), ", got ", t->scalar_type(), " ", t->sizes(), t->is_contiguous() ? "" : " (strided)");
+    }
+  MuonBatch s;
+  s.count = count;
+  s.rows = p0.size(0);
+  s.cols = p0.numel() / std::max<int64_t>(1, s.rows);
+  s.tall = s.rows > s.cols;
+  s.blocks = (s.rows + kRowBlock - 1) / kRowBlock;
+  if (p0.numel() == 0) return;
+  const float mu = static_cast<float>(momentum);
+  const int64_t items = count * s.blocks;
+
+  // pass 1: buf <- lerp(buf, g, 1 - mu); partial sums of the update's squares per row block, in float64
+  std::vector<double> partial(items, 0.0);
+  at::parallel_for(0, items, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t i = w / s.blocks, r0 = (w % s.blocks) * kRowBlock, r1 = std::min(s.rows, r0 + kRowBlock);
+      partial[w] = momentum_pass(grads[i].data_ptr<float>() + r0 * s.cols, bufs[i].data_ptr<float>() + r0 * s.cols,
+                                 (r1 - r0) * s.cols, mu, nesterov);
+    }
+  });
+  // per matrix 1 / max(norm * scale, eps) in float64 then float32, as the newton_schulz op computes it; the
+  // partial sums are added in a fixed order, so the result does not depend on the thread count
+  std::vector<float> inv(count);
+  for (int64_t i = 0; i < count; ++i) {
+    double ss = 0.0;
+    for (int64_t b = 0; b < s.blocks; ++b) ss += partial[i * s.blocks + b];
+    inv[i] = static_cast<float>(1.0 / std::max(std::sqrt(ss) * norm_scale, eps));
+  }
+
+  // pass 2: the scaled update, cast, in the wide orientation
+  const int64_t m = std::min(s.rows, s.cols), n = std::max(s.rows, s.cols);
+  at::Tensor X = at::empty({count, m, n}, p0.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "fusedlab_muon_prepare", [&] {
+    scalar_t* x = X.data_ptr<scalar_t>();
+    at::parallel_for(0, items, 1, [&](int64_t w0, int64_t w1) {
+      for (int64_t w = w0; w < w1; ++w) {
+        const int64_t i = w / s.blocks, r0 = (w % s.blocks) * kRowBlock, r1 = std::min(s.rows, r0 + kRowBlock);
+        write_scaled<scalar_t>(grads[i].data_ptr<float>(), bufs[i].data_ptr<float>(), mu, nesterov, inv[i],
+                               x + i * m * n, s, r0, r1);
+      }
+    });
+  });
+
+  const at::Tensor O = iterate(X, coefficients).contiguous();
+
+  // after: p <- p (1 - lr wd) - step_lr O, O read back in the parameter's orientation
+  const float decay = static_cast<float>(1.0 - lr * weight_decay), step = static_cast<float>(-step_lr);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "fusedlab_muon_apply", [&] {
+    const scalar_t* o = O.data_ptr<scalar_t>();
+    at::parallel_for(0, items, 1, [&](int64_t w0, int64_t w1) {
+      for (int64_t w = w0; w < w1; ++w) {
+        const int64_t i = w / s.blocks, r0 = (w % s.blocks) * kRowBlock, r1 = std::min(s.rows, r0 + kRowBlock);
+        apply_update<scalar_t>(params[i].data_ptr<float>(), o + i * m * n, decay, step, s, r0, r1);
+      }
+    });
+  });
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fusedlab, CPU, m) { m.impl("newton_schulz", &newton_schulz_cpu); }
+TORCH_LIBRARY_IMPL(fusedlab, CPU, m) {
+  m.impl("newton_schulz", &newton_schulz_cpu);
+  m.impl("muon_step_", &muon_step_cpu);
+}
 
 }  // namespace fusedlab

@@ -25,6 +25,12 @@ def _fake_newton_schulz(G, coefficients, norm_scale, eps, dtype):
     return torch.empty(G.shape, dtype=dtype, device=G.device)
 
 
+@torch.library.register_fake("fusedlab::muon_step_")
+def _fake_muon_step(params, grads, bufs, momentum, nesterov, coefficients, norm_scale, eps, dtype, lr, weight_decay,
+                    step_lr):
+    return None
+
+
 # the Triton backend, wrapped as a custom op so opcheck and torch.compile see it like the C++ op
 @torch.library.custom_op("fusedlab::newton_schulz_triton", mutates_args=())
 def _newton_schulz_triton(G: torch.Tensor, coefficients: list[float], norm_scale: float, eps: float,

@@ -12,7 +12,7 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
-from fusedlab.ops.newton_schulz import default_dtype, newton_schulz
+from fusedlab.ops.newton_schulz import _gram_faster, default_dtype, newton_schulz
 from fusedlab.reference.newton_schulz import resolve_coefficients
 
 _ADJUST = (None, "original", "match_rms_adamw")
@@ -108,7 +108,7 @@ class Muon(torch.optim.Optimizer):
         momentum, wd = group["momentum"], group["weight_decay"]
         pg = getattr(self, "process_group", None)
         world = dist.get_world_size(pg) if pg is not None else 1
-        # updates grouped by (shape, dtype, device): one batched Newton-Schulz call per group
+        # parameters grouped by (matrix shape, dtype, device): one batched Newton-Schulz call per group
         batches = defaultdict(list)
         for p in group["params"]:
             if p.grad is None and pg is None:
@@ -121,13 +121,18 @@ class Muon(torch.optim.Optimizer):
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(g, memory_format=torch.preserve_format)
-            buf = state["momentum_buffer"]
-            buf.lerp_(g, 1 - momentum)
-            update = g.lerp(buf, momentum) if group["nesterov"] else buf
-            update = update.reshape(update.shape[0], -1)
-            batches[(tuple(update.shape), update.dtype, update.device)].append((p, update))
+            shape = (p.shape[0], p.numel() // max(1, p.shape[0]))
+            batches[(shape, g.dtype, g.device)].append((p, g, state["momentum_buffer"]))
         for (shape, _, _), items in batches.items():
-            stacked = torch.stack([u for _, u in items]) if len(items) > 1 else items[0][1].unsqueeze(0)
+            step_lr = adjusted_lr(lr, group["adjust_lr_fn"], shape[0], shape[1])
+            if world == 1 and _fused_cpu_step(group, items, shape, lr, step_lr):
+                continue
+            updates = []
+            for _, g, buf in items:
+                buf.lerp_(g, 1 - momentum)
+                update = g.lerp(buf, momentum) if group["nesterov"] else buf
+                updates.append(update.reshape(shape))
+            stacked = torch.stack(updates) if len(updates) > 1 else updates[0].unsqueeze(0)
             ns = lambda x: newton_schulz(x, group["ns_steps"], group["ns_coefficients"], group["eps"],  # noqa: E731
                                          group["ns_dtype"], group["backend"],
                                          group.get("ns_method", "auto"))  # absent from older state dicts
@@ -136,10 +141,33 @@ class Muon(torch.optim.Optimizer):
             else:
                 out_dtype = group["ns_dtype"] or default_dtype(stacked.device)
                 ortho = _sharded(ns, stacked, world, pg, out_dtype)
-            step_lr = adjusted_lr(lr, group["adjust_lr_fn"], shape[0], shape[1])
-            for (p, _), o in zip(items, ortho.unbind(0)):
+            for (p, _, _), o in zip(items, ortho.unbind(0)):
                 p.mul_(1 - lr * wd)
                 p.add_(o.view(p.shape), alpha=-step_lr)
+
+
+def _fused_cpu_step(group, items, shape, lr, step_lr) -> bool:
+    """The whole step of a batch in one C++ call (torch.ops.fusedlab.muon_step_: momentum, scale and cast,
+    the iteration, decay and update, with the elementwise work in three passes instead of about eight) where
+    it computes exactly what the generic path would: contiguous float32 CPU tensors, the C++ kernel, and the
+    standard iteration. Returns False (nothing done) elsewhere."""
+    p0 = items[0][0]
+    if p0.device.type != "cpu" or group["backend"] not in ("auto", "cpu"):
+        return False
+    if any(t.dtype != torch.float32 or not t.is_contiguous() for it in items for t in it):
+        return False
+    dtype = group["ns_dtype"] or default_dtype(p0.device)
+    method = group.get("ns_method", "auto")
+    if dtype == torch.float64 or method == "gram" or (
+            method == "auto" and _gram_faster((len(items), *shape), dtype, "cpu")):
+        return False
+    triples, scale = resolve_coefficients(group["ns_coefficients"], group["ns_steps"])
+    torch.ops.fusedlab.muon_step_([p for p, _, _ in items], [g for _, g, _ in items], [b for _, _, b in items],
+                                  float(group["momentum"]), bool(group["nesterov"]),
+                                  [float(v) for t in triples for v in t], float(scale), float(group["eps"]), dtype,
+                                  float(lr), float(group["weight_decay"]), float(step_lr))
+    return True
+
 
 def _sharded(ns, stacked, world, pg, out_dtype):
     """Orthogonalize this rank's contiguous share of the batch, then all-gather every share (the shares are
