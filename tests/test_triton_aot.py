@@ -31,6 +31,17 @@ ALLOWED_SPILLS = {
         "local memory: stored once before the loop over groups, reloaded at most once per chunk of 512 lanes "
         "from L1, next to the chunk's float64 exp, cumsum and log2(BLOCK_K)-step search",
     ),
+    "_symile_bwd_outer_kernel": (
+        64,
+        "fp32, M = 4: ptxas parks a few loop-invariant values (20-44 bytes per thread) in local memory, stored "
+        "before the tuple loops and reloaded once per u_2 tuple, outside the loops over u_3, the (i, j) tiles "
+        "and d (checked in the SASS)",
+    ),
+    "_symile_bwd_kernel": (
+        32,
+        "fp32 at d = 64 (FUSEDLAB_AOT_FULL=1 only): 8-20 bytes per thread stored before the loops and reloaded "
+        "once in the epilogue (checked in the SASS); the default d = 256/1024 set compiles spill-free",
+    ),
 }
 
 _SCRIPT = r"""
@@ -155,3 +166,14 @@ def test_newton_schulz_configs_cover_every_kernel_and_class(aot):
             assert any(n.startswith(f"{kernel}[{dtype} ") for n in names), (kernel, dtype)
         assert any(n.startswith(f"update_x[{dtype} ") and "transposed" in n for n in names), dtype
     assert any("bf16 large" in n for n in names) and any("bf16 small" in n for n in names)
+
+
+def test_symile_configs_cover_every_kernel_and_path(aot):
+    """The forward and both backward paths of every M in bf16 and fp32, at the d = 256/1024 configuration."""
+    _, records = aot
+    names = {r["name"] for r in records if r["module"] == "symile"}
+    for dtype in ("bf16", "fp32"):
+        for M in (2, 3, 4):
+            tag = f"{dtype} d=256 M={M}"
+            assert {f"symile_fwd[{tag}]", f"symile_bwd[{tag} atomic]", f"symile_bwd[{tag} deterministic]"} <= names
+            assert (f"symile_bwd_outer[{tag}]" in names) == (M > 2), tag

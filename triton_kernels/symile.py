@@ -48,20 +48,22 @@ POISON_BUFFERS = False
 TARGET_PROGRAMS = 4 * 132
 
 #: A logit no real one reaches: masked entries take it, so no -inf - (-inf) NaN arises in the statistics.
-_NEG = -1.0e30
+_NEG = tl.constexpr(-1.0e30)
 
-#: (BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_DV, num_warps, num_stages) per (kind, pass, d class); kind "half"
-#: (fp16/bf16, tensor cores) or "fp32" (ieee products on FMA units); d class "small" (d <= 128: one output
-#: slice covers d) or "large". Chosen so that no kernel spills registers on sm_90 (tests/test_triton_aot.py).
+#: (BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_DV, num_warps, num_stages) per (kind, pass): kind "half" (fp16/bf16,
+#: tensor cores) or "fp32" (ieee products on FMA units); pass "fwd", "bwd" (_symile_bwd_kernel) or "outer"
+#: (_symile_bwd_outer_kernel). BLOCK_DV is capped at d's next power of two (one output slice for d <= 128);
+#: at d = 256 and 1024 the configurations below are the largest tiles tried that ptxas compiles for sm_90
+#: without spills (tests/test_triton_aot.py; the outer kernel parks a few loop-invariant values, see
+#: ALLOWED_SPILLS there); a 256-wide BLOCK_DV, which would halve the backward's recomputation at d >= 256,
+#: spilled. BLOCK_D is the same in every pass: fp32 logits are then recomputed with the forward's roundings.
 CONFIGS = {
-    ("half", "fwd", "small"): (64, 64, 64, 0, 4, 3),
-    ("half", "fwd", "large"): (64, 64, 64, 0, 4, 3),
-    ("half", "bwd", "small"): (32, 64, 64, 128, 4, 2),
-    ("half", "bwd", "large"): (32, 64, 64, 128, 4, 2),
-    ("fp32", "fwd", "small"): (32, 32, 32, 0, 4, 2),
-    ("fp32", "fwd", "large"): (32, 32, 32, 0, 4, 2),
-    ("fp32", "bwd", "small"): (32, 32, 32, 128, 4, 2),
-    ("fp32", "bwd", "large"): (32, 32, 32, 128, 4, 2),
+    ("half", "fwd"): (128, 64, 64, 0, 8, 3),
+    ("half", "bwd"): (32, 64, 64, 128, 8, 2),
+    ("half", "outer"): (64, 64, 64, 128, 8, 2),
+    ("fp32", "fwd"): (64, 64, 32, 0, 8, 2),
+    ("fp32", "bwd"): (16, 16, 32, 128, 4, 2),
+    ("fp32", "outer"): (32, 32, 32, 128, 8, 2),
 }
 
 #: The interpreter costs milliseconds per program and per block op; tests may shrink the tiles:
@@ -73,14 +75,14 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def _config(dtype: torch.dtype, pas: str, d: int) -> dict:
     kind = "fp32" if dtype == torch.float32 else "half"
-    bi, bj, bd, bdv, warps, stages = CONFIGS[(kind, pas, "small" if d <= 128 else "large")]
+    bi, bj, bd, bdv, warps, stages = CONFIGS[(kind, pas)]
     if INTERPRET_CONFIG is not None:
         bi, bj, bd, bdv = INTERPRET_CONFIG
         warps, stages = 4, 1
     # one output slice covers a small d: no recomputation of the logits per slice
     bdv = max(16, min(bdv, triton.next_power_of_2(max(d, 1))))
     cfg = dict(BLOCK_I=bi, BLOCK_J=bj, BLOCK_D=bd, num_warps=warps, num_stages=stages)
-    if pas == "bwd":
+    if pas != "fwd":
         cfg["BLOCK_DV"] = bdv
     return cfg
 
@@ -430,7 +432,7 @@ def backward(grad: torch.Tensor, reps, logit_scale: torch.Tensor, lse: torch.Ten
         U_m = [slabs0.sum(0), slabs1.sum(0)]
         del slabs0, slabs1
         if M > 2:
-            U_m += _outer_grads_deterministic(reps, scale, lse, N, D, cfg)
+            U_m += _outer_grads_deterministic(reps, scale, lse, N, D, _config(reps[0].dtype, "outer", D))
     # dL/dS = g (E / (M N) - [aligned tuple] / N): the kernel summed E; the aligned tuples' term is
     # -g / N prod_{o != m} r_o[n] for modality m's row n
     g = grad.detach().reshape(()).to(device=dev, dtype=torch.float32)
@@ -479,16 +481,17 @@ _TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "
 
 def aot_configs(full: bool = False) -> Iterator[dict]:
     """Kernel specializations this module launches, for ahead-of-time compile checks (see
-    triton_kernels/newton_schulz.py for the item format): d in {256, 1024} (both "large"; ``full`` adds
-    d = 64), M = 2, 3, 4, fp32 and bf16 (``full`` adds fp16), both backward modes."""
+    triton_kernels/newton_schulz.py for the item format): M = 2, 3, 4 in fp32 and bf16 (``full`` adds fp16)
+    with the configurations of d = 256 and 1024 (the same: a 128-wide BLOCK_DV; ``full`` adds d = 64),
+    both backward paths."""
     dtypes = (torch.bfloat16, torch.float16, torch.float32) if full else (torch.bfloat16, torch.float32)
     dims = (64, 256, 1024) if full else (256, 1024)
     for dtype in dtypes:
         ty = "*" + _TRITON_TYPES[dtype]
         seen = set()
         for d in dims:
-            fwd, bwd = _config(dtype, "fwd", d), _config(dtype, "bwd", d)
-            key = (tuple(fwd.items()), tuple(bwd.items()))
+            fwd, bwd, outer = _config(dtype, "fwd", d), _config(dtype, "bwd", d), _config(dtype, "outer", d)
+            key = (tuple(fwd.items()), tuple(bwd.items()), tuple(outer.items()))
             if key in seen:
                 continue
             seen.add(key)
@@ -514,6 +517,8 @@ def aot_configs(full: bool = False) -> Iterator[dict]:
                                           "M": "constexpr", "ATOMIC": "constexpr", **{n: "constexpr" for n in tiles}},
                                constexprs=dict(M=M, ATOMIC=atomic, **tiles), attrs=_attrs(10, [11]),
                                options=dict(opts))
+                tiles = {k: outer[k] for k in ("BLOCK_I", "BLOCK_J", "BLOCK_D", "BLOCK_DV")}
+                opts = {"num_warps": outer["num_warps"], "num_stages": outer["num_stages"]}
                 if M > 2:
                     yield dict(name=f"symile_bwd_outer[{tag}]", kernel=_symile_bwd_outer_kernel,
                                signature={"r0_ptr": ty, "r1_ptr": ty, "r2_ptr": ty, "r3_ptr": ty,
