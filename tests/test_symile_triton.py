@@ -2,6 +2,8 @@
 (16-wide tiles, N <= 33), on the GPU when there is one. Every buffer the kernels store into starts as NaN, so
 an entry they fail to write fails the comparison. N is never a multiple of the tile, d never a power of two
 and always wider than the BLOCK_D slices and the BLOCK_DV output columns of the interpreter tiles."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -131,11 +133,14 @@ def test_program_splits_do_not_change_the_result(target, gen, monkeypatch):
 
 
 @pytest.mark.timeout(60)
-def test_single_row_and_upstream_gradient(gen):
-    """N = 1 (the loss is 0, the gradients too) and an upstream gradient other than 1."""
+def test_single_row_empty_features_and_upstream_gradient(gen):
+    """N = 1 (the loss is 0, the gradients too), d = 0 (every logit 0: the loss is log N^(M-1), no gradient)
+    and an upstream gradient other than 1."""
     reps, s = make_reps(3, 1, 24, gen, "l2")
     ours = loss_and_grads(triton_loss, [r.float().to(DEVICE) for r in reps], s.float().to(DEVICE))
     assert abs(ours[0].item()) < 1e-5 and all(g.abs().max().item() < 1e-5 for g in ours[1:])
+    empty = loss_and_grads(triton_loss, [torch.zeros(3, 0, device=DEVICE)] * 4, torch.tensor(2.0, device=DEVICE))
+    assert abs(empty[0].item() - 3 * math.log(3)) < 1e-6 and not empty[-1].item()
     reps, s = make_reps(2, 9, 24, gen, "l2")
     ours = loss_and_grads(lambda r, sc: -2.5 * triton_loss(r, sc), [r.float().to(DEVICE) for r in reps],
                           s.float().to(DEVICE))

@@ -412,6 +412,8 @@ def backward(grad: torch.Tensor, reps, logit_scale: torch.Tensor, lse: torch.Ten
         raise ValueError(f"symile_n_squared_triton_backward: grad must be a scalar, got shape {tuple(grad.shape)}")
     dev = reps[0].device
     lse = lse.to(device=dev, dtype=torch.float32).contiguous()
+    if D == 0:  # every logit is 0: no gradient (and no column slice to launch)
+        return [torch.zeros_like(r) for r in reps], torch.zeros_like(logit_scale)
     cfg = _config(reps[0].dtype, "bwd", D)
     BI, BJ, BDV = cfg["BLOCK_I"], cfg["BLOCK_J"], cfg["BLOCK_DV"]
     n_ib, n_jb, n_cs = triton.cdiv(N, BI), triton.cdiv(N, BJ), max(1, triton.cdiv(D, BDV))

@@ -1,14 +1,14 @@
 """The Symile contrastive loss and MIP scoring: ``symile_loss``, ``mip``.
 
 Semantics: python/fusedlab/reference/symile.py (the loss exactly as the ``symile`` 0.1.0 package defines it).
-"n_squared" implementations, all streaming tiles of the one logit tensor every anchor shares, with an
-online log-sum-exp per anchor, only the [M, N] statistics saved and the tiles recomputed in the backward:
+"n_squared" implementations (the two kernels stream tiles of the one logit tensor every anchor shares, with
+an online log-sum-exp per anchor, save only the [M, N] statistics and recompute the tiles in the backward):
 
 * "triton" (triton_kernels/symile.py, M = 2..4, fp32/fp16/bf16): a fused forward and backward that never
   form the logits or the N^(M-1) x d products, wrapped as the custom ops
   ``fusedlab::symile_n_squared_triton`` and ``fusedlab::symile_n_squared_triton_backward``. The backward
-  adds partial sums with atomics; under torch.use_deterministic_algorithms it takes a deterministic path
-  (one launch per modality, partial sums added by torch).
+  adds partial sums with atomics; under torch.use_deterministic_algorithms it stores per-program partial
+  sums that torch adds in a fixed order (one more pass over the tiles for M >= 3).
 * "cpu" (csrc/cpu/symile.cpp, ``torch.ops.fusedlab.symile_n_squared`` and its backward op).
 * "reference": builds the N^M tensor (the oracle).
 
