@@ -30,6 +30,7 @@ def small_tiles(monkeypatch):
     if INTERPRETED:  # the interpreter's cost grows with programs x block ops: 16-wide tiles, few programs
         monkeypatch.setattr(tk, "INTERPRET_CONFIG", (16, 16, 16, 16))
         monkeypatch.setattr(tk, "TARGET_PROGRAMS", 6)
+        monkeypatch.setattr(tk, "OUTER_BLOCK_U", 4)  # several u_3 blocks (M = 4, deterministic) at N = 5, 7
 
 
 def make_reps(M, N, d, gen, kind):
