@@ -149,6 +149,8 @@ def bench(out_dir, min_run_time=0.5, shapes=perf_resample.SHAPES, family="resamp
         return bench_newton_schulz(out_dir, min_run_time, quick=shapes != perf_resample.SHAPES, device=device)
     if family == "cat":
         return bench_cat(out_dir, min_run_time, quick=shapes != perf_resample.SHAPES, device=device)
+    if family == "symile":
+        return bench_symile(out_dir, min_run_time, quick=shapes != perf_resample.SHAPES, device=device)
     from tqdm import tqdm
 
     all_rows = []
@@ -246,6 +248,82 @@ def bench_cat(out_dir, min_run_time=0.5, quick=False, device="all"):
         _write_results(out_dir, "cat_generation", "CAT cached generation against a dense cache", gen, shown, cols)
 
 
+def bench_symile(out_dir, min_run_time=0.5, quick=False, device="all"):
+    """Symile's "n_squared" loss forward+backward (M = 3) against the symile package: time over a grid of
+    (N, d), peak memory growth in a fresh process at the target points, and (CUDA) the largest N one card
+    runs for each."""
+    from tqdm import tqdm
+
+    rows, mem, cache = [], [], {}
+    for dev, backends in _devices_and_backends(device):
+        ours = [b for b in backends if b in FAMILY_BACKENDS["symile"]]  # cpu; triton on CUDA where it loads
+        grid = perf_symile.QUICK_GRID if quick else perf_symile.GRID
+        with tqdm(total=len(grid), desc=f"symile on {dev}") as bar:
+            rows += perf_symile.rows(dev, ours + ["reference"], grid, min_run_time=min(min_run_time, 0.2),
+                                     progress=bar)
+        impls = ours + ([perf_symile.PACKAGE] if perf_symile.package_available() else [])
+        point = perf_symile.QUICK_MEMORY_POINT if quick else \
+            perf_symile.GPU_MEMORY_POINT if dev == "cuda" else perf_symile.CPU_MEMORY_POINT
+        mem += perf_symile.memory_rows(dev, impls, point, cache=cache)
+        if dev == "cuda":
+            kw = dict(d=64, start=64, max_n=128) if quick else {}
+            for impl in impls:
+                mem.append(perf_symile.largest_n(impl, dev, cache=cache, **kw))
+    fmt = lambda x, p=3: "" if x is None else f"{x:.{p}f}"  # noqa: E731
+    shown = [dict(r, ms=fmt(r["ms"]), peer_ms=fmt(r["peer_ms"]),
+                  speedup=fmt(r["speedup"], 2) + ("x" if r["speedup"] else ""), tflops=fmt(r["tflops"], 1),
+                  loss_diff="" if r["loss_diff"] is None else f"{r['loss_diff']:.1e}") for r in rows]
+    cols = [("device", "device"), ("implementation", "impl"), ("dtype", "dtype"), ("M", "M"), ("N", "N"), ("d", "d"),
+            ("fwd+bwd ms", "ms"), ("package ms", "peer_ms"), ("speedup vs package", "speedup"),
+            ("useful TFLOP/s", "tflops"), ("|loss - package's|", "loss_diff"), ("notes", "note")]
+    if not any(r["device"] == "cuda" for r in rows):  # TFLOP/s reported for GPUs (the json keeps every row's)
+        cols = [c for c in cols if c[1] != "tflops"]
+    base, results = _write_results(out_dir, "symile", "Symile n_squared loss forward+backward", rows, shown, cols)
+    _plot_symile(results, base + ".png")
+    print(f"wrote {base}.png")
+    mib = lambda x: "" if x is None else f"{x / 2**20:.1f}"  # noqa: E731
+    shown = [dict(r, peak=mib(r["peak_bytes"]), seconds=fmt(r["seconds"]), largest=r.get("largest_n") or "",
+                  N=r.get("N", ""), note=r.get("stopped") or r.get("note", "")) for r in mem]
+    cols = [("kind", "kind"), ("device", "device"), ("implementation", "impl"), ("dtype", "dtype"), ("N", "N"),
+            ("d", "d"), ("peak growth MiB", "peak"), ("one call s", "seconds"), ("status", "status"),
+            ("largest N", "largest"), ("notes", "note")]
+    for r in shown:
+        r.setdefault("kind", "memory")
+        r["status"] = r.get("status", "")
+    _write_results(out_dir, "symile_memory", "Symile n_squared loss: peak memory growth of one forward+backward "
+                   "in a fresh process, largest N per card", mem, shown, cols)
+    return rows, mem
+
+
+def _plot_symile(results, path):
+    """Time against N (log-log), one panel per device and d, a line per implementation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["rows"] if r["ms"] is not None]
+    panels = sorted({(r["device"], r["d"]) for r in results["rows"]})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
+    for ax, (dev, d) in zip(axes[0], panels):
+        for impl in sorted({r["impl"] for r in results["rows"]}):
+            pts = sorted((r["N"], r["ms"]) for r in rows if (r["device"], r["d"], r["impl"]) == (dev, d, impl))
+            color = "tab:green" if "symile" in impl else "tab:gray" if "reference" in impl else "tab:blue"
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=impl, color=color, linestyle="--" if "symile" in impl else "-")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        dtype = next((r["dtype"] for r in results["rows"] if (r["device"], r["d"]) == (dev, d)), "")
+        ax.set_title(f"{dev}, d = {d} ({dtype})")
+        ax.set_xlabel("N (batch)")
+        ax.set_ylabel("forward+backward ms (log)")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Symile n_squared loss, M = 3: {results['machine']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _plot(results, path):
     import matplotlib
 
@@ -284,7 +362,7 @@ def main(argv=None):
     d.add_argument("--quick", action="store_true", help="one small shape, short timing (for smoke tests)")
     b = sub.add_parser("bench", help="benchmark target points -> json, markdown and PNG")
     b.add_argument("--out", default="bench/results")
-    b.add_argument("--family", default="resample", choices=["resample", "newton_schulz", "cat"])
+    b.add_argument("--family", default="resample", choices=["resample", "newton_schulz", "cat", "symile"])
     b.add_argument("--quick", action="store_true")
     b.add_argument("--device", default="all", choices=["all", "cpu", "cuda"], help="where to run (default: every device here)")
     args = p.parse_args(argv)
