@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check for an offline CUDA machine (H100/H200) whose Python already has torch >= 2.11 and triton 3.6:
 # installs fusedlab without dependencies or build isolation, builds _C_cuda, runs the GPU tests
-# (tests/*_gpu.py, and the cat Triton and layer tests, which run on the GPU when there is one) in one pass, then
+# (tests/*_gpu.py, and the cat Triton and layer tests and the symile Triton tests, which run on the GPU when there
+# is one) in one pass, then
 # the benchmark target points of the named families (default: all) on the GPU with fixed kernel configs,
 # writing the json results and the log (which holds the printed markdown tables) under bench/results/gpu/ (or
 # $OUT); KEEP_ALL=1 keeps the markdown and PNG files too.
@@ -14,7 +15,7 @@ OUT=${OUT:-bench/results/gpu}
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
 families=("$@")
-[ ${#families[@]} -eq 0 ] && families=(cat newton_schulz resample)
+[ ${#families[@]} -eq 0 ] && families=(cat newton_schulz resample symile)
 export PYTHONUNBUFFERED=1
 
 {
@@ -33,9 +34,10 @@ $PY -m fusedlab info 2>&1 | tee -a "$LOG"
 
 status=0
 echo "== GPU tests" | tee -a "$LOG"
-# the GPU tests, plus the cat Triton and layer tests (decode kernel, row splits, layer on the GPU); the other
-# families' Triton tests repeat their GPU tests at interpreter sizes (TESTS="..." picks other files)
-TESTS=${TESTS:-"tests/*_gpu.py tests/test_cat_triton.py tests/test_cat_layer.py"}
+# the GPU tests, plus the cat Triton and layer tests (decode kernel, row splits, layer on the GPU) and the symile
+# Triton tests (its only GPU tests); the other families' Triton tests repeat their GPU tests at interpreter sizes
+# (TESTS="..." picks other files)
+TESTS=${TESTS:-"tests/*_gpu.py tests/test_cat_triton.py tests/test_cat_layer.py tests/test_symile_triton.py"}
 timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q $TESTS -p no:cacheprovider -p no:warnings -rfE --durations=8 2>&1 \
   | tee -a "$LOG" | tail -40 || status=1
 for fam in "${families[@]}"; do
