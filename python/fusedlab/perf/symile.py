@@ -183,7 +183,7 @@ def rows(device, backends, grid=GRID, min_run_time=0.2, progress=None, M=M_DEFAU
         for impl in impls:
             row = dict(family="symile", op="symile_loss n_squared fwd+bwd", device=device, impl=label(impl),
                        backend=impl, M=M, N=N, d=d, dtype=str(dtype).replace("torch.", ""), ms=None, q20_ms=None,
-                       q80_ms=None, peer_ms=None, speedup=None, tflops=None, loss=None, loss_diff=None,
+                       q80_ms=None, runs=None, peer_ms=None, speedup=None, tflops=None, loss=None, loss_diff=None,
                        status="ok", note="")
             point.append(row)
             if impl == PACKAGE and not have_package:
@@ -235,8 +235,9 @@ def rows(device, backends, grid=GRID, min_run_time=0.2, progress=None, M=M_DEFAU
                     if cuda:
                         torch.cuda.empty_cache()
                     continue
+            first_call = t.pop("first_call")
             row.update(t, loss=loss.float().item(), tflops=useful_flops(N, d, M) / (t["ms"] * 1e-3) / 1e12)
-            if t["first_call"]:
+            if first_call:
                 row["note"] = (row["note"] + "; " if row["note"] else "") + f"one call (over the {cap:.0f} s cap)"
             last[impl] = (N, d, t["ms"] * 1e-3)
             del args, run
