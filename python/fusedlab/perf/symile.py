@@ -193,8 +193,8 @@ def rows(device, backends, grid=GRID, min_run_time=0.2, progress=None, M=M_DEFAU
                 N0, d0, t0 = last[impl]
                 predicted = t0 * (N / N0) ** M * (d / d0)
                 if predicted > cap:
-                    row.update(status="skipped", note=f"skipped: about {predicted:.0f} s per call extrapolated from "
-                                                      f"N={N0} d={d0} (cap {cap:.0f} s)")
+                    row.update(status="skipped", note=f"skipped: about {predicted:.3g} s per call extrapolated from "
+                                                      f"N={N0} d={d0} (cap {cap:g} s)")
                     continue
             need = estimated_bytes(impl, N, d, M, reps[0].element_size())
             if need:
@@ -238,7 +238,7 @@ def rows(device, backends, grid=GRID, min_run_time=0.2, progress=None, M=M_DEFAU
             first_call = t.pop("first_call")
             row.update(t, loss=loss.float().item(), tflops=useful_flops(N, d, M) / (t["ms"] * 1e-3) / 1e12)
             if first_call:
-                row["note"] = (row["note"] + "; " if row["note"] else "") + f"one call (over the {cap:.0f} s cap)"
+                row["note"] = (row["note"] + "; " if row["note"] else "") + f"one call (over the {cap:g} s cap)"
             last[impl] = (N, d, t["ms"] * 1e-3)
             del args, run
             if cuda:
@@ -374,7 +374,7 @@ def largest_n(impl, device="cuda", d=LARGEST_D, dtype=torch.bfloat16, start=LARG
         if tries and tries[-1]["seconds"] is not None:
             predicted = tries[-1]["seconds"] * (N / tries[-1]["N"]) ** M
             if predicted > time_cap_s:
-                stopped = f"N={N} not tried: about {predicted:.0f} s per call extrapolated (cap {time_cap_s:.0f} s)"
+                stopped = f"N={N} not tried: about {predicted:.3g} s per call extrapolated (cap {time_cap_s:g} s)"
                 break
         r = _cached_one(impl, N, d, device, dtype, M, cache, timeout_s=time_cap_s * 3 + 120)
         tries.append(dict(N=N, status=r["status"], seconds=r["seconds"], peak_bytes=r["peak_bytes"]))
@@ -385,7 +385,7 @@ def largest_n(impl, device="cuda", d=LARGEST_D, dtype=torch.bfloat16, start=LARG
             break
         best = N
         if r["seconds"] > time_cap_s:
-            stopped = f"N={N} took {r['seconds']:.1f} s (cap {time_cap_s:.0f} s)"
+            stopped = f"N={N} took {r['seconds']:.1f} s (cap {time_cap_s:g} s)"
             break
         N *= 2
     last_ok = next((t for t in reversed(tries) if t["status"] == "ok"), None)
