@@ -18,18 +18,18 @@ TORCH_LIBRARY(fusedlab, m) {
   m.def("resample_gather(Tensor log_weights, Tensor uniforms, str method, float ess_threshold, Tensor state) -> "
         "(Tensor log_weights_out, Tensor ancestors, Tensor ess, Tensor log_norm, Tensor status, Tensor state_out)");
   m.def("gather(Tensor state, Tensor ancestors) -> Tensor");
-  // one Feynman-Kac steering step (python/fusedlab/smc/fk.py): the potential ("diff", "max", "add", "rt")
-  // from float32 or float64 rewards [B*K] and the running reward state, the log-weight update, resample_gather
-  // of the latents, and r_state, applied (the potentials applied so far) and the rewards (NaN read as -inf,
-  // float64) moved by the ancestors; log_norm [B] is the run's log-normalizer so far, returned with this step's
-  // added; with raise_degenerate, a group left without a finite weight is a ValueError naming it.
-  // state is in the FK layout [B*K, ...]; without uniforms they are drawn from the generator (as torch.rand
-  // draws them). Returns (log_weights_out, ancestors, ess, log_norm, resampled [B] bool,
-  // state_out, r_state, applied, rewards).
-  m.def("fk_step(Tensor log_weights, Tensor rewards, Tensor r_state, Tensor applied, Tensor log_norm, Tensor state, "
-        "Tensor? uniforms, Generator? generator, str potential, float lam, bool first, bool last, str method, "
-        "float ess_threshold, "
-        "bool raise_degenerate) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // one Feynman-Kac steering step (python/fusedlab/smc/fk.py), in place on the run's bookkeeping: the
+  // potential ("diff", "max", "add", "rt") from float32 or float64 rewards [B*K] (NaN read as -inf) and the
+  // running reward state, the log-weights advanced and resampled, the latents (FK layout [B*K, ...]) moved
+  // by the ancestors, r_state and applied (the potentials applied so far) moved with them, and the step's
+  // log mean weight added to log_norm [B]. Without uniforms they are drawn from the generator (as torch.rand
+  // draws them). With raise_degenerate, a group left without a finite weight is a ValueError naming it.
+  // Returns (ancestors, ess, resampled [B] bool, state_out, rewards moved by the ancestors (float64; at the last
+  // step only, empty before)).
+  m.def("fk_step(Tensor(a!) log_weights, Tensor rewards, Tensor(b!) r_state, Tensor(c!) applied, "
+        "Tensor(d!) log_norm, Tensor state, Tensor? uniforms, Generator? generator, str potential, float lam, "
+        "bool first, bool last, str method, float ess_threshold, bool raise_degenerate) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("gather_(Tensor(a!) state, Tensor ancestors) -> ()");
 
   // ---- newton_schulz: Muon's orthogonalization (python/fusedlab/reference/newton_schulz.py). `coefficients`

@@ -272,25 +272,35 @@ def test_fk_step_opcheck(gen):
     ln = torch.randn(B, generator=gen, dtype=torch.float64)
     x = torch.randn(B * K, 2, generator=gen)
     u = torch.rand(B, 1, generator=gen, dtype=torch.float64)
+
+    def bookkeeping(rewards=r):  # fresh copies: the op updates log_weights, r_state, applied, log_norm in place
+        return lw.clone(), rewards, rs.clone(), ap.clone(), ln.clone()
+
     for pot in fusedlab.smc.POTENTIALS:
         for rewards in (r, r.float()):
             torch.library.opcheck(torch.ops.fusedlab.fk_step.default,
-                                  (lw, rewards, rs, ap, ln, x, u, None, pot, 1.5, False, True, "systematic", 0.7, True),
+                                  (*bookkeeping(rewards), x, u, None, pot, 1.5, False, True, "systematic", 0.7, True),
                                   test_utils=("test_schema", "test_faketensor"))
     # no uniforms: drawn inside from the generator, the stream torch.rand gives
-    args = (lw, r, rs, ap, ln, x, None, torch.Generator().manual_seed(3), "diff", 1.5, False, False, "systematic",
-            1.0, True)
-    torch.library.opcheck(torch.ops.fusedlab.fk_step.default, args, test_utils=("test_schema", "test_faketensor"))
-    drawn = torch.ops.fusedlab.fk_step(*args[:7], torch.Generator().manual_seed(3), *args[8:])
-    given = torch.ops.fusedlab.fk_step(lw, r, rs, ap, ln, x, torch.rand(B, 1, dtype=torch.float64,
-                                       generator=torch.Generator().manual_seed(3)), None, *args[8:])
-    for a, b in zip(drawn, given):
+    rest = ("diff", 1.5, False, True, "systematic", 1.0, True)
+    torch.library.opcheck(torch.ops.fusedlab.fk_step.default,
+                          (*bookkeeping(), x, None, torch.Generator().manual_seed(3), *rest),
+                          test_utils=("test_schema", "test_faketensor"))
+    a_book, b_book = bookkeeping(), bookkeeping()
+    drawn = torch.ops.fusedlab.fk_step(*a_book, x, None, torch.Generator().manual_seed(3), *rest)
+    given = torch.ops.fusedlab.fk_step(*b_book, x, torch.rand(B, 1, dtype=torch.float64,
+                                       generator=torch.Generator().manual_seed(3)), None, *rest)
+    for a, b in zip(list(drawn) + list(a_book), list(given) + list(b_book)):
         assert torch.equal(a, b)
+    assert not torch.equal(a_book[0], lw) and not torch.equal(a_book[4], ln)  # updated in place
+    assert drawn[4].shape == (B * K,)  # the moved rewards come at the last step only
+    assert torch.ops.fusedlab.fk_step(*bookkeeping(), x, u, None, "diff", 1.0, False, False, "systematic", 1.0,
+                                      True)[4].shape == (0,)
     with pytest.raises(RuntimeError, match="potential must be one of"):
-        torch.ops.fusedlab.fk_step(lw, r, rs, ap, ln, x, u, None, "sum", 1.0, False, False, "systematic", 1.0, True)
+        torch.ops.fusedlab.fk_step(*bookkeeping(), x, u, None, "sum", 1.0, False, False, "systematic", 1.0, True)
     with pytest.raises(RuntimeError, match="state must have B \\* K = 15 rows"):
-        torch.ops.fusedlab.fk_step(lw, r, rs, ap, ln, x[:4], u, None, "diff", 1.0, False, False, "systematic", 1.0,
+        torch.ops.fusedlab.fk_step(*bookkeeping(), x[:4], u, None, "diff", 1.0, False, False, "systematic", 1.0,
                                    True)
-    with pytest.raises(RuntimeError, match="log_norm must be float64 of B = 3"):
-        torch.ops.fusedlab.fk_step(lw, r, rs, ap, ln[:2], x, u, None, "diff", 1.0, False, False, "systematic", 1.0,
-                                   True)
+    with pytest.raises(RuntimeError, match="log_norm must be contiguous float64 of B = 3"):
+        torch.ops.fusedlab.fk_step(lw.clone(), r, rs.clone(), ap.clone(), ln[:2].clone(), x, u, None, "diff", 1.0,
+                                   False, False, "systematic", 1.0, True)

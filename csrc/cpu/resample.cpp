@@ -176,8 +176,8 @@ void check_ancestor_range(const at::Tensor& anc) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> resample_impl(
     const at::Tensor& log_weights, const at::Tensor& uniforms, const std::string& method_name,
-    double ess_threshold, const at::Tensor* state) {
-  const ResampleCall c = prepare_resample(log_weights, uniforms, method_name, ess_threshold, state);
+    double ess_threshold, const at::Tensor* state, const at::Tensor* lw_into = nullptr) {
+  const ResampleCall c = prepare_resample(log_weights, uniforms, method_name, ess_threshold, state, lw_into);
   const at::Tensor &lw = c.lw, &u = c.u, &anc = c.anc, &lw_out = c.lw_out, &ess_t = c.ess, &ln_t = c.log_norm,
                    &status = c.status, &st = c.st, &st_out = c.st_out;
   const int32_t method = c.method;
@@ -273,47 +273,44 @@ int32_t parse_potential(c10::string_view name) {
   return kRt;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-           at::Tensor>
-fk_step_cpu(const at::Tensor& log_weights, const at::Tensor& rewards, const at::Tensor& r_state,
-            const at::Tensor& applied, const at::Tensor& log_norm, const at::Tensor& state,
-            const std::optional<at::Tensor>& uniforms_opt, std::optional<at::Generator> generator,
-            c10::string_view potential,
-            double lam, bool first, bool last, c10::string_view method, double ess_threshold,
-            bool raise_degenerate) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fk_step_cpu(
+    at::Tensor& log_weights, const at::Tensor& rewards, at::Tensor& r_state, at::Tensor& applied, at::Tensor& log_norm,
+    const at::Tensor& state, const std::optional<at::Tensor>& uniforms_opt, std::optional<at::Generator> generator,
+    c10::string_view potential, double lam, bool first, bool last, c10::string_view method, double ess_threshold,
+    bool raise_degenerate) {
   const int32_t pot = parse_potential(potential);
-  TORCH_CHECK(log_weights.dim() == 2 && log_weights.scalar_type() == at::kDouble,
-              "fusedlab.fk_step: log_weights must be [B, K] float64");
+  TORCH_CHECK(log_weights.dim() == 2 && log_weights.scalar_type() == at::kDouble && log_weights.is_contiguous(),
+              "fusedlab.fk_step: log_weights must be contiguous [B, K] float64");
   const int64_t B = log_weights.size(0), K = log_weights.size(1), n = B * K;
   for (const at::Tensor* t : {&r_state, &applied})
-    TORCH_CHECK(t->dim() == 1 && t->numel() == n && t->scalar_type() == at::kDouble,
-                "fusedlab.fk_step: r_state and applied must be float64 of B * K = ", n, " elements");
+    TORCH_CHECK(t->dim() == 1 && t->numel() == n && t->scalar_type() == at::kDouble && t->is_contiguous(),
+                "fusedlab.fk_step: r_state and applied must be contiguous float64 of B * K = ", n, " elements");
   // rewards come as the reward function returns them (float32 or float64): read in double here rather than
   // converted by a separate op
   TORCH_CHECK(rewards.dim() == 1 && rewards.numel() == n &&
                   (rewards.scalar_type() == at::kDouble || rewards.scalar_type() == at::kFloat),
               "fusedlab.fk_step: rewards must be float32 or float64 of B * K = ", n, " elements");
-  TORCH_CHECK(log_norm.dim() == 1 && log_norm.numel() == B && log_norm.scalar_type() == at::kDouble,
-              "fusedlab.fk_step: log_norm must be float64 of B = ", B, " elements");
-  const at::Tensor r_in = rewards.contiguous(), rs_in = r_state.contiguous(), ap_in = applied.contiguous();
-  at::Tensor lw = log_weights.contiguous().clone();
-  at::Tensor rs_new = at::empty_like(rs_in), ap_new = at::empty_like(ap_in);
-  at::Tensor r_clean = at::empty_like(rs_in);  // float64 whatever the rewards' dtype
-  {
-    const bool r_double = r_in.scalar_type() == at::kDouble;
-    const double* r64 = r_double ? r_in.data_ptr<double>() : nullptr;
-    const float* r32 = r_double ? nullptr : r_in.data_ptr<float>();
-    double* rc = r_clean.data_ptr<double>();
-    const double* rs = rs_in.data_ptr<double>();
-    const double* ap = ap_in.data_ptr<double>();
-    double* w = lw.data_ptr<double>();
-    double* rs_o = rs_new.data_ptr<double>();
-    double* ap_o = ap_new.data_ptr<double>();
-    const double inf = std::numeric_limits<double>::infinity();
+  TORCH_CHECK(log_norm.dim() == 1 && log_norm.numel() == B && log_norm.scalar_type() == at::kDouble &&
+                  log_norm.is_contiguous(),
+              "fusedlab.fk_step: log_norm must be contiguous float64 of B = ", B, " elements");
+  // the latents come in the FK layout [B*K, ...] and are viewed per group here
+  TORCH_CHECK(state.dim() >= 1 && state.size(0) == n, "fusedlab.fk_step: state must have B * K = ", n,
+              " rows, got shape ", state.sizes());
+  const at::Tensor r_in = rewards.contiguous();
+  const bool r_double = r_in.scalar_type() == at::kDouble;
+  const double* r64 = r_double ? r_in.data_ptr<double>() : nullptr;
+  const float* r32 = r_double ? nullptr : r_in.data_ptr<float>();
+  const double inf = std::numeric_limits<double>::infinity();
+  auto reward = [&](int64_t i) {
+    const double r = r_double ? r64[i] : static_cast<double>(r32[i]);
+    return std::isnan(r) ? -inf : r;  // NaN reward: a dead particle
+  };
+  {  // the potential, in place: r_state and applied updated, the log-weights advanced
+    double* rs = r_state.data_ptr<double>();
+    double* ap = applied.data_ptr<double>();
+    double* w = log_weights.data_ptr<double>();
     for (int64_t i = 0; i < n; ++i) {
-      const double ri_raw = r_double ? r64[i] : static_cast<double>(r32[i]);
-      const double ri = std::isnan(ri_raw) ? -inf : ri_raw;  // NaN reward: a dead particle
-      rc[i] = ri;
+      const double ri = reward(i);
       double g, st = rs[i];
       switch (pot) {
         case kDiff: g = lam * (ri - st); st = ri; break;
@@ -324,14 +321,11 @@ fk_step_cpu(const at::Tensor& log_weights, const at::Tensor& rewards, const at::
       if (last && pot != kDiff) g = lam * ri - ap[i];  // the product of potentials becomes exp(lam r(x))
       if (std::isnan(g) || ri == -inf) g = -inf;      // dead whatever the potential and the sign of lam
       else if (g == inf) g = std::numeric_limits<double>::max();  // as torch.nan_to_num: the largest finite
-      rs_o[i] = st;
-      ap_o[i] = ap[i] + g;
+      rs[i] = st;
+      ap[i] += g;
       w[i] += g;
     }
   }
-  // the latents come in the FK layout [B*K, ...] and are viewed per group here
-  TORCH_CHECK(state.dim() >= 1 && state.size(0) == n, "fusedlab.fk_step: state must have B * K = ", n,
-              " rows, got shape ", state.sizes());
   std::vector<int64_t> grouped{B, K};
   for (int64_t d = 1; d < state.dim(); ++d) grouped.push_back(state.size(d));
   const at::Tensor grouped_state = state.contiguous().view(grouped);
@@ -340,21 +334,14 @@ fk_step_cpu(const at::Tensor& log_weights, const at::Tensor& rewards, const at::
   const at::Tensor uniforms = uniforms_opt.has_value()
                                   ? *uniforms_opt
                                   : at::rand({B, n_uniforms}, generator, log_weights.options().dtype(at::kDouble));
-  auto out = resample_impl(lw, uniforms, std::string(method), ess_threshold, &grouped_state);
+  // carried log-weights written over the inputs (each group reads all of its own before writing)
+  auto out = resample_impl(log_weights, uniforms, std::string(method), ess_threshold, &grouped_state, &log_weights);
   const at::Tensor& anc = std::get<1>(out);
-  // the run's log-normalizer, accumulated here so the caller makes no extra op per step
-  at::Tensor log_norm_out = std::get<3>(out);
-  {
-    const at::Tensor ln_in = log_norm.contiguous();
-    const double* a = ln_in.data_ptr<double>();
-    double* o = log_norm_out.data_ptr<double>();
-    for (int64_t b = 0; b < B; ++b) o[b] = a[b] + o[b];
-  }
+  const uint8_t* status = std::get<4>(out).data_ptr<uint8_t>();
   if (raise_degenerate) {  // the message of fusedlab.smc.resample's on_degenerate="raise"
-    const uint8_t* st = std::get<4>(out).data_ptr<uint8_t>();
     std::vector<int64_t> dead;
     for (int64_t b = 0; b < B; ++b)
-      if (st[b] & kDegenerate) dead.push_back(b);
+      if (status[b] & kDegenerate) dead.push_back(b);
     if (!dead.empty()) {
       std::string groups;
       for (size_t k = 0; k < std::min<size_t>(dead.size(), 10); ++k) groups += (k ? ", " : "") + std::to_string(dead[k]);
@@ -363,29 +350,43 @@ fk_step_cpu(const at::Tensor& log_weights, const at::Tensor& rewards, const at::
                         "or +inf); pass on_degenerate='uniform' to resample them uniformly instead");
     }
   }
-  // reorder the bookkeeping by the ancestors (the identity where a group was not resampled)
-  at::Tensor rs_out = at::empty_like(rs_new), ap_out = at::empty_like(ap_new), r_out = at::empty_like(r_clean);
-  {
-    const int64_t* a = anc.data_ptr<int64_t>();
-    const double *rs = rs_new.data_ptr<double>(), *ap = ap_new.data_ptr<double>(), *r = r_clean.data_ptr<double>();
-    double *rs_o = rs_out.data_ptr<double>(), *ap_o = ap_out.data_ptr<double>(), *r_o = r_out.data_ptr<double>();
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t i = 0; i < K; ++i) {
-        const int64_t src = b * K + a[b * K + i];
-        rs_o[b * K + i] = rs[src];
-        ap_o[b * K + i] = ap[src];
-        r_o[b * K + i] = r[src];
-      }
-  }
-  // the trace wants "was this group resampled" as a bool, not the status bits
+  // the run's log-normalizer and "was this group resampled" for the trace
   at::Tensor resampled = at::empty({B}, log_weights.options().dtype(at::kBool));
   {
-    const uint8_t* st = std::get<4>(out).data_ptr<uint8_t>();
+    const double* step_ln = std::get<3>(out).data_ptr<double>();
+    double* ln = log_norm.data_ptr<double>();
     bool* o = resampled.data_ptr<bool>();
-    for (int64_t b = 0; b < B; ++b) o[b] = (st[b] & kResampled) != 0;
+    for (int64_t b = 0; b < B; ++b) {
+      ln[b] += step_ln[b];
+      o[b] = (status[b] & kResampled) != 0;
+    }
   }
-  return {std::get<0>(out), anc, std::get<2>(out), log_norm_out, resampled, std::get<5>(out).view(state.sizes()),
-          rs_out, ap_out, r_out};
+  // r_state and applied reordered by the ancestors in place (the identity where a group was not resampled),
+  // and at the last step the rewards moved with them (an empty tensor before)
+  at::Tensor r_out = at::empty({last ? n : 0}, r_state.options());
+  {
+    const int64_t* a = anc.data_ptr<int64_t>();
+    double* rs = r_state.data_ptr<double>();
+    double* ap = applied.data_ptr<double>();
+    double* ro = last ? r_out.data_ptr<double>() : nullptr;
+    std::vector<double> tmp(2 * K);
+    for (int64_t b = 0; b < B; ++b) {
+      if (!(status[b] & kResampled)) {
+        if (ro)
+          for (int64_t i = 0; i < K; ++i) ro[b * K + i] = reward(b * K + i);
+        continue;
+      }
+      std::copy(rs + b * K, rs + (b + 1) * K, tmp.begin());
+      std::copy(ap + b * K, ap + (b + 1) * K, tmp.begin() + K);
+      for (int64_t i = 0; i < K; ++i) {
+        const int64_t src = a[b * K + i];
+        rs[b * K + i] = tmp[src];
+        ap[b * K + i] = tmp[K + src];
+        if (ro) ro[b * K + i] = reward(b * K + src);
+      }
+    }
+  }
+  return {anc, std::get<2>(out), resampled, std::get<5>(out).view(state.sizes()), r_out};
 }
 
 }  // namespace

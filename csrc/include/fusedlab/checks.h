@@ -70,8 +70,11 @@ struct ResampleCall {
   }
 };
 
+// `lw_out`, when given, receives the carried log-weights instead of a fresh tensor: it may be the (contiguous)
+// log_weights themselves, since each group reads all its inputs before writing.
 inline ResampleCall prepare_resample(const at::Tensor& log_weights, const at::Tensor& uniforms,
-                                     const std::string& method_name, double ess_threshold, const at::Tensor* state) {
+                                     const std::string& method_name, double ess_threshold, const at::Tensor* state,
+                                     const at::Tensor* lw_out = nullptr) {
   ResampleCall c;
   c.method = parse_resample_method(method_name);
   check_resample_args(log_weights, uniforms, c.method, ess_threshold);
@@ -79,7 +82,7 @@ inline ResampleCall prepare_resample(const at::Tensor& log_weights, const at::Te
   c.u = uniforms.contiguous();
   const int64_t B = c.lw.size(0), K = c.lw.size(1);
   c.anc = at::empty({B, K}, c.lw.options().dtype(at::kLong));
-  c.lw_out = at::empty_like(c.lw);
+  c.lw_out = lw_out != nullptr ? *lw_out : at::empty_like(c.lw);
   c.ess = at::empty({B}, c.lw.options().dtype(at::kDouble));
   c.log_norm = at::empty({B}, c.lw.options().dtype(at::kDouble));
   c.status = at::empty({B}, c.lw.options().dtype(at::kByte));

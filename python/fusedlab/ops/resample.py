@@ -145,10 +145,9 @@ class _ReferenceResample(torch.autograd.Function):
 @torch.library.register_fake("fusedlab::fk_step")
 def _fake_fk_step(log_weights, rewards, r_state, applied, log_norm, state, uniforms, generator, potential, lam, first,
                   last, method, ess_threshold, raise_degenerate):
-    lw_out, anc, ess, log_norm, status = _fake_resample(log_weights, uniforms, method, ess_threshold)
+    _, anc, ess, _, status = _fake_resample(log_weights, uniforms, method, ess_threshold)
     state_out = torch.empty_like(state, memory_format=torch.contiguous_format)
-    return (lw_out, anc, ess, log_norm, status.to(torch.bool), state_out, torch.empty_like(r_state),
-            torch.empty_like(applied), torch.empty_like(r_state))
+    return anc, ess, status.to(torch.bool), state_out, r_state.new_empty((r_state.numel() if last else 0,))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -119,15 +119,15 @@ class FKSteering:
 
     def _fused_step(self, x, lw, log_norm, r, r_state, applied, first, last, i, trace):
         """One scheduled step through the fused CPU op; the same arithmetic and draws as the generic loop.
-        One torch call per step: at these sizes the cost is mostly dispatch, so the op draws the uniforms from
-        the generator, takes the latents in their [B*K, ...] layout and float32 rewards, and accumulates the
-        log-normalizer."""
+        One torch call per step, in place on the run's own lw, log_norm, r_state and applied: at these sizes
+        the cost is mostly per-call and per-allocation, so the op also draws the uniforms from the generator
+        and takes the latents in their [B*K, ...] layout and float32 rewards as they come."""
         with torch._C._AutoDispatchBelowAutograd():
-            lw, anc, ess, log_norm, resampled, x, r_state, applied, moved_r = torch.ops.fusedlab.fk_step(
+            anc, ess, resampled, x, moved_r = torch.ops.fusedlab.fk_step.default(
                 lw, r, r_state, applied, log_norm, x, None, self.generator, self.potential, self.lmbda, first, last,
                 self.method, float(self.ess_threshold), self.on_degenerate == "raise")
         trace.append((i, ess, resampled))
-        return x, lw, log_norm, r_state, applied, anc, moved_r
+        return x, anc, moved_r
 
     def run(self, step_fn: Callable[[torch.Tensor, int], tuple], x: torch.Tensor, num_steps: int,
             states: Optional[dict] = None) -> FKResult:
@@ -162,8 +162,7 @@ class FKSteering:
             last = i == num_steps - 1
             if fused:  # the op reads a NaN reward as -inf itself
                 r = self._rewards(x if last else x0, clean=False)
-                x, lw, log_norm, r_state, applied, anc, moved_r = self._fused_step(
-                    x, lw, log_norm, r, r_state, applied, first, last, i, trace)
+                x, anc, moved_r = self._fused_step(x, lw, log_norm, r, r_state, applied, first, last, i, trace)
                 first = False
                 if last:
                     rewards = r_state if self.potential == "diff" else moved_r
