@@ -2,7 +2,11 @@
 // __syncthreads, function-local statics for __shared__ (blocks run one after another), and a minimal cub
 // (BlockReduce / BlockScan with the same barrier structure as cub's, and no trailing barrier, so a missing
 // __syncthreads before temp-storage reuse shows up as a data race under -fsanitize=thread).
-// Only what fusedlab/resample_cuda.cuh uses. Include this before the kernel header; compile with g++ -std=c++20.
+// __shfl_xor_sync over whole warps: each lane posts its value, the warp meets at a per-warp barrier, reads its
+// partner's, and meets again before the slots are reused (a lane that skips a shuffle its warp runs deadlocks,
+// which the tests' timeouts catch; on a GPU that would be undefined behaviour).
+// Only what fusedlab/resample_cuda.cuh and fusedlab/cat_decode.cuh use. Include this before the kernel
+// header; compile with g++ -std=c++20.
 #pragma once
 
 #define FL_HOST_SIM 1
@@ -12,6 +16,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <thread>
@@ -43,9 +48,31 @@ struct uint2 {
 namespace fl_sim {
 inline std::barrier<>* block_barrier = nullptr;
 inline std::vector<unsigned char>* dynamic_smem_buffer = nullptr;
+inline std::vector<std::unique_ptr<std::barrier<>>>* warp_barriers = nullptr;  // one per warp
+inline std::vector<uint64_t>* shuffle_slots = nullptr;                          // one per thread
 }  // namespace fl_sim
 
 inline void __syncthreads() { fl_sim::block_barrier->arrive_and_wait(); }
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
+  static_assert(sizeof(T) <= sizeof(uint64_t), "shuffles move at most 8 bytes");
+  assert(mask == 0xffffffffu && "the simulation only runs full-warp shuffles");
+  assert(width == 32 && lane_mask > 0 && lane_mask < 32);
+  assert(fl_sim::warp_barriers != nullptr && "shuffles need a block of whole warps");
+  (void)mask;
+  (void)width;
+  const unsigned tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  uint64_t bits = 0;
+  std::memcpy(&bits, &value, sizeof(T));
+  (*fl_sim::shuffle_slots)[tid] = bits;
+  (*fl_sim::warp_barriers)[warp]->arrive_and_wait();
+  bits = (*fl_sim::shuffle_slots)[warp * 32 + (lane ^ static_cast<unsigned>(lane_mask))];
+  (*fl_sim::warp_barriers)[warp]->arrive_and_wait();
+  T out;
+  std::memcpy(&out, &bits, sizeof(T));
+  return out;
+}
 
 inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
 
@@ -116,6 +143,12 @@ inline void launch(unsigned grid, unsigned threads, size_t smem, const std::func
   dynamic_smem_buffer = &buf;
   std::barrier<> bar(threads);
   block_barrier = &bar;
+  std::vector<std::unique_ptr<std::barrier<>>> warps;
+  std::vector<uint64_t> slots(threads, 0);
+  if (threads % 32 == 0)
+    for (unsigned w = 0; w < threads / 32; ++w) warps.push_back(std::make_unique<std::barrier<>>(32));
+  warp_barriers = threads % 32 == 0 ? &warps : nullptr;
+  shuffle_slots = &slots;
   std::vector<std::thread> pool;
   pool.reserve(threads);
   for (unsigned t = 0; t < threads; ++t)
