@@ -60,4 +60,11 @@ TORCH_LIBRARY(fusedlab, m) {
   m.def("cat_attention_backward(Tensor grad_o, Tensor? grad_oc, Tensor q, Tensor k, Tensor v, Tensor kc, "
         "Tensor vc, Tensor? qc, Tensor o, Tensor lse, Tensor oc, Tensor lse_c, int chunk_size, float scale) -> "
         "Tensor[]");
+  // One generation step (python/fusedlab/reference/cat.py, cat_decode): per sequence b and query head h, q[b, h]
+  // (q [B, H, d]) attends in one softmax to the first n_slots[b] compressed slots of kc/vc [B, Hkv, S, d] and the
+  // first n_raw[b] raw keys of the current chunk k/v [B, Hkv, R, d] (kv head h / (H / Hkv); n_slots, n_raw
+  // integer [B]). Returns [B, H, d] in q's dtype; fp32 accumulation (float64 for float64 on the CPU). No
+  // keys at all (n_slots[b] = n_raw[b] = 0) gives NaN, a softmax over nothing. Inference only: no autograd.
+  m.def("cat_decode(Tensor q, Tensor kc, Tensor vc, Tensor n_slots, Tensor k, Tensor v, Tensor n_raw, "
+        "float scale) -> Tensor");
 }

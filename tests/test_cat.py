@@ -160,9 +160,9 @@ def test_autocast_casts_inputs(gen):
     assert torch.equal(o, want)
 
 
-def test_triton_refuses_float64_and_unknown_backends(gen):
+def test_triton_refuses_float64_and_cuda_is_decode_only(gen):
     q, k, v, kc, vc, _ = draw(gen, 1, 1, 1, 4, 1, 4, qc=False)
-    with pytest.raises(ValueError, match="no such kernel"):
+    with pytest.raises(NotImplementedError, match="CUDA kernel covers cat_decode only"):
         fusedlab.ops.cat_attention(q, k, v, kc, vc, 4, backend="cuda")
     if "triton" in fusedlab.backends():
         with pytest.raises(TypeError, match="float64 runs on backend='reference'"):
@@ -228,3 +228,118 @@ def test_decode_errors(change, pattern):
     args.update(change)
     with pytest.raises(ValueError, match=pattern):
         fusedlab.ops.cat_decode(**args)
+
+
+# -------------------------------------------------------------------------------------------- decode: the C++ op
+
+
+def decode_inputs(gen, B, H, Hkv, S, R, d, dtype=torch.float64):
+    mk = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(dtype)  # noqa: E731
+    return mk(B, H, d), mk(B, Hkv, S, d), mk(B, Hkv, S, d), mk(B, Hkv, R, d), mk(B, Hkv, R, d)
+
+
+@pytest.mark.parametrize("B,H,Hkv,S,R,d", [(3, 4, 2, 9, 5, 8), (4, 6, 2, 33, 16, 64), (2, 8, 1, 17, 1, 128),
+                                           (5, 2, 2, 1, 3, 16)])
+def test_decode_cpu_op_exact_in_float64(B, H, Hkv, S, R, d, gen):
+    """Random fills per sequence, a full cache, a single slot, no raw keys and (at the op) no slots."""
+    q, kc, vc, k, v = decode_inputs(gen, B, H, Hkv, S, R, d)
+    n_slots = torch.randint(1, S + 1, (B,), generator=gen)
+    n_raw = torch.randint(0, R + 1, (B,), generator=gen)
+    n_slots[0], n_raw[0] = S, R
+    n_slots[1], n_raw[1] = 1, 0
+    if B > 2:
+        n_slots[2], n_raw[2] = 0, R  # raw keys only (the wrapper asks for a slot; the op does not)
+    got = torch.ops.fusedlab.cat_decode(q, kc, vc, n_slots, k, v, n_raw, 0.3)
+    want = ref.cat_decode(q, kc, vc, n_slots, k, v, n_raw, 0.3)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    wrapped = fusedlab.ops.cat_decode(q, kc, vc, n_slots.clamp(min=1), k, v, n_raw, 0.3, backend="cpu")
+    torch.testing.assert_close(wrapped, ref.cat_decode(q, kc, vc, n_slots.clamp(min=1), k, v, n_raw, 0.3),
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_decode_cpu_op_reduced_precision(dtype, gen):
+    """float32 within 1e-5 of the float64 reference; half types computed in float32, so within one rounding of
+    the output of the reference over the same (rounded) inputs."""
+    B, H, Hkv, S, R, d = 3, 4, 2, 40, 8, 64
+    q, kc, vc, k, v = decode_inputs(gen, B, H, Hkv, S, R, d, dtype)
+    n_slots, n_raw = torch.tensor([40, 7, 1]), torch.tensor([8, 0, 3])
+    got = fusedlab.ops.cat_decode(q, kc, vc, n_slots, k, v, n_raw, backend="cpu")
+    assert got.dtype == dtype
+    want = ref.cat_decode(q.double(), kc.double(), vc.double(), n_slots, k.double(), v.double(), n_raw)
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
+def test_decode_no_keys_is_nan_like_the_reference(gen):
+    q, kc, vc, k, v = decode_inputs(gen, 2, 2, 1, 4, 3, 8)
+    n_slots, n_raw = torch.tensor([0, 2]), torch.tensor([0, 1])
+    got = torch.ops.fusedlab.cat_decode(q, kc, vc, n_slots, k, v, n_raw, 0.5)
+    want = ref.cat_decode(q, kc, vc, n_slots, k, v, n_raw, 0.5)
+    assert got[0].isnan().all() and want[0].isnan().all()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, equal_nan=True)
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 4), Hkv=st.integers(1, 3), G=st.integers(1, 3), S=st.integers(1, 40), R=st.integers(0, 17),
+       d=st.sampled_from([1, 3, 8, 64]), seed=st.integers(0, 2 ** 31 - 1))
+def test_decode_cpu_op_drawn_shapes(B, Hkv, G, S, R, d, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q, kc, vc, k, v = decode_inputs(gen, B, Hkv * G, Hkv, S, R, d)
+    n_slots = torch.randint(1, S + 1, (B,), generator=gen)
+    n_raw = torch.randint(0, R + 1, (B,), generator=gen)
+    got = fusedlab.ops.cat_decode(q, kc, vc, n_slots, k, v, n_raw)  # auto on CPU tensors: the C++ op
+    want = ref.cat_decode(q, kc, vc, n_slots, k, v, n_raw)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_decode_cpu_op_opcheck(gen):
+    q, kc, vc, k, v = decode_inputs(gen, 3, 4, 2, 9, 5, 16, torch.float32)
+    n_slots, n_raw = torch.tensor([9, 1, 4]), torch.tensor([0, 5, 2])
+    torch.library.opcheck(torch.ops.fusedlab.cat_decode.default, (q, kc, vc, n_slots, k, v, n_raw, 0.25))
+    torch.library.opcheck(torch.ops.fusedlab.cat_decode.default,
+                          (q.double(), kc.double(), vc.double(), n_slots.int(), k.double(), v.double(), n_raw.int(),
+                           0.25))
+
+
+def test_decode_auto_on_cpu_takes_the_cpp_op_unless_a_gradient_is_needed(gen):
+    q, kc, vc, k, v = decode_inputs(gen, 2, 4, 2, 6, 3, 8)
+    n_slots, n_raw = torch.tensor([6, 2]), torch.tensor([1, 3])
+    op = torch.ops.fusedlab.cat_decode(q, kc, vc, n_slots, k, v, n_raw, 0.35)
+    assert torch.equal(fusedlab.ops.cat_decode(q, kc, vc, n_slots, k, v, n_raw, 0.35), op)
+    q.requires_grad_()
+    o = fusedlab.ops.cat_decode(q, kc, vc, n_slots, k, v, n_raw)  # the reference: differentiable
+    (g,) = torch.autograd.grad(o.sum(), q)
+    assert g.shape == q.shape and g.abs().sum() > 0
+    o = fusedlab.ops.cat_decode(q, kc, vc, n_slots, k, v, n_raw, backend="cpu")
+    with pytest.raises(RuntimeError, match="cat_decode has no backward"):
+        o.sum().backward()
+
+
+@pytest.mark.parametrize("change, pattern", [
+    (dict(q=torch.zeros(2, 4, 8, 1)), r"q must be 3-D \[B, H, d\]"),
+    (dict(vc=torch.zeros(2, 2, 3, 8)), "vc must have kc's shape"),
+    (dict(k=torch.zeros(2, 1, 2, 8), v=torch.zeros(2, 1, 2, 8)), r"k must be \[B, Hkv, R, d\] = \[2, 2, R, 8\]"),
+    (dict(q=torch.zeros(2, 3, 8)), "q's 3 heads must be a multiple of kc's 2 kv heads"),
+    (dict(v=torch.zeros(2, 2, 2, 8, dtype=torch.float64)), "v must have q's dtype"),
+    (dict(n_raw=torch.tensor([1.0, 0.0])), "n_raw must be an integer tensor"),
+    (dict(n_slots=torch.tensor([1, 1, 1])), r"n_slots must have shape \[2\]"),
+    (dict(n_slots=torch.tensor([5, 1])), r"n_slots must lie in \[0, 4\], got n_slots\[0\] = 5"),
+    (dict(n_raw=torch.tensor([0, -1])), r"n_raw must lie in \[0, 2\], got n_raw\[1\] = -1"),
+    (dict(scale=math.inf), "scale must be a finite number"),
+])
+def test_decode_cpu_op_errors(change, pattern):
+    args = dict(q=torch.zeros(2, 4, 8), kc=torch.zeros(2, 2, 4, 8), vc=torch.zeros(2, 2, 4, 8),
+                n_slots=torch.tensor([4, 1]), k=torch.zeros(2, 2, 2, 8), v=torch.zeros(2, 2, 2, 8),
+                n_raw=torch.tensor([0, 2]), scale=0.5)
+    args.update(change)
+    with pytest.raises(RuntimeError, match=pattern):
+        torch.ops.fusedlab.cat_decode(*args.values())
+
+
+def test_decode_cuda_backend_needs_cuda_tensors_and_auto_never_takes_it(gen):
+    assert fusedlab._backend.resolve("auto", "cat", torch.device("cpu")) == "cpu"
+    assert fusedlab._backend.AUTO_GPU_PREFERENCE["cat"] == ("triton",)
+    qd, kcd, vcd, kd, vd = decode_inputs(gen, 1, 2, 2, 3, 2, 64, torch.float32)
+    with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
+        fusedlab.ops.cat_decode(qd, kcd, vcd, torch.tensor([3]), kd, vd, torch.tensor([1]), backend="cuda")

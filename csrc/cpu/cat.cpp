@@ -8,7 +8,13 @@
 // average). The softmax is one per query over both parts (shared max and sum); the log-sum-exp is saved and
 // the backward recomputes the probabilities from it, flash-style. Query heads are folded into their kv
 // head's group, so grouped-query attention needs no copies of k and v. Half inputs compute in float32.
+//
+// cat_decode (one query per sequence against a compressed cache, generation) is a plain loop per (b, h): a
+// few hundred keys per query, so the scores, their max and the weighted sum of values are computed directly,
+// in float64 for float64 inputs and float32 otherwise, over exactly the filled slots and raw keys.
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -16,6 +22,8 @@
 #include <limits>
 #include <tuple>
 #include <vector>
+
+#include "fusedlab/checks.h"
 
 namespace fusedlab {
 namespace {
@@ -224,11 +232,71 @@ std::vector<at::Tensor> cat_attention_backward_cpu(
   return out;
 }
 
+at::Tensor cat_decode_cpu(const at::Tensor& q_in, const at::Tensor& kc_in, const at::Tensor& vc_in,
+                          const at::Tensor& n_slots_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                          const at::Tensor& n_raw_in, double scale) {
+  check_cat_decode_args(q_in, kc_in, vc_in, n_slots_in, k_in, v_in, n_raw_in, scale);
+  auto q = q_in.contiguous(), kc = kc_in.contiguous(), vc = vc_in.contiguous(), k = k_in.contiguous(),
+       v = v_in.contiguous();
+  auto ns_t = n_slots_in.to(at::kLong).contiguous(), nr_t = n_raw_in.to(at::kLong).contiguous();
+  const int64_t B = q.size(0), H = q.size(1), d = q.size(2), Hkv = kc.size(1), S = kc.size(2), R = k.size(2);
+  const int64_t* ns = ns_t.data_ptr<int64_t>();
+  const int64_t* nr = nr_t.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(ns[b] >= 0 && ns[b] <= S, "fusedlab.cat_decode: n_slots must lie in [0, ", S, "], got n_slots[", b,
+                "] = ", ns[b]);
+    TORCH_CHECK(nr[b] >= 0 && nr[b] <= R, "fusedlab.cat_decode: n_raw must lie in [0, ", R, "], got n_raw[", b,
+                "] = ", nr[b]);
+  }
+  auto out = at::empty_like(q);
+  if (out.numel() == 0) return out;
+  const int64_t G = H / Hkv;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fusedlab_cat_decode_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    const scalar_t *kcp = kc.data_ptr<scalar_t>(), *vcp = vc.data_ptr<scalar_t>();
+    const scalar_t *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, (S + R) * d));
+    at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> qv(d), acc(d), s(S + R);
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / H, hkv = (bh % H) / G, n_s = ns[b], n_r = nr[b];
+        for (int64_t e = 0; e < d; ++e) qv[e] = static_cast<acc_t>(qp[bh * d + e]);
+        // the filled rows of both streams, as one key list: slots, then raw keys
+        auto row = [&](const scalar_t* slots, const scalar_t* raw, int64_t j) {
+          return j < n_s ? slots + ((b * Hkv + hkv) * S + j) * d : raw + ((b * Hkv + hkv) * R + (j - n_s)) * d;
+        };
+        acc_t mx = -std::numeric_limits<acc_t>::infinity();
+        for (int64_t j = 0; j < n_s + n_r; ++j) {
+          const scalar_t* kr = row(kcp, kp, j);
+          acc_t dot = 0;
+          for (int64_t e = 0; e < d; ++e) dot += qv[e] * static_cast<acc_t>(kr[e]);
+          s[j] = dot * static_cast<acc_t>(scale);
+          mx = std::max(mx, s[j]);
+        }
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        acc_t sum = 0;
+        for (int64_t j = 0; j < n_s + n_r; ++j) {
+          const acc_t p = std::exp(s[j] - mx);
+          const scalar_t* vr = row(vcp, vp, j);
+          sum += p;
+          for (int64_t e = 0; e < d; ++e) acc[e] += p * static_cast<acc_t>(vr[e]);
+        }
+        // no keys: 0 / 0 = NaN, as the reference's softmax over nothing
+        for (int64_t e = 0; e < d; ++e) op[bh * d + e] = static_cast<scalar_t>(acc[e] / sum);
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedlab, CPU, m) {
   m.impl("cat_attention", &cat_attention_cpu);
   m.impl("cat_attention_backward", &cat_attention_backward_cpu);
+  m.impl("cat_decode", &cat_decode_cpu);
 }
 
 }  // namespace fusedlab

@@ -11,7 +11,8 @@ BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
 
 # For CUDA tensors, "auto" takes the GPU backend measured faster for each op family on an H100/H200
 # (bench/results/gpu/): resample's CUDA kernel ran 1.3-4.5x faster than its Triton kernel at every benchmark
-# point on both cards. newton_schulz, cat and symile have only Triton kernels on GPUs so far.
+# point on both cards. newton_schulz and symile have only Triton kernels on GPUs so far; cat's CUDA kernel
+# covers cat_decode only and has not been timed on a GPU, so "auto" keeps Triton for the whole family.
 AUTO_GPU_PREFERENCE = {"resample": ("cuda", "triton"), "newton_schulz": ("triton",), "cat": ("triton",),
                        "symile": ("triton",)}
 
@@ -20,7 +21,7 @@ FAMILY_BACKENDS = {
     "resample": ("cuda", "triton", "cpu", "reference"),
     "newton_schulz": ("triton", "cpu", "reference"),
     "symile": ("triton", "cpu", "reference"),
-    "cat": ("triton", "cpu", "reference"),
+    "cat": ("cuda", "triton", "cpu", "reference"),  # "cuda": cat_decode only (cat_attention refuses it)
 }
 
 

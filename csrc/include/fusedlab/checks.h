@@ -7,8 +7,10 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 
+#include <cmath>
 #include <string>
 #include <tuple>
+#include <utility>
 
 #include "fusedlab/resample.h"
 
@@ -95,6 +97,42 @@ inline ResampleCall prepare_resample(const at::Tensor& log_weights, const at::Te
     c.st_out = at::empty({0}, c.lw.options());
   }
   return c;
+}
+
+// cat_decode (CPU and CUDA): q [B, H, d]; kc, vc [B, Hkv, S, d]; k, v [B, Hkv, R, d]; n_slots, n_raw [B]
+// integer fills, on q's device like every other tensor. The fills' values are checked where they live (the
+// CPU kernel reads them; the CUDA kernel asserts on the device).
+inline void check_cat_decode_args(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
+                                  const at::Tensor& n_slots, const at::Tensor& k, const at::Tensor& v,
+                                  const at::Tensor& n_raw, double scale) {
+  const char* op = "fusedlab.cat_decode";
+  TORCH_CHECK(q.dim() == 3, op, ": q must be 3-D [B, H, d], got shape ", q.sizes());
+  TORCH_CHECK(kc.dim() == 4, op, ": kc must be 4-D [B, Hkv, S, d], got shape ", kc.sizes());
+  TORCH_CHECK(vc.sizes() == kc.sizes(), op, ": vc must have kc's shape ", kc.sizes(), ", got ", vc.sizes());
+  TORCH_CHECK(k.dim() == 4, op, ": k must be 4-D [B, Hkv, R, d], got shape ", k.sizes());
+  TORCH_CHECK(v.sizes() == k.sizes(), op, ": v must have k's shape ", k.sizes(), ", got ", v.sizes());
+  const int64_t B = q.size(0), H = q.size(1), d = q.size(2), Hkv = kc.size(1);
+  TORCH_CHECK(kc.size(0) == B && kc.size(3) == d, op, ": kc must be [B, Hkv, S, d] = [", B, ", Hkv, S, ", d,
+              "] to match q, got ", kc.sizes());
+  TORCH_CHECK(k.size(0) == B && k.size(1) == Hkv && k.size(3) == d, op, ": k must be [B, Hkv, R, d] = [", B, ", ",
+              Hkv, ", R, ", d, "] to match q and kc, got ", k.sizes());
+  TORCH_CHECK(Hkv >= 1 && H % Hkv == 0, op, ": q's ", H, " heads must be a multiple of kc's ", Hkv,
+              " kv heads (grouped-query attention)");
+  TORCH_CHECK(at::isFloatingType(q.scalar_type()), op, ": q must be a floating-point tensor, got ", q.scalar_type());
+  const std::pair<const char*, const at::Tensor*> data[] = {{"kc", &kc}, {"vc", &vc}, {"k", &k}, {"v", &v}};
+  for (const auto& [name, t] : data) {
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), op, ": ", name, " must have q's dtype ", q.scalar_type(),
+                ", got ", t->scalar_type());
+    TORCH_CHECK(t->device() == q.device(), op, ": ", name, " must be on ", q.device(), " like q, got ", t->device());
+  }
+  const std::pair<const char*, const at::Tensor*> fills[] = {{"n_slots", &n_slots}, {"n_raw", &n_raw}};
+  for (const auto& [name, t] : fills) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == B, op, ": ", name, " must have shape [", B, "], got ", t->sizes());
+    TORCH_CHECK(at::isIntegralType(t->scalar_type(), /*includeBool=*/false), op, ": ", name,
+                " must be an integer tensor, got ", t->scalar_type());
+    TORCH_CHECK(t->device() == q.device(), op, ": ", name, " must be on ", q.device(), " like q, got ", t->device());
+  }
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be a finite number, got ", scale);
 }
 
 }  // namespace fusedlab

@@ -10,6 +10,11 @@ Semantics: python/fusedlab/reference/cat.py (a dense boolean-mask oracle). Imple
   whole chunks, each one [rows x slots] product and one batch of [l x l] chunk products, never an L x L or
   L x Nc score matrix; the same saved log-sum-exp and recomputing backward.
 * "reference": the dense oracle, any device, float64.
+
+``cat_decode`` (generation: one new query per sequence against a compressed cache) has a Triton kernel
+(``fusedlab::cat_decode_triton``), a split-K CUDA kernel (csrc/include/fusedlab/cat_decode.cuh, the op
+``fusedlab::cat_decode`` on CUDA tensors) and a C++ CPU loop (the same op on CPU tensors); none is
+differentiable.
 """
 from __future__ import annotations
 
@@ -210,7 +215,8 @@ def cat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.T
         qc: optional [B, H, Nc, d] compressed queries.
         scale: score scale, default 1 / sqrt(d).
         return_lse: also return the log-sum-exp of each query's scaled scores (float32; float64 for float64).
-        backend: "auto" (CUDA tensors: "triton"; CPU tensors: "cpu"), "triton", "cpu" or "reference".
+        backend: "auto" (CUDA tensors: "triton"; CPU tensors: "cpu"), "triton", "cpu" or "reference" ("cuda"
+            is a NotImplementedError: the family's CUDA kernel covers ``cat_decode`` only so far).
 
     All inputs share one dtype (float16, bfloat16, float32; float64 on "cpu" and "reference") and device; under
     torch.autocast they are cast to the autocast dtype first. Differentiable in every input.
@@ -238,6 +244,9 @@ def cat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.T
         q, k, v, kc, vc, qc = [t.to(cast) if isinstance(t, torch.Tensor) else t for t in (q, k, v, kc, vc, qc)]
         with torch.autocast(q.device.type, enabled=False):
             return cat_attention(q, k, v, kc, vc, chunk_size, qc, scale, return_lse, backend)
+    if backend == "cuda":
+        raise NotImplementedError("backend='cuda': the cat family's CUDA kernel covers cat_decode only so far; "
+                                  "cat_attention runs on 'triton' (CUDA tensors), 'cpu' or 'reference'")
     scale = _check_inputs(q, k, v, kc, vc, qc, chunk_size, scale)
     which = _backend.resolve(backend, _FAMILY, q.device)
     if which == "triton":
@@ -276,6 +285,27 @@ def _fake_cat_decode_triton(q, kc, vc, n_slots, k, v, n_raw, scale):
     return q.new_empty(q.shape)
 
 
+# the C++ op (schema in csrc/fusedlab.cpp; CPU kernel in csrc/cpu/cat.cpp, CUDA kernel in csrc/cuda/cat.cu)
+
+
+@torch.library.register_fake("fusedlab::cat_decode")
+def _fake_cat_decode(q, kc, vc, n_slots, k, v, n_raw, scale):
+    return q.new_empty(q.shape)
+
+
+def _cat_decode_no_backward(ctx, grad):
+    raise RuntimeError("fusedlab::cat_decode has no backward (generation is inference only); for gradients call "
+                       "fusedlab.ops.cat_decode with backend='reference', or cat_attention")
+
+
+# registered so a backward through the op is a clear error rather than torch's silent fallback
+torch.library.register_autograd("fusedlab::cat_decode", _cat_decode_no_backward,
+                                setup_context=lambda ctx, inputs, output: None)
+
+#: head dims the CUDA decode kernel is compiled for
+_CUDA_DECODE_DIMS = (64, 128)
+
+
 def cat_decode(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, n_slots: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor, n_raw: torch.Tensor, scale: Optional[float] = None,
                backend: str = "auto") -> torch.Tensor:
@@ -289,11 +319,16 @@ def cat_decode(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, n_slots: tor
         n_raw: [B] integer tensor, 0 <= n_raw[b] <= R.
         scale: default 1 / sqrt(d).
 
-        backend: "auto" (CUDA tensors: "triton", one program per sequence and kv head carrying its query
-            heads through one online softmax; CPU tensors: "reference"), "triton" or "reference" (a masked
-            softmax over all S + R keys per query).
+        backend: "auto" (CUDA tensors: "triton"; CPU tensors: "cpu", or "reference" when a gradient is
+            needed), "triton" (one program per sequence and kv head carrying its query heads through one online
+            softmax), "cuda" (split-K: each sequence's keys cut into shares spread over the GPU, partial softmax
+            states combined by a second kernel; float16, bfloat16, float32 with head dims 64 and 128), "cpu"
+            (a C++ loop per sequence and head, any float dtype, float64 exact) or "reference" (a masked softmax
+            over all S + R keys per query).
 
-    Returns [B, H, d]: one softmax over the filled slots and raw keys. Not differentiable on "triton".
+    Returns [B, H, d]: one softmax over the filled slots and raw keys, accumulated in float32 (float64 for
+    float64). Inference only on "triton", "cuda" and "cpu" (a backward through them is an error); "reference"
+    is differentiable.
 
     Example:
         >>> import torch, fusedlab
@@ -323,11 +358,23 @@ def cat_decode(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, n_slots: tor
         if not torch.compiler.is_compiling() and n.numel() and (int(n.min()) < low or int(n.max()) > size):
             raise ValueError(f"{name} must lie in [{low}, {size}], got {n.tolist()}")
     which = _backend.resolve(backend, _FAMILY, q.device)
+    if backend == "auto" and which == "cpu" and torch.is_grad_enabled() and \
+            any(t.requires_grad for t in (q, kc, vc, k, v)):
+        which = "reference"  # the C++ loop has no backward; the reference does
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     if which == "triton":
         if q.dtype == torch.float64 or q.shape[-1] > 128:
             raise ValueError("backend='triton' decodes float16, bfloat16 or float32 with head dims up to 128")
-        scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
         args = [t.contiguous() for t in (q, kc, vc)] + [n_slots.to(q.device, torch.int64).contiguous()] + \
             [t.contiguous() for t in (k, v)] + [n_raw.to(q.device, torch.int64).contiguous()]
         return torch.ops.fusedlab.cat_decode_triton(*args, scale)
+    if which == "cuda":
+        if q.dtype == torch.float64 or d not in _CUDA_DECODE_DIMS:
+            raise ValueError(f"backend='cuda' decodes float16, bfloat16 or float32 with head dims "
+                             f"{' or '.join(map(str, _CUDA_DECODE_DIMS))}, got {q.dtype} with head dim {d}; "
+                             "backend='triton' or 'reference' cover the rest")
+        return torch.ops.fusedlab.cat_decode(q, kc, vc, n_slots.to(q.device, torch.int64), k, v,
+                                             n_raw.to(q.device, torch.int64), scale)
+    if which == "cpu":
+        return torch.ops.fusedlab.cat_decode(q, kc, vc, n_slots, k, v, n_raw, scale)
     return ref.cat_decode(q, kc, vc, n_slots.to(q.device), k, v, n_raw.to(q.device), scale)
