@@ -1,10 +1,13 @@
-"""Triton backend of the cat family on a CUDA device, at training sizes.
+"""Triton backend of the cat family on a CUDA device, at training sizes, and the CUDA decode kernel.
 
 fp32 runs exact products (input_precision="ieee") and stays within 1e-5 of the float64 reference. fp16 and
 bf16 follow the tolerance rule: against float64, the kernel's output and gradients err at most twice as
 much as torch's own same-dtype attention over the dense mask (scaled_dot_product_attention with a boolean
-mask). Skipped without a GPU (marker `gpu`).
+mask). The CUDA cat_decode kernel is held to the same rules against the reference and the Triton decode kernel.
+Skipped without a GPU (marker `gpu`).
 """
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -125,3 +128,82 @@ def test_model_cached_generation_equals_recompute_on_cuda(gen):
         for _ in range(40):
             seq = torch.cat([seq, model(seq, 8)[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(got, seq)
+
+
+# ---------------------------------------------------------------------------------------------- decode: CUDA kernel
+
+
+def poison_allocator(mb=16):
+    """Leave NaN bytes in the caching allocator's free blocks, so output rows a kernel fails to write show up
+    (a fresh output would otherwise often land on an earlier backend's correct result)."""
+    blocks = [torch.full((mb << 18,), math.nan, dtype=torch.float32, device=DEV)]
+    blocks += [torch.full((n,), math.nan, dtype=torch.float32, device=DEV) for n in [1 << 10] * 32 + [1 << 16] * 16]
+    del blocks
+
+
+def sdpa_decode(q, kc, vc, n_slots, k, v, n_raw):
+    """torch's same-dtype attention of each query over its filled slots and raw keys (the tolerance yardstick)."""
+    S, R, g = kc.shape[2], k.shape[2], q.shape[1] // kc.shape[1]
+    seen = torch.cat([torch.arange(S, device=q.device)[None] < n_slots[:, None],
+                      torch.arange(R, device=q.device)[None] < n_raw[:, None]], 1)[:, None, None]
+    keys = torch.cat([kc, k], 2).repeat_interleave(g, 1)
+    vals = torch.cat([vc, v], 2).repeat_interleave(g, 1)
+    return F.scaled_dot_product_attention(q[:, :, None], keys, vals, attn_mask=seen)[:, :, 0]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("S,R,H,Hkv", [(300, 16, 8, 2),   # several key shares per sequence, 4 heads per block
+                                       (40, 8, 6, 2),     # one share: the split kernel writes the output itself
+                                       (100, 4, 4, 4)])   # one head per kv head
+def test_decode_cuda_matches_reference_and_triton(dtype, d, S, R, H, Hkv, gen):
+    """B = 3 with different fills (a full cache without raw keys, a single slot with a full chunk, half of each):
+    fp32 within 1e-5 of the float64 reference and of the Triton kernel; bf16 within twice torch's own bf16
+    attention error against float64, and as close to the Triton kernel."""
+    if "cuda" not in fusedlab.backends():
+        pytest.skip("backend 'cuda' not available here (fusedlab._C_cuda not built)")
+    B = 3
+    mk = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(DEV)  # noqa: E731
+    exact = [mk(B, H, d), mk(B, Hkv, S, d), mk(B, Hkv, S, d), mk(B, Hkv, R, d), mk(B, Hkv, R, d)]
+    n_slots = torch.tensor([S, 1, S // 2 + 1], device=DEV)
+    n_raw = torch.tensor([0, R, R // 2], device=DEV)
+    q, kc, vc, k, v = [t.to(dtype) for t in exact]
+    poison_allocator()
+    got = fusedlab.ops.cat_decode(q, kc, vc, n_slots, k, v, n_raw, backend="cuda")
+    assert got.dtype == dtype and got.shape == (B, H, d) and got.isfinite().all()
+    tri = fusedlab.ops.cat_decode(q, kc, vc, n_slots, k, v, n_raw, backend="triton")
+    truth = fusedlab.ops.cat_decode(*exact[:3], n_slots, *exact[3:], n_raw, backend="reference")
+    if dtype == torch.float32:
+        assert rel(got, truth) < 1e-5
+        assert rel(got, tri) < 1e-5
+    else:
+        theirs = rel(sdpa_decode(q, kc, vc, n_slots, k, v, n_raw), truth)
+        assert rel(got, truth) <= 2 * theirs
+        assert rel(got, tri) <= 2 * theirs
+
+
+@pytest.mark.timeout(300)
+def test_decode_cuda_opcheck_and_errors(gen):
+    if "cuda" not in fusedlab.backends():
+        pytest.skip("backend 'cuda' not available here (fusedlab._C_cuda not built)")
+    mk = lambda *s: torch.randn(*s, generator=gen).to(DEV)  # noqa: E731
+    q, kc, vc, k, v = mk(2, 4, 64), mk(2, 2, 70, 64), mk(2, 2, 70, 64), mk(2, 2, 5, 64), mk(2, 2, 5, 64)
+    n_slots, n_raw = torch.tensor([70, 3], device=DEV), torch.tensor([5, 0], device=DEV)
+    torch.library.opcheck(torch.ops.fusedlab.cat_decode.default, (q, kc, vc, n_slots, k, v, n_raw, 0.125),
+                          test_utils=("test_schema", "test_faketensor"))
+    # a view starting off a 16-byte boundary is copied, not misread
+    base = mk(2 * 2 * 70 * 64 + 1)
+    kc_off = base[1:].view(2, 2, 70, 64)
+    got = torch.ops.fusedlab.cat_decode(q, kc_off, vc, n_slots, k, v, n_raw, 0.125)
+    want = torch.ops.fusedlab.cat_decode(q, kc_off.clone(), vc, n_slots, k, v, n_raw, 0.125)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="head dims 64 or 128"):
+        fusedlab.ops.cat_decode(q[..., :32], kc[..., :32], vc[..., :32], n_slots, k[..., :32], v[..., :32], n_raw,
+                                backend="cuda")
+    with pytest.raises(RuntimeError, match="head dims 64 and 128"):
+        torch.ops.fusedlab.cat_decode(q[..., :32].contiguous(), kc[..., :32].contiguous(), vc[..., :32].contiguous(),
+                                      n_slots, k[..., :32].contiguous(), v[..., :32].contiguous(), n_raw, 0.125)
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
+        torch.ops.fusedlab.cat_decode(q.double(), kc.double(), vc.double(), n_slots, k.double(), v.double(), n_raw,
+                                      0.125)
