@@ -16,20 +16,11 @@
 #include <cmath>
 #include <vector>
 
+#include "fusedlab/checks.h"
 #include "fusedlab/cpu_math.h"
 
 namespace fusedlab {
 namespace {
-
-void check_ns_args(at::ArrayRef<double> coefficients, double norm_scale, double eps, at::ScalarType dtype,
-                   const char* op) {
-  TORCH_CHECK(coefficients.size() % 3 == 0, "fusedlab.", op, ": coefficients must hold (a, b, c) per step, got ",
-              coefficients.size(), " values");
-  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat || dtype == at::kDouble, "fusedlab.",
-              op, ": dtype must be bfloat16, float16, float32 or float64, got ", dtype);
-  TORCH_CHECK(eps >= 0.0 && norm_scale > 0.0, "fusedlab.", op, ": need eps >= 0 and norm_scale > 0, got ", eps, " and ",
-              norm_scale);
-}
 
 // The iteration on a normalized batch X [b, m, n] with m <= n (already the wide orientation).
 at::Tensor iterate(at::Tensor X, at::ArrayRef<double> coefficients) {
@@ -44,10 +35,7 @@ at::Tensor iterate(at::Tensor X, at::ArrayRef<double> coefficients) {
 
 at::Tensor newton_schulz_cpu(const at::Tensor& G, at::ArrayRef<double> coefficients, double norm_scale, double eps,
                              at::ScalarType dtype) {
-  TORCH_CHECK(G.dim() >= 2, "fusedlab.newton_schulz: G must be [..., m, n] with at least 2 dims, got shape ",
-              G.sizes());
-  TORCH_CHECK(at::isFloatingType(G.scalar_type()), "fusedlab.newton_schulz: G must be floating point, got ",
-              G.scalar_type());
+  check_ns_input(G);
   check_ns_args(coefficients, norm_scale, eps, dtype, "newton_schulz");
   const int64_t m = G.size(-2), n = G.size(-1);
   if (G.numel() == 0) return at::empty(G.sizes(), G.options().dtype(dtype));

@@ -55,6 +55,25 @@ inline void check_gather_args(const at::Tensor& state, const at::Tensor& anc, co
               ", got ", state.device());
 }
 
+// newton_schulz and muon_step_: the iteration's arguments; `op` names the op in the messages.
+inline void check_ns_args(at::ArrayRef<double> coefficients, double norm_scale, double eps, at::ScalarType dtype,
+                          const char* op) {
+  TORCH_CHECK(coefficients.size() % 3 == 0, "fusedlab.", op, ": coefficients must hold (a, b, c) per step, got ",
+              coefficients.size(), " values");
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat || dtype == at::kDouble, "fusedlab.",
+              op, ": dtype must be bfloat16, float16, float32 or float64, got ", dtype);
+  TORCH_CHECK(eps >= 0.0 && norm_scale > 0.0, "fusedlab.", op, ": need eps >= 0 and norm_scale > 0, got ", eps, " and ",
+              norm_scale);
+}
+
+// newton_schulz's G, on every device.
+inline void check_ns_input(const at::Tensor& G) {
+  TORCH_CHECK(G.dim() >= 2, "fusedlab.newton_schulz: G must be [..., m, n] with at least 2 dims, got shape ",
+              G.sizes());
+  TORCH_CHECK(at::isFloatingType(G.scalar_type()), "fusedlab.newton_schulz: G must be floating point, got ",
+              G.scalar_type());
+}
+
 // Bytes per particle of a state [B, K, ...] (0 when empty).
 inline int64_t row_bytes_of(const at::Tensor& state, int64_t B, int64_t K) {
   return B > 0 && K > 0 ? state.numel() / (B * K) * static_cast<int64_t>(state.element_size()) : 0;
