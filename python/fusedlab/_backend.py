@@ -11,15 +11,16 @@ BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
 
 # For CUDA tensors, "auto" takes the GPU backend measured faster for each op family on an H100/H200
 # (bench/results/gpu/): resample's CUDA kernel ran 1.3-4.5x faster than its Triton kernel at every benchmark
-# point on both cards. newton_schulz and symile have only Triton kernels on GPUs so far; cat's CUDA kernel
-# covers cat_decode only and has not been timed on a GPU, so "auto" keeps Triton for the whole family.
+# point on both cards. newton_schulz's CUDA kernel has not run on a GPU yet, so "auto" keeps the measured
+# Triton kernels until a GPU run compares the two; symile has only Triton kernels on GPUs so far; cat's CUDA
+# kernel covers cat_decode only and has not been timed on a GPU, so "auto" keeps Triton for the whole family.
 AUTO_GPU_PREFERENCE = {"resample": ("cuda", "triton"), "newton_schulz": ("triton",), "cat": ("triton",),
                        "symile": ("triton",)}
 
 # The implementations each family has so far ("reference" runs on any device).
 FAMILY_BACKENDS = {
     "resample": ("cuda", "triton", "cpu", "reference"),
-    "newton_schulz": ("triton", "cpu", "reference"),
+    "newton_schulz": ("cuda", "triton", "cpu", "reference"),
     "symile": ("triton", "cpu", "reference"),
     "cat": ("cuda", "triton", "cpu", "reference"),  # "cuda": cat_decode only (cat_attention refuses it)
 }

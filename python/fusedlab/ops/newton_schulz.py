@@ -2,7 +2,9 @@
 
 Semantics: python/fusedlab/reference/newton_schulz.py. The C++ CPU kernel runs the whole iteration over a
 batch of same-shaped matrices in one op, with the epilogues fused into baddbmm; the Triton kernels
-(triton_kernels/newton_schulz.py: symmetric X X^T and b A + c A A, fused a X + B X) run it on GPUs.
+(triton_kernels/newton_schulz.py: symmetric X X^T and b A + c A A, fused a X + B X) run it on GPUs, and so
+does the CUDA kernel (csrc/cuda/newton_schulz.cu: the same op name, dispatched by device; cuBLAS products with
+the epilogues in baddbmm, the normalization and the transposes in custom kernels; not yet run on a GPU).
 """
 from __future__ import annotations
 
@@ -90,13 +92,14 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients="keller", eps: f
         coefficients: "keller" ((3.4445, -4.7750, 2.0315) every step, torch.optim.Muon's), "polar_express"
             (the 5-step set of modded-nanogpt and Dion, normalized by 1.02 ||G||), one (a, b, c) triple, or a
             sequence of per-step triples (the last repeats when there are fewer than ``steps``).
-        eps: the Frobenius norm (accumulated in float64 on the CPU kernel, float32 with max-abs scaling
-            elsewhere: no underflow either way) is clamped at eps, as torch does.
+        eps: the Frobenius norm (accumulated in float64 on the CPU and CUDA kernels, float32 with max-abs
+            scaling elsewhere: no underflow either way) is clamped at eps, as torch does.
         dtype: computation and result dtype; default bfloat16 where the hardware has bf16 matrix units,
             else float32.
         backend: "auto" (CPU tensors: "cpu"; CUDA tensors: "triton", except a lone matrix that is at most
-            1024 on its short side or 4x longer than wide, which plain torch products run faster), "triton",
-            "cpu" or "reference". It names the kernel of the standard iteration.
+            1024 on its short side or 4x longer than wide, which plain torch products run faster), "cuda"
+            (CUDA tensors, when fusedlab._C_cuda is built; not yet measured, so "auto" does not pick it),
+            "triton", "cpu" or "reference". It names the kernel of the standard iteration.
         method: "standard" (iterate on X), "gram" (Gram Newton-Schulz: the same iterate carried on the small
             Gram matrix X X^T, in float16 when ``dtype`` is a half type, restarted from X every second step;
             torch's batched products on any device, or the plain reference with backend="reference"; fewer
