@@ -44,7 +44,7 @@ class CATAttention(nn.Module):
         head_dim: default dim // n_heads.
         rope_base: rotary base for the per-chunk positions; None disables rotary embeddings.
         bias: biases in the projections.
-        backend: the cat_attention backend ("auto": Triton on CUDA tensors, the reference on the CPU).
+        backend: the cat_attention backend ("auto": Triton on CUDA tensors, the C++ kernel on the CPU).
 
     Example:
         >>> import torch, fusedlab
