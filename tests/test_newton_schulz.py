@@ -132,3 +132,14 @@ def test_auto_rule_for_cuda_batches(shape, plain):
     from fusedlab.ops.newton_schulz import _plain_products_faster
 
     assert _plain_products_faster(torch.empty(shape, device="meta")) is plain
+
+
+def test_bench_rows_take_the_cuda_backend_on_gpus(monkeypatch):
+    """python -m fusedlab bench/demo time the CUDA kernel beside the Triton one where both load."""
+    from fusedlab import __main__ as cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(fusedlab, "backends", lambda: ["auto", "cuda", "triton", "cpu", "reference"])
+    plans = dict(cli._devices_and_backends("all"))
+    assert cli._ns_backends(plans["cuda"]) == ["cuda", "triton"]
+    assert cli._ns_backends(plans["cpu"]) == ["cpu"]

@@ -63,6 +63,11 @@ def _devices_and_backends(device="all"):
     return [p for p in plans if device in ("all", p[0])]
 
 
+def _ns_backends(backends):
+    """The newton_schulz kernels among a device's backends (on CUDA: "cuda" and "triton" where they load)."""
+    return [b for b in backends if b in FAMILY_BACKENDS["newton_schulz"]] or ["reference"]
+
+
 def _table(rows, cols):
     widths = [max(len(c), *(len(str(r.get(k, ""))) for r in rows)) for c, k in cols]
     line = lambda vals: "| " + " | ".join(str(v).ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
@@ -108,7 +113,7 @@ def demo(quick=False):
         with tqdm(total=len(shapes), desc=f"resample on {device}", leave=False) as bar:
             rows = perf_resample.rows(device, backends, shapes, min_run_time, progress=bar)
         all_rows += _resample_display(rows, errors)
-        ns_backends = [b for b in backends if b in FAMILY_BACKENDS["newton_schulz"]] or ["reference"]
+        ns_backends = _ns_backends(backends)
         errors = {be: perf_ns.check(be, device) for be in ns_backends}
         shapes = perf_ns.QUICK_SHAPES if quick else perf_ns.SHAPES
         with tqdm(total=len(shapes) + 1, desc=f"newton_schulz on {device}", leave=False) as bar:
@@ -174,7 +179,7 @@ def bench_newton_schulz(out_dir, min_run_time=0.5, quick=False, device="all"):
     standard one, and a Muon step."""
     rows = []
     for device, backends in _devices_and_backends(device):
-        ns_backends = [b for b in backends if b in FAMILY_BACKENDS["newton_schulz"]] or ["reference"]
+        ns_backends = _ns_backends(backends)
         errors = {be: perf_ns.check(be, device) for be in ns_backends}
         shapes = perf_ns.QUICK_SHAPES if quick else perf_ns.GPU_SHAPES if device == "cuda" else perf_ns.SHAPES
         gram_shapes = ((2, 32, 128),) if quick else perf_ns.GRAM_SHAPES
