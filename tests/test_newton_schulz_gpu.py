@@ -188,7 +188,7 @@ def test_cuda_backend_zero_gives_zero(shape, gen):
 def test_cuda_backend_prologue_matches_cpu_and_triton(shape, dtype, gen):
     """steps=0 is the normalization alone (scale, cast, G's layout): the CUDA kernel's float64 norm and
     float32 reciprocal as the CPU kernel's, up to their summation orders (at most a rounding of the result);
-    Triton divides by a float32 norm, also within a rounding."""
+    Triton divides by a float32 norm (a few float32 roundings off; within a rounding in bf16)."""
     G = torch.randn(shape, generator=gen) * 3
     got = cuda_ns(G.to(DEV), steps=0, coefficients="polar_express", dtype=dtype)
     cpu = fusedlab.ops.newton_schulz(G, steps=0, coefficients="polar_express", dtype=dtype, backend="cpu")
@@ -196,7 +196,7 @@ def test_cuda_backend_prologue_matches_cpu_and_triton(shape, dtype, gen):
                                         backend="triton")
     ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-23
     torch.testing.assert_close(got.cpu(), cpu, rtol=2 * ulp, atol=0)
-    torch.testing.assert_close(got, triton, rtol=2 * ulp, atol=0)
+    torch.testing.assert_close(got, triton, rtol=max(2 * ulp, 1e-5), atol=0)
     assert (got.cpu() == cpu).float().mean() > 0.99  # a different rounding is rare
     # deterministic: a fixed two-level reduction, no atomics
     assert torch.equal(got, cuda_ns(G.to(DEV), steps=0, coefficients="polar_express", dtype=dtype))
