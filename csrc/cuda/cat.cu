@@ -14,29 +14,17 @@
 #include <c10/macros/Macros.h>
 #include <torch/library.h>
 
-#include <atomic>
 #include <cstdint>
 
 #define FL_KERNEL_ASSERT(cond) CUDA_KERNEL_ASSERT(cond)
 #include "fusedlab/cat_decode.cuh"
 #include "fusedlab/checks.h"
+#include "fusedlab/cuda_glue.h"
 
 namespace fusedlab {
 namespace {
 
 namespace fcd = fusedlab::cat::cuda;
-
-int sm_count(c10::DeviceIndex device) {
-  static std::atomic<int> cache[64];
-  if (device >= 0 && device < 64) {
-    const int known = cache[device].load(std::memory_order_relaxed);
-    if (known > 0) return known;
-  }
-  int n = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-  if (device >= 0 && device < 64) cache[device].store(n, std::memory_order_relaxed);
-  return n;
-}
 
 // The kernels read rows with 16-byte vectors: a view whose data starts off that boundary is copied.
 at::Tensor aligned_contiguous(const at::Tensor& t) {

@@ -18,9 +18,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 
 #include "fusedlab/checks.h"
+#include "fusedlab/cuda_glue.h"
 #include "fusedlab/newton_schulz_cuda.cuh"
 
 namespace fusedlab {
@@ -41,18 +41,6 @@ template <>
 struct Storage<at::Half> {
   using type = nc::fp16_t;
 };
-
-int sm_count(c10::DeviceIndex device) {
-  static std::atomic<int> cache[64];
-  if (device >= 0 && device < 64) {
-    const int known = cache[device].load(std::memory_order_relaxed);
-    if (known > 0) return known;
-  }
-  int n = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-  if (device >= 0 && device < 64) cache[device].store(n, std::memory_order_relaxed);
-  return n;
-}
 
 at::Tensor newton_schulz_cuda(const at::Tensor& G, at::ArrayRef<double> coefficients, double norm_scale, double eps,
                               at::ScalarType dtype) {

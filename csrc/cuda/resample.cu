@@ -14,12 +14,12 @@
 #include <c10/macros/Macros.h>
 #include <torch/library.h>
 
-#include <atomic>
 #include <string>
 #include <tuple>
 
 #define FL_KERNEL_ASSERT(cond) CUDA_KERNEL_ASSERT(cond)
 #include "fusedlab/checks.h"
+#include "fusedlab/cuda_glue.h"
 #include "fusedlab/resample_cuda.cuh"
 
 namespace fusedlab {
@@ -27,18 +27,6 @@ namespace {
 
 using namespace fusedlab::resample;
 namespace rc = fusedlab::resample::cuda;
-
-int sm_count(c10::DeviceIndex device) {
-  static std::atomic<int> cache[64];
-  if (device >= 0 && device < 64) {
-    const int known = cache[device].load(std::memory_order_relaxed);
-    if (known > 0) return known;
-  }
-  int n = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-  if (device >= 0 && device < 64) cache[device].store(n, std::memory_order_relaxed);
-  return n;
-}
 
 void check_group_size(int64_t K, const char* op) {
   TORCH_CHECK(K <= rc::kMaxK, "fusedlab.", op, ": the CUDA kernels take at most 2^30 particles per group, got K = ",

@@ -153,8 +153,9 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients="keller", eps: f
 
 def _plain_products_faster(G: torch.Tensor) -> bool:
     """Where "auto" leaves a CUDA batch to plain torch products (cuBLAS): a lone matrix that is small or
-    strongly rectangular. Measured on an H100 (bench/results/gpu/h100/; the H200 run agrees): the Triton kernels ran 0.65x torch at
-    1024x1024 and 0.86x at 4096x16384, but 1.22x at 4096x4096 and 7.9x on a batch of 64 768x768."""
+    strongly rectangular. Measured on an H100 (bench/results/gpu/h100/; the H200 run agrees): the Triton
+    kernels ran 0.65x torch at 1024x1024 and 0.86x at 4096x16384, but 1.22x at 4096x4096 and 7.9x on a batch
+    of 64 768x768."""
     m, n = sorted(G.shape[-2:])
     batch = G.numel() // (m * n) if m * n else 0
     return batch <= 1 and (m <= 1024 or n >= 4 * m)
