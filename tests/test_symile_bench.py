@@ -62,6 +62,15 @@ def test_fresh_process_peak_returns_a_number():
     assert r["seconds"] > 0 and (r["N"], r["d"], r["dtype"]) == (8, 16, "float32")
 
 
+def test_fresh_process_peak_sees_the_reference_build_its_tensor():
+    """The measured growth is real: the reference materializes the N^3 logits (8 MiB at N = 128 in float32,
+    several times over with its autograd copies), while the C++ kernel's growth is its few fixed-size tiles."""
+    ours = ps.fresh_process_peak("cpu", 128, 32, "cpu")
+    ref = ps.fresh_process_peak("reference", 128, 32, "cpu")
+    assert ours["status"] == ref["status"] == "ok", (ours, ref)
+    assert ref["peak_bytes"] > max(32 * 2**20, 2 * ours["peak_bytes"]), (ours, ref)
+
+
 def test_largest_n_stopping_rules(monkeypatch):
     calls = []
 

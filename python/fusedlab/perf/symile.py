@@ -269,6 +269,15 @@ def _reset_peak_rss() -> bool:
 
 
 def _max_rss_bytes() -> int:
+    """The process's peak resident set size: VmHWM (which /proc/self/clear_refs resets) where Linux has it;
+    elsewhere ru_maxrss (getrusage keeps its own maximum, which the reset does not lower)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
