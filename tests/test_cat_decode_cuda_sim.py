@@ -9,9 +9,7 @@ check device-specific behaviour (the 16-byte vector loads, the memory model of r
 import math
 import os
 import re
-import shutil
 import subprocess
-import warnings
 
 import numpy as np
 import pytest
@@ -19,27 +17,16 @@ import torch
 
 from fusedlab.reference import cat as ref
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import cuda_sim
+
 LOG2E = 1.4426950408889634
-
-
-def _compile(out, flags):
-    cmd = ["g++", "-std=c++20", "-O1", "-g", "-pthread", "-Wall", "-Wextra", *flags, f"-I{ROOT}/csrc/include",
-           f"-I{ROOT}/tests/cuda", os.path.join(ROOT, "tests", "cuda", "cat_decode_sim.cpp"), "-o", out]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=240)
 
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
-    if shutil.which("g++") is None:
-        pytest.skip("g++ not found: the host simulation of the CUDA kernels needs a C++20 compiler")
-    out = str(tmp_path_factory.mktemp("sim") / "cat_decode_sim")
-    r = _compile(out, ["-fsanitize=thread"])
-    if r.returncode != 0 or subprocess.run([out], capture_output=True).returncode != 2:
-        warnings.warn("ThreadSanitizer is unavailable: the CUDA kernels' logic runs without the race check")
-        r = _compile(out, [])
-    assert r.returncode == 0, r.stderr
-    assert "warning" not in r.stderr, r.stderr
+    probe = lambda out: subprocess.run([out], capture_output=True).returncode == 2  # noqa: E731  (usage error)
+    out, stderr = cuda_sim.build(tmp_path_factory.mktemp("sim"), "cat_decode_sim", probe, ("-Wall", "-Wextra"))
+    assert "warning" not in stderr, stderr
     return out
 
 

@@ -9,9 +9,7 @@ the device's own conversion intrinsics, the memory model of real hardware, the l
 """
 import math
 import os
-import shutil
 import subprocess
-import warnings
 
 import numpy as np
 import pytest
@@ -19,32 +17,20 @@ import torch
 
 import fusedlab  # noqa: F401  (the C++ CPU op, the normalization's cross-check)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import cuda_sim
+
 CODE = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2, torch.float64: 3}
 THREADS, MAX_CHUNKS, TILE, UNIT = 256, 1024, 32, 256 * 8  # fusedlab/newton_schulz_cuda.cuh
 
 
-def _compile(out, flags):
-    cmd = ["g++", "-std=c++20", "-O1", "-g", "-pthread", *flags, f"-I{ROOT}/csrc/include", f"-I{ROOT}/tests/cuda",
-           os.path.join(ROOT, "tests", "cuda", "newton_schulz_sim.cpp"), "-o", out]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=240)
-
-
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
-    if shutil.which("g++") is None:
-        pytest.skip("g++ not found: the host simulation of the CUDA kernels needs a C++20 compiler")
     d = tmp_path_factory.mktemp("nssim")
-    out = str(d / "newton_schulz_sim")
-    r = _compile(out, ["-fsanitize=thread"])
-    probe = d / "probe"
-    probe.mkdir()
-    torch.ones(4).numpy().tofile(probe / "floats.bin")
-    if r.returncode != 0 or subprocess.run([out, "convert", str(probe)], capture_output=True).returncode != 0:
-        warnings.warn("ThreadSanitizer is unavailable: the CUDA kernels' logic runs without the race check")
-        r = _compile(out, [])
-    assert r.returncode == 0, r.stderr
-    return out
+    probe_dir = d / "probe"
+    probe_dir.mkdir()
+    torch.ones(4).numpy().tofile(probe_dir / "floats.bin")
+    probe = lambda out: subprocess.run([out, "convert", str(probe_dir)], capture_output=True).returncode == 0  # noqa
+    return cuda_sim.build(d, "newton_schulz_sim", probe)[0]
 
 
 def _run(sim, mode, path):

@@ -6,9 +6,7 @@ behaviour (warp shuffles inside cub, the memory model of real hardware, launch c
 """
 import math
 import os
-import shutil
 import subprocess
-import warnings
 
 import numpy as np
 import pytest
@@ -16,29 +14,17 @@ import torch
 
 from fusedlab.reference import resample as ref
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import cuda_sim
+
 METHODS = ("multinomial", "stratified", "systematic", "residual")
 METHOD_ID = {m: i for i, m in enumerate(METHODS)}  # the enum order of fusedlab/resample.h
 SHARED_MAX_K = 4096
 
 
-def _compile(out, flags):
-    cmd = ["g++", "-std=c++20", "-O1", "-g", "-pthread", *flags, f"-I{ROOT}/csrc/include", f"-I{ROOT}/tests/cuda",
-           os.path.join(ROOT, "tests", "cuda", "resample_sim.cpp"), "-o", out]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=240)
-
-
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
-    if shutil.which("g++") is None:
-        pytest.skip("g++ not found: the host simulation of the CUDA kernels needs a C++20 compiler")
-    out = str(tmp_path_factory.mktemp("sim") / "resample_sim")
-    r = _compile(out, ["-fsanitize=thread"])
-    if r.returncode != 0 or subprocess.run([out, "fastdiv"], capture_output=True).returncode != 0:
-        warnings.warn("ThreadSanitizer is unavailable: the CUDA kernels' logic runs without the race check")
-        r = _compile(out, [])
-    assert r.returncode == 0, r.stderr
-    return out
+    probe = lambda out: subprocess.run([out, "fastdiv"], capture_output=True).returncode == 0  # noqa: E731
+    return cuda_sim.build(tmp_path_factory.mktemp("sim"), "resample_sim", probe)[0]
 
 
 def _run(sim, *args):

@@ -5,6 +5,7 @@
 //                               (elements); prints the launch plan (splits=.. heads_per_block=.. ...)
 //   cat_decode_sim plan B H Hkv S R SMS   prints the launch plan for SMS multiprocessors, runs nothing
 #include "host_sim.h"
+#include "sim_io.h"
 
 #include <cstdio>
 #include <fstream>
@@ -36,20 +37,6 @@ struct fusedlab::cat::cuda::Elem<SimBf16> {
     return SimBf16{static_cast<uint16_t>(u >> 16)};
   }
 };
-
-static std::vector<unsigned char> read_file(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) {
-    std::fprintf(stderr, "cannot read %s\n", path.c_str());
-    std::exit(2);
-  }
-  return std::vector<unsigned char>(std::istreambuf_iterator<char>(f), {});
-}
-
-static void write_file(const std::string& path, const void* p, size_t n) {
-  std::ofstream f(path, std::ios::binary);
-  f.write(static_cast<const char*>(p), static_cast<std::streamsize>(n));
-}
 
 // Inputs are copied into 16-byte aligned buffers, as the glue guarantees on the device.
 struct Aligned {

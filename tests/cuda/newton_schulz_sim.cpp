@@ -7,6 +7,7 @@
 //   newton_schulz_sim convert DIR    floats.bin (float32) -> bf16.bin, fp16.bin (the host conversions);
 //                                    every half pattern -> fp16_widened.bin (float32)
 #include "host_sim.h"
+#include "sim_io.h"
 
 #include "fusedlab/newton_schulz_cuda.cuh"
 
@@ -18,20 +19,6 @@
 #include <string>
 
 namespace fnc = fusedlab::newton_schulz::cuda;
-
-static std::vector<unsigned char> read_file(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) {
-    std::fprintf(stderr, "cannot read %s\n", path.c_str());
-    std::exit(2);
-  }
-  return std::vector<unsigned char>(std::istreambuf_iterator<char>(f), {});
-}
-
-static void write_file(const std::string& path, const void* p, size_t n) {
-  std::ofstream f(path, std::ios::binary);
-  f.write(static_cast<const char*>(p), static_cast<std::streamsize>(n));
-}
 
 struct Case {
   int in, out;

@@ -4,6 +4,7 @@
 //   resample_sim gather DIR     DIR/params.txt: B K row_bytes grid; inputs state.bin anc.bin;
 //                               outputs out.bin (out of place), out_wide.bin (64-bit index path), inplace.bin
 #include "host_sim.h"
+#include "sim_io.h"
 
 #include "fusedlab/resample_cuda.cuh"
 
@@ -14,20 +15,6 @@
 #include <string>
 
 namespace frc = fusedlab::resample::cuda;
-
-static std::vector<unsigned char> read_file(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) {
-    std::fprintf(stderr, "cannot read %s\n", path.c_str());
-    std::exit(2);
-  }
-  return std::vector<unsigned char>(std::istreambuf_iterator<char>(f), {});
-}
-
-static void write_file(const std::string& path, const void* p, size_t n) {
-  std::ofstream f(path, std::ios::binary);
-  f.write(static_cast<const char*>(p), static_cast<std::streamsize>(n));
-}
 
 template <typename T>
 static int run_resample(const std::string& dir, int64_t B, int K, int method, double thr, unsigned grid, bool shared,
