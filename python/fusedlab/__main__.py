@@ -239,6 +239,24 @@ def bench_cat(out_dir, min_run_time=0.5, quick=False, device="all"):
         print("by host time")
         for e in breakdown["by_host"]:
             print(f"  {e['self_us_per_call_step']:10.1f}  x{e['calls']:<3} {e['name'][:90]}")
+    # one decode step of attention alone, each decode backend against a dense cache's single-query SDPA
+    dec = []
+    for dev, backends in _devices_and_backends(device):
+        if dev == "cuda":
+            kw = dict(B=8, L=256) if quick else {}
+            dec += [dict(r, device=dev) for r in perf_cat.decode_rows(dev, backends, **kw)]
+        else:
+            kw = dict(B=2, L=64, l=8) if quick else dict(B=16)
+            dec += [dict(r, device=dev) for r in perf_cat.decode_rows(dev, ["cpu", "reference"],
+                                                                      dtype=torch.float32, **kw)]
+    if dec:
+        shown = [dict(r, ms=f"{r['ms']:.4f}", dense_ms=f"{r['dense_ms']:.4f}", vs_dense=f"{r['vs_dense']:.2f}x")
+                 for r in dec]
+        cols = [("device", "device"), ("backend", "backend"), ("dtype", "dtype"), ("B", "B"), ("H", "H"),
+                ("Hkv", "Hkv"), ("L", "L"), ("l", "l"), ("d", "d"), ("slots", "slots"), ("raw", "raw"),
+                ("decode ms", "ms"), ("dense SDPA ms", "dense_ms"), ("vs dense", "vs_dense")]
+        _write_results(out_dir, "cat_decode", "CAT decode step (attention alone) against a dense cache", dec, shown,
+                       cols)
     if gen:
         mb = lambda x: "" if x is None else f"{x / 2**20:.0f}"  # noqa: E731
         shown = [dict(r, tps=f"{r['tokens_per_s']:.0f}", dense_tps=f"{r['dense_tokens_per_s']:.0f}",

@@ -179,6 +179,30 @@ class DenseDecoder(torch.nn.Module):
         return torch.cat(out, 1), cache_bytes
 
 
+def decode_rows(device, backends, B=256, H=8, Hkv=8, L=4096, l=16, d=64, dtype=torch.bfloat16, min_run_time=0.2):
+    """One decode step of attention alone (fusedlab.ops.cat_decode) per backend, with the cache a sequence has
+    at position L - 1: ceil(L / l) compressed slots and a chunk of raw keys, every sequence filled to a
+    different point; against a dense cache's step, single-query SDPA over L keys."""
+    g = torch.Generator().manual_seed(0)
+    S, R = -(-L // l) + 1, l
+    q = torch.randn(B, H, d, generator=g).to(device, dtype)
+    kc, vc = (torch.randn(B, Hkv, S, d, generator=g).to(device, dtype) for _ in range(2))
+    k, v = (torch.randn(B, Hkv, R, d, generator=g).to(device, dtype) for _ in range(2))
+    n_slots = torch.randint(max(1, S - 8), S + 1, (B,), generator=g).to(device)
+    n_raw = torch.randint(0, R + 1, (B,), generator=g).to(device)
+    kd, vd = (torch.randn(B, Hkv, L, d, generator=g).to(device, dtype) for _ in range(2))
+    qd = q.unsqueeze(2)
+    dense = measure(lambda: F.scaled_dot_product_attention(qd, kd, vd, enable_gqa=H != Hkv), min_run_time)
+    out = []
+    for be in backends:
+        t = measure(lambda be=be: fusedlab.ops.cat_decode(q, kc, vc, n_slots, k, v, n_raw, backend=be),
+                    min_run_time)
+        out.append(dict(family="cat", op="decode step (attention)", backend=be, dtype=str(dtype).replace("torch.", ""),
+                        B=B, H=H, Hkv=Hkv, L=L, l=l, d=d, slots=S, raw=R, ms=t.median_ms,
+                        dense_ms=dense.median_ms, vs_dense=dense.median_ms / t.median_ms))
+    return out
+
+
 def generation_row(device, B=256, L=4096, l=16, new_tokens=128, dim=512, layers=8, heads=8, vocab=32000,
                    dtype=torch.bfloat16):
     """Greedy decoding of ``new_tokens`` after a prompt of L - new_tokens, CAT's compressed cache against the
