@@ -38,9 +38,12 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -x tests --deselect tests/test_cuda_compile.py --deselect tests/test_resample_cuda_sim.py
 
+# every family's benchmark points on every device here (a few minutes on 2 cores; one family at a time:
+# python -m fusedlab bench --family NAME)
+FAMILIES ?= resample newton_schulz cat symile
 bench: install
 	$(PY) -m pytest -q bench --benchmark-json=bench/results/bench_cpu.json
-	$(PY) -m fusedlab bench --out bench/results
+	for f in $(FAMILIES); do $(PY) -m fusedlab bench --family $$f --out bench/results || exit 1; done
 
 gpu-check:
 	bash bench/gpu_check.sh
