@@ -136,3 +136,16 @@ def test_decode_matches_reference(H, Hkv, d, gen):
     assert rel(got, want.cpu()) < 1e-5
     torch.library.opcheck(torch.ops.fusedlab.cat_decode_triton.default,
                           (q, kc, vc, n_slots, k, v, n_raw, 0.3), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_decode_kernel_keeps_fills_inside_the_cache(gen):
+    """Device fills are not checked on the host (that would synchronize every decode step): the kernel clamps
+    them to [0, S] and [0, R], so an overfull fill reads the whole cache and nothing past it."""
+    B, H, d, S, R = 2, 2, 16, 6, 3
+    mk = lambda *s: torch.randn(*s, generator=gen).to(DEVICE)  # noqa: E731
+    q, kc, vc, k, v = mk(B, H, d), mk(B, H, S, d), mk(B, H, S, d), mk(B, H, R, d), mk(B, H, R, d)
+    got = torch.ops.fusedlab.cat_decode_triton(q, kc, vc, torch.tensor([9, 2]).to(DEVICE), k, v,
+                                               torch.tensor([1, 7]).to(DEVICE), 0.25)
+    want = fusedlab.ops.cat_decode(q, kc, vc, torch.tensor([S, 2]).to(DEVICE), k, v, torch.tensor([1, R]).to(DEVICE),
+                                   0.25, backend="reference")
+    assert rel(got, want) < 1e-5

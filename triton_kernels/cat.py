@@ -343,8 +343,9 @@ def _cat_decode_kernel(q_ptr, kc_ptr, vc_ptr, n_slots_ptr, k_ptr, v_ptr, n_raw_p
     dim_ok = dims < HEAD_DIM
     q_offs = (b * H + hk * group + g)[:, None] * HEAD_DIM + dims[None, :]
     q = tl.load(q_ptr + q_offs, mask=g_ok[:, None] & dim_ok[None, :], other=0.0)
-    n_slots = tl.load(n_slots_ptr + b)
-    n_raw = tl.load(n_raw_ptr + b)
+    # fills kept inside the cache: the wrapper does not check device tensors on the host (a sync per step)
+    n_slots = tl.minimum(tl.maximum(tl.load(n_slots_ptr + b), 0), S)
+    n_raw = tl.minimum(tl.maximum(tl.load(n_raw_ptr + b), 0), R)
     m_i = tl.full([BLOCK_G], -float("inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)

@@ -316,7 +316,9 @@ def cat_decode(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, n_slots: tor
         kc, vc: [B, Hkv, S, d] compressed-slot cache; sequence b has its first ``n_slots[b]`` filled.
         n_slots: [B] integer tensor, 1 <= n_slots[b] <= S.
         k, v: [B, Hkv, R, d] the current chunk's raw keys; the first ``n_raw[b]`` filled (0 allowed).
-        n_raw: [B] integer tensor, 0 <= n_raw[b] <= R.
+        n_raw: [B] integer tensor, 0 <= n_raw[b] <= R. Fills on the CPU are checked (a ValueError); fills
+            on the GPU are not checked on the host, which would synchronize every step: the Triton kernel
+            clamps them to the cache, the CUDA kernel raises a device-side assertion.
         scale: default 1 / sqrt(d).
 
         backend: "auto" (CUDA tensors: "triton"; CPU tensors: "cpu", or "reference" when a gradient is
@@ -355,7 +357,10 @@ def cat_decode(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, n_slots: tor
     for name, n, size, low in (("n_slots", n_slots, kc.shape[2], 1), ("n_raw", n_raw, k.shape[2], 0)):
         if not isinstance(n, torch.Tensor) or n.shape != (B,) or n.dtype.is_floating_point:
             raise ValueError(f"{name} must be an integer tensor of shape [{B}]")
-        if not torch.compiler.is_compiling() and n.numel() and (int(n.min()) < low or int(n.max()) > size):
+        # checked on the host for CPU tensors only: for device tensors it would synchronize every decode step
+        # (per layer, per token); the GPU kernels keep the fills inside the cache instead
+        if n.device.type == "cpu" and not torch.compiler.is_compiling() and n.numel() and (
+                int(n.min()) < low or int(n.max()) > size):
             raise ValueError(f"{name} must lie in [{low}, {size}], got {n.tolist()}")
     which = _backend.resolve(backend, _FAMILY, q.device)
     if backend == "auto" and which == "cpu" and torch.is_grad_enabled() and \
