@@ -208,7 +208,9 @@ class DecoderBlock(nn.Module):
         """One new position of one stream (h [B, 1, dim]) against this layer's cache: a raw token
         (rotary at ``position``) or a compressed slot (position 0, sees the slots only). Its k, v join the
         cache first."""
-        pos = None if position is None else torch.tensor([position], device=h.device)
+        # a fill on the device, not torch.tensor([position], device=...): that copies from host memory and, on
+        # a GPU, synchronizes with it once per layer and token
+        pos = None if position is None else torch.full((1,), position, dtype=torch.int64, device=h.device)
         q, k, v = self.attn.qkv(self.attn_norm(h), pos, self.rope_base)
         if as_slot:
             cache.add_slot(k, v)
