@@ -31,7 +31,12 @@ echo "== build (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a})" | tee -a "$
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16}
 t0=$(date +%s)
 if ! $PY -m pip install --no-deps --no-build-isolation -e . >> "$LOG" 2>&1; then
-  echo "BUILD FAILED (see $LOG)"; tail -40 "$LOG"; exit 1
+  # a CUDA build error must not cost the Triton tests and benchmarks of the lease: show it, build without _C_cuda
+  echo "CUDA BUILD FAILED; retrying with FUSEDLAB_NO_CUDA=1" | tee -a "$LOG"
+  grep -E "error|Error" "$LOG" | head -40
+  if ! FUSEDLAB_NO_CUDA=1 $PY -m pip install --no-deps --no-build-isolation -e . >> "$LOG" 2>&1; then
+    echo "BUILD FAILED (see $LOG)"; tail -40 "$LOG"; exit 1
+  fi
 fi
 echo "build: $(( $(date +%s) - t0 )) s" | tee -a "$LOG"
 $PY -m fusedlab info 2>&1 | tee -a "$LOG"
@@ -41,8 +46,10 @@ echo "== GPU tests" | tee -a "$LOG"
 # the GPU tests, plus the cat Triton and layer tests (decode kernel, row splits, layer on the GPU) and the symile
 # Triton tests (its only GPU tests); the other families' Triton tests repeat their GPU tests at interpreter sizes
 # (TESTS="..." picks other files)
-TESTS=${TESTS:-"tests/*_gpu.py tests/test_cat_triton.py tests/test_cat_layer.py tests/test_symile_triton.py"}
-timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q $TESTS -p no:cacheprovider -p no:warnings -rfE --durations=8 2>&1 \
+TESTS=${TESTS:-"tests/*_gpu.py tests/test_symile_triton.py tests/test_cat_triton.py tests/test_cat_layer.py"}
+# Triton compilation is CPU-bound: with pytest-xdist present, a few workers share the one GPU
+XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n ${TEST_WORKERS:-4}"
+timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q $XDIST $TESTS -p no:cacheprovider -p no:warnings -rfE --durations=8 2>&1 \
   | tee -a "$LOG" | tail -40 || status=1
 for fam in "${families[@]}"; do
   # one lease runs the whole script: each family gets what is left of BUDGET_S (at most 200 s), and the

@@ -277,21 +277,16 @@ def bench_symile(out_dir, min_run_time=0.5, quick=False, device="all"):
     runs for each."""
     from tqdm import tqdm
 
+    # each result file is written as soon as its numbers exist, so that a run stopped by a time limit keeps
+    # what it measured (the largest-N search on a GPU starts a fresh process per try and comes last)
     rows, mem, cache = [], [], {}
-    for dev, backends in _devices_and_backends(device):
+    devices = list(_devices_and_backends(device))
+    for dev, backends in devices:
         ours = [b for b in backends if b in FAMILY_BACKENDS["symile"]]  # cpu; triton on CUDA where it loads
         grid = perf_symile.QUICK_GRID if quick else perf_symile.GRID
         with tqdm(total=len(grid), desc=f"symile on {dev}") as bar:
             rows += perf_symile.rows(dev, ours + ["reference"], grid, min_run_time=min(min_run_time, 0.2),
                                      progress=bar)
-        impls = ours + ([perf_symile.PACKAGE] if perf_symile.package_available() else [])
-        point = perf_symile.QUICK_MEMORY_POINT if quick else \
-            perf_symile.GPU_MEMORY_POINT if dev == "cuda" else perf_symile.CPU_MEMORY_POINT
-        mem += perf_symile.memory_rows(dev, impls, point, cache=cache)
-        if dev == "cuda":
-            kw = dict(d=64, start=64, max_n=128) if quick else {}
-            for impl in impls:
-                mem.append(perf_symile.largest_n(impl, dev, cache=cache, **kw))
     fmt = lambda x, p=3: "" if x is None else f"{x:.{p}f}"  # noqa: E731
     shown = [dict(r, ms=fmt(r["ms"]), peer_ms=fmt(r["peer_ms"]),
                   speedup=fmt(r["speedup"], 2) + ("x" if r["speedup"] else ""), tflops=fmt(r["tflops"], 1),
@@ -304,17 +299,32 @@ def bench_symile(out_dir, min_run_time=0.5, quick=False, device="all"):
     base, results = _write_results(out_dir, "symile", "Symile n_squared loss forward+backward", rows, shown, cols)
     _plot_symile(results, base + ".png")
     print(f"wrote {base}.png")
-    mib = lambda x: "" if x is None else f"{x / 2**20:.1f}"  # noqa: E731
-    shown = [dict(r, peak=mib(r["peak_bytes"]), seconds=fmt(r["seconds"]), largest=r.get("largest_n") or "",
-                  N=r.get("N", ""), note=r.get("stopped") or r.get("note", "")) for r in mem]
-    cols = [("kind", "kind"), ("device", "device"), ("implementation", "impl"), ("dtype", "dtype"), ("N", "N"),
-            ("d", "d"), ("peak growth MiB", "peak"), ("one call s", "seconds"), ("status", "status"),
-            ("largest N", "largest"), ("notes", "note")]
-    for r in shown:
-        r.setdefault("kind", "memory")
-        r["status"] = r.get("status", "")
-    _write_results(out_dir, "symile_memory", "Symile n_squared loss: peak memory growth of one forward+backward "
-                   "in a fresh process, largest N per card", mem, shown, cols)
+
+    def write_memory():
+        mib = lambda x: "" if x is None else f"{x / 2**20:.1f}"  # noqa: E731
+        shown = [dict(r, peak=mib(r["peak_bytes"]), seconds=fmt(r["seconds"]), largest=r.get("largest_n") or "",
+                      N=r.get("N", ""), note=r.get("stopped") or r.get("note", "")) for r in mem]
+        cols = [("kind", "kind"), ("device", "device"), ("implementation", "impl"), ("dtype", "dtype"),
+                ("N", "N"), ("d", "d"), ("peak growth MiB", "peak"), ("one call s", "seconds"),
+                ("status", "status"), ("largest N", "largest"), ("notes", "note")]
+        for r in shown:
+            r.setdefault("kind", "memory")
+            r["status"] = r.get("status", "")
+        _write_results(out_dir, "symile_memory", "Symile n_squared loss: peak memory growth of one "
+                       "forward+backward in a fresh process, largest N per card", mem, shown, cols)
+
+    for dev, backends in devices:
+        ours = [b for b in backends if b in FAMILY_BACKENDS["symile"]]
+        impls = ours + ([perf_symile.PACKAGE] if perf_symile.package_available() else [])
+        point = perf_symile.QUICK_MEMORY_POINT if quick else \
+            perf_symile.GPU_MEMORY_POINT if dev == "cuda" else perf_symile.CPU_MEMORY_POINT
+        mem += perf_symile.memory_rows(dev, impls, point, cache=cache)
+        write_memory()
+        if dev == "cuda":
+            kw = dict(d=64, start=64, max_n=128) if quick else {}
+            for impl in impls:
+                mem.append(perf_symile.largest_n(impl, dev, cache=cache, **kw))
+                write_memory()
     return rows, mem
 
 
