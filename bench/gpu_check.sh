@@ -46,7 +46,7 @@ echo "== GPU tests" | tee -a "$LOG"
 # the GPU tests, plus the cat Triton and layer tests (decode kernel, row splits, layer on the GPU) and the symile
 # Triton tests (its only GPU tests); the other families' Triton tests repeat their GPU tests at interpreter sizes
 # (TESTS="..." picks other files)
-TESTS=${TESTS:-"tests/*_gpu.py tests/test_symile_triton.py tests/test_cat_triton.py tests/test_cat_layer.py"}
+TESTS=${TESTS:-"tests/*_gpu.py tests/test_symile_gemm.py tests/test_symile_triton.py tests/test_cat_triton.py tests/test_cat_layer.py"}
 # Triton compilation is CPU-bound: with pytest-xdist present, a few workers share the one GPU
 XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n ${TEST_WORKERS:-4}"
 timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q $XDIST $TESTS -p no:cacheprovider -p no:warnings -rfE --durations=8 2>&1 \

@@ -45,7 +45,8 @@ def run_both(inputs, l, dtype, gen):
 
 
 def rel(a, b):
-    return ((a.detach().double().cpu() - b.detach()).norm() / b.detach().norm().clamp_min(1e-30)).item()
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 # (B, H, Hkv, L, l, extra slots, d, qc): L not a multiple of l or of the tile, l = 1, l > tile, l > L, GQA

@@ -81,15 +81,8 @@ at::Tensor cat_decode_cuda(const at::Tensor& q_in, const at::Tensor& kc_in, cons
                            const at::Tensor& n_slots, const at::Tensor& k_in, const at::Tensor& v_in,
                            const at::Tensor& n_raw, double scale) {
   check_cat_decode_args(q_in, kc_in, vc_in, n_slots, k_in, v_in, n_raw, scale);
+  check_cat_decode_cuda_limits(q_in, kc_in);
   const auto dt = q_in.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
-              "fusedlab.cat_decode: the CUDA kernel takes float32, float16 or bfloat16, got ", dt,
-              " (float64 runs on the CPU kernel or the reference)");
-  TORCH_CHECK(q_in.size(2) == 64 || q_in.size(2) == 128,
-              "fusedlab.cat_decode: the CUDA kernel takes head dims 64 and 128, got ", q_in.size(2),
-              " (the Triton kernel takes any up to 128)");
-  TORCH_CHECK(q_in.size(1) <= INT32_MAX && kc_in.size(1) <= INT32_MAX,
-              "fusedlab.cat_decode: head counts must fit in 32 bits");
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = aligned_contiguous(q_in), kc = aligned_contiguous(kc_in), vc = aligned_contiguous(vc_in),
                    k = aligned_contiguous(k_in), v = aligned_contiguous(v_in);

@@ -220,25 +220,7 @@ def bench_cat(out_dir, min_run_time=0.5, quick=False, device="all"):
             ("Flex fwd ms", "flex_fwd_ms"), ("fwd vs Flex fwd", "vs_flex_fwd"), ("useful TFLOP/s", "tflops"),
             ("notes", "note")]
     _write_results(out_dir, "cat", "CAT attention forward+backward", rows, shown, cols)
-    # generation: CAT's compressed cache against the same decoder with a dense cache (GPU sizes on a GPU; a
-    # tiny run elsewhere, to exercise the path)
-    gen = []
-    for dev, _ in _devices_and_backends(device):
-        if dev == "cuda" and not quick:
-            gen.append(dict(perf_cat.generation_row(dev), device=dev))
-        elif quick:
-            gen.append(dict(perf_cat.generation_row(dev, B=2, L=64, l=8, new_tokens=8, dim=64, layers=2, heads=4,
-                                                    vocab=100, dtype=torch.float32), device=dev))
-    if not quick and torch.cuda.is_available() and device in ("all", "cuda"):
-        breakdown = perf_cat.profile_breakdown("cuda")
-        with open(os.path.join(out_dir, "cat_profile_gpu.json"), "w") as f:
-            json.dump(breakdown, f, indent=1)
-        print("one forward+backward at L = 4096, l = 16 (per step, us): by GPU time")
-        for e in breakdown["by_device"]:
-            print(f"  {e['self_us_per_call_step']:10.1f}  x{e['calls']:<3} {e['name'][:90]}")
-        print("by host time")
-        for e in breakdown["by_host"]:
-            print(f"  {e['self_us_per_call_step']:10.1f}  x{e['calls']:<3} {e['name'][:90]}")
+    # each result file is written as soon as its numbers exist (a time limit keeps what was measured)
     # one decode step of attention alone, each decode backend against a dense cache's single-query SDPA
     dec = []
     for dev, backends in _devices_and_backends(device):
@@ -257,6 +239,15 @@ def bench_cat(out_dir, min_run_time=0.5, quick=False, device="all"):
                 ("decode ms", "ms"), ("dense SDPA ms", "dense_ms"), ("vs dense", "vs_dense")]
         _write_results(out_dir, "cat_decode", "CAT decode step (attention alone) against a dense cache", dec, shown,
                        cols)
+    # generation: CAT's compressed cache against the same decoder with a dense cache (GPU sizes on a GPU; a
+    # tiny run elsewhere, to exercise the path)
+    gen = []
+    for dev, _ in _devices_and_backends(device):
+        if dev == "cuda" and not quick:
+            gen.append(dict(perf_cat.generation_row(dev), device=dev))
+        elif quick:
+            gen.append(dict(perf_cat.generation_row(dev, B=2, L=64, l=8, new_tokens=8, dim=64, layers=2, heads=4,
+                                                    vocab=100, dtype=torch.float32), device=dev))
     if gen:
         mb = lambda x: "" if x is None else f"{x / 2**20:.0f}"  # noqa: E731
         shown = [dict(r, tps=f"{r['tokens_per_s']:.0f}", dense_tps=f"{r['dense_tokens_per_s']:.0f}",
@@ -269,6 +260,16 @@ def bench_cat(out_dir, min_run_time=0.5, quick=False, device="all"):
                 ("slots/layer", "slots"), ("dense slots/layer", "dense_slots"), ("CAT peak MiB", "peak"),
                 ("dense peak MiB", "dense_peak")]
         _write_results(out_dir, "cat_generation", "CAT cached generation against a dense cache", gen, shown, cols)
+    if not quick and torch.cuda.is_available() and device in ("all", "cuda"):
+        breakdown = perf_cat.profile_breakdown("cuda")
+        with open(os.path.join(out_dir, "cat_profile_gpu.json"), "w") as f:
+            json.dump(breakdown, f, indent=1)
+        print("one forward+backward at L = 4096, l = 16 (per step, us): by GPU time")
+        for e in breakdown["by_device"]:
+            print(f"  {e['self_us_per_call_step']:10.1f}  x{e['calls']:<3} {e['name'][:90]}")
+        print("by host time")
+        for e in breakdown["by_host"]:
+            print(f"  {e['self_us_per_call_step']:10.1f}  x{e['calls']:<3} {e['name'][:90]}")
 
 
 def bench_symile(out_dir, min_run_time=0.5, quick=False, device="all"):

@@ -21,7 +21,7 @@ AUTO_GPU_PREFERENCE = {"resample": ("cuda", "triton"), "newton_schulz": ("triton
 FAMILY_BACKENDS = {
     "resample": ("cuda", "triton", "cpu", "reference"),
     "newton_schulz": ("cuda", "triton", "cpu", "reference"),
-    "symile": ("triton", "cpu", "reference"),
+    "symile": ("cuda", "triton", "cpu", "reference"),  # "cuda": library GEMM tiles (ops/symile_gemm.py)
     "cat": ("cuda", "triton", "cpu", "reference"),  # "cuda": cat_decode only (cat_attention refuses it)
 }
 

@@ -8,6 +8,7 @@
 #include <ATen/ops/empty_like.h>
 
 #include <cmath>
+#include <cstdint>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -152,6 +153,19 @@ inline void check_cat_decode_args(const at::Tensor& q, const at::Tensor& kc, con
     TORCH_CHECK(t->device() == q.device(), op, ": ", name, " must be on ", q.device(), " like q, got ", t->device());
   }
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be a finite number, got ", scale);
+}
+
+// The CUDA decode kernel's own limits (after check_cat_decode_args).
+inline void check_cat_decode_cuda_limits(const at::Tensor& q, const at::Tensor& kc) {
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
+              "fusedlab.cat_decode: the CUDA kernel takes float32, float16 or bfloat16, got ", dt,
+              " (float64 runs on the CPU kernel or the reference)");
+  TORCH_CHECK(q.size(2) == 64 || q.size(2) == 128,
+              "fusedlab.cat_decode: the CUDA kernel takes head dims 64 and 128, got ", q.size(2),
+              " (the Triton kernel takes any up to 128)");
+  TORCH_CHECK(q.size(1) <= INT32_MAX && kc.size(1) <= INT32_MAX,
+              "fusedlab.cat_decode: head counts must fit in 32 bits");
 }
 
 }  // namespace fusedlab

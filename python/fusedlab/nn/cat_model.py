@@ -416,7 +416,8 @@ class CATTransformer(nn.Module):
             cache.add_slot(kc[:, :, : b + 1], vc[:, :, : b + 1])
             if k.shape[2] > raw_start:
                 cache.add_raw(k[:, :, raw_start:], v[:, :, raw_start:])
-        logits = self._logits_from(self.norm(x), self.norm(f), P, l)[:, -1]
+        # only the last prompt position's logits: all P of them would hold P x vocab floats for nothing
+        logits = self.lm_head(self._predicting_hidden(self.norm(x), self.norm(f), P, l)[:, -1])
 
         out = [prompt]
         n = P
@@ -456,11 +457,15 @@ class CATTransformer(nn.Module):
         return tokens, stats
 
     def _logits_from(self, x, f, L, l):
+        return self.lm_head(self._predicting_hidden(x, f, L, l))
+
+    def _predicting_hidden(self, x, f, L, l):
+        """[B, L, dim]: the hidden state that predicts each of the L tokens (a raw position's or a slot's)."""
         from_f, rows = self._predicting_rows(L, l, x.device)
         h = x.new_empty(x.shape[0], L, x.shape[2])
         h[:, from_f] = f[:, rows[from_f]]
         h[:, ~from_f] = x[:, rows[~from_f]]
-        return self.lm_head(h)
+        return h
 
     @staticmethod
     def _pick(logits, temperature, top_k, generator):

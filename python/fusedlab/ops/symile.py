@@ -10,6 +10,10 @@ an online log-sum-exp per anchor, save only the [M, N] statistics and recompute 
   adds partial sums with atomics; under torch.use_deterministic_algorithms it stores per-program partial
   sums that torch adds in a fixed order (one more pass over the tiles for M >= 3).
 * "cpu" (csrc/cpu/symile.cpp, ``torch.ops.fusedlab.symile_n_squared`` and its backward op).
+* "cuda" (CUDA tensors; ops/symile_gemm.py, the custom ops ``fusedlab::symile_n_squared_gemm`` and its
+  backward): the same tiles as library GEMMs, one chunk of tuples at a time (fp32 logits from tensor-core
+  products), with the log-sum-exps and gradient weights as ATen element-wise ops. No custom CUDA kernel:
+  at most one chunk's logits (2^25) are held, and the products run at the vendor GEMM's speed.
 * "reference": builds the N^M tensor (the oracle).
 
 "n" is a CLIP-sized computation (M GEMMs of N x N x d) and runs as ATen ops on every backend.
@@ -103,6 +107,45 @@ def _backward_n_squared_triton(ctx, grad_loss, grad_lse):
 
 torch.library.register_autograd("fusedlab::symile_n_squared_triton", _backward_n_squared_triton,
                                 setup_context=_setup_n_squared_triton)
+
+
+# the "cuda" backend: tiles of vendor GEMMs (ops/symile_gemm.py), as custom ops like the kernels
+@torch.library.custom_op("fusedlab::symile_n_squared_gemm", mutates_args=())
+def _symile_gemm(reps: list[torch.Tensor], logit_scale: torch.Tensor,
+                 tile_elems: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from fusedlab.ops import symile_gemm
+
+    return symile_gemm.forward(reps, logit_scale, tile_elems)
+
+
+@_symile_gemm.register_fake
+def _fake_symile_gemm(reps, logit_scale, tile_elems):
+    r0 = reps[0]
+    return r0.new_empty((), dtype=r0.dtype), r0.new_empty((len(reps), r0.shape[0]), dtype=_acc_dtype(r0.dtype))
+
+
+@torch.library.custom_op("fusedlab::symile_n_squared_gemm_backward", mutates_args=())
+def _symile_gemm_backward(grad: torch.Tensor, reps: list[torch.Tensor], logit_scale: torch.Tensor, lse: torch.Tensor,
+                          tile_elems: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    from fusedlab.ops import symile_gemm
+
+    return symile_gemm.backward(grad, reps, logit_scale, lse, tile_elems)
+
+
+@_symile_gemm_backward.register_fake
+def _fake_symile_gemm_backward(grad, reps, logit_scale, lse, tile_elems):
+    return [r.new_empty(r.shape) for r in reps], logit_scale.new_empty(logit_scale.shape)
+
+
+def _backward_n_squared_gemm(ctx, grad_loss, grad_lse):
+    logit_scale, lse, *reps = ctx.saved_tensors
+    grad_reps, grad_scale = torch.ops.fusedlab.symile_n_squared_gemm_backward(grad_loss, reps, logit_scale, lse,
+                                                                              ctx.chunk)
+    return list(grad_reps), grad_scale, None
+
+
+torch.library.register_autograd("fusedlab::symile_n_squared_gemm", _backward_n_squared_gemm,
+                                setup_context=_setup_n_squared)
 
 
 def _check_reps(reps, name: str = "reps") -> list[torch.Tensor]:
@@ -222,6 +265,11 @@ def symile_loss(reps: Sequence[torch.Tensor], logit_scale, negative_sampling: st
             return ref.symile_loss_n_squared(reps, scale.reshape(()))
         if which == "triton":
             loss, _ = torch.ops.fusedlab.symile_n_squared_triton(reps, scale)
+            return loss
+        if which == "cuda":
+            from fusedlab.ops.symile_gemm import TILE_ELEMS
+
+            loss, _ = torch.ops.fusedlab.symile_n_squared_gemm(reps, scale, TILE_ELEMS)
             return loss
         loss, _ = torch.ops.fusedlab.symile_n_squared(reps, scale, 0)
         return loss

@@ -1,0 +1,108 @@
+"""The symile "cuda" backend (ops/symile_gemm.py: "n_squared" as chunks of library GEMMs) vs the float64
+reference. Its ATen ops run on CPU tensors too, so the custom ops are checked here directly with tiny tiles
+(many chunks, chunk edges inside the tuple grid); the gpu tests run the backend through symile_loss."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedlab
+from fusedlab.ops import symile_gemm
+from fusedlab.reference import symile as ref
+
+F64 = torch.float64
+
+
+def make_reps(M, N, d, gen, kind="l2", device="cpu", dtype=F64):
+    raw = [torch.randn(N, d, generator=gen, dtype=F64) * 3 + 1 for _ in range(M)]
+    reps = [F.normalize(r, dim=1) if kind == "l2" else F.layer_norm(r, (d,)) for r in raw]
+    return [r.to(device=device, dtype=dtype) for r in reps]
+
+
+def loss_and_grads(fn, reps, scale):
+    reps = [r.detach().clone().requires_grad_() for r in reps]
+    scale = scale.detach().clone().requires_grad_()
+    loss = fn(reps, scale)
+    return [loss] + list(torch.autograd.grad(loss, reps + [scale]))
+
+
+def gemm_op(tile):
+    return lambda reps, s: torch.ops.fusedlab.symile_n_squared_gemm(reps, s, tile)[0]
+
+
+def rel(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("M,N,d,tile", [(2, 9, 5, 1 << 25), (3, 7, 6, 1 << 25), (3, 7, 6, 60), (4, 5, 3, 30),
+                                        (4, 6, 7, 1 << 25), (5, 3, 4, 10)])
+def test_float64_matches_reference(M, N, d, tile, gen):
+    reps = make_reps(M, N, d, gen, "layernorm")
+    scale = torch.tensor(3.0, dtype=F64)
+    got = loss_and_grads(gemm_op(tile), reps, scale)
+    want = loss_and_grads(ref.symile_loss_n_squared, reps, scale)
+    for a, b in zip(got, want):
+        assert rel(a, b) < 1e-12
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_within_twice_torch(dtype, gen):
+    """fp32 and bf16 inputs: the error against float64 (output and gradients) is at most twice that of the
+    reference computed in the same dtype by plain PyTorch."""
+    ours_err = torch_err = 0.0
+    for M, N, d in [(2, 13, 24), (3, 9, 24), (4, 5, 24)]:
+        reps = make_reps(M, N, d, gen)
+        scale = torch.tensor(20.0, dtype=F64)
+        exact = loss_and_grads(ref.symile_loss_n_squared, reps, scale)
+        low = [r.to(dtype) for r in reps]
+        ours = loss_and_grads(gemm_op(50), low, scale.to(dtype))
+        plain = loss_and_grads(ref.symile_loss_n_squared, low, scale.to(dtype))
+        assert all(o.dtype == dtype for o in ours)
+        ours_err += sum(rel(a, b) for a, b in zip(ours, exact))
+        torch_err += sum(rel(a, b) for a, b in zip(plain, exact))
+    assert ours_err <= 2 * torch_err, (ours_err, torch_err)
+
+
+@pytest.mark.timeout(120)
+def test_opcheck(gen):
+    reps = [r.requires_grad_() for r in make_reps(3, 4, 5, gen)]
+    scale = torch.tensor(2.0, dtype=F64, requires_grad=True)
+    torch.library.opcheck(torch.ops.fusedlab.symile_n_squared_gemm.default, (reps, scale, 20))
+    loss, lse = torch.ops.fusedlab.symile_n_squared_gemm(reps, scale, 20)
+    torch.library.opcheck(torch.ops.fusedlab.symile_n_squared_gemm_backward.default,
+                          (torch.tensor(1.0, dtype=F64), [r.detach() for r in reps], scale.detach(), lse, 20))
+
+
+@pytest.mark.timeout(60)
+def test_cuda_backend_needs_cuda_tensors(gen):
+    reps = make_reps(3, 4, 5, gen)
+    with pytest.raises((ValueError, RuntimeError), match="cuda"):
+        fusedlab.ops.symile_loss(reps, 2.0, "n_squared", backend="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_backend_matches_reference(dtype, gen):
+    if "cuda" not in fusedlab.backends():
+        pytest.skip("backend 'cuda' not available here (fusedlab._C_cuda not built)")
+    for M, N, d in [(2, 70, 40), (3, 33, 64), (4, 9, 24)]:
+        reps = make_reps(M, N, d, gen)
+        scale = torch.tensor(20.0, dtype=F64)
+        exact = loss_and_grads(ref.symile_loss_n_squared, reps, scale)
+        low = [r.to("cuda", dtype) for r in reps]
+        ours = loss_and_grads(lambda r, s: fusedlab.ops.symile_loss(r, s, "n_squared", backend="cuda"), low,
+                              scale.to("cuda", dtype))
+        plain = loss_and_grads(ref.symile_loss_n_squared, low, scale.to("cuda", dtype))
+        errs = [rel(a, b) for a, b in zip(ours, exact)]
+        assert sum(errs) <= 2 * sum(rel(a, b) for a, b in zip(plain, exact)), errs
+    # several chunks at a realistic size
+    reps = make_reps(3, 200, 128, gen)
+    low = [r.to("cuda", dtype) for r in reps]
+    s = torch.tensor(20.0, dtype=F64)
+    want = loss_and_grads(gemm_op(1 << 25), low, s.to("cuda", dtype))
+    got = loss_and_grads(gemm_op(200 * 200 * 7), low, s.to("cuda", dtype))
+    for a, b in zip(got, want):
+        assert rel(a, b) < 1e-5
