@@ -98,11 +98,33 @@ def test_cuda_backend_matches_reference(dtype, gen):
         plain = loss_and_grads(ref.symile_loss_n_squared, low, scale.to("cuda", dtype))
         errs = [rel(a, b) for a, b in zip(ours, exact)]
         assert sum(errs) <= 2 * sum(rel(a, b) for a, b in zip(plain, exact)), errs
-    # several chunks at a realistic size
+    # several chunks at a realistic size: the same fp32 sums in another order, so equal up to the output's
+    # rounding (bf16 gradients: a last-bit difference in a few entries)
     reps = make_reps(3, 200, 128, gen)
     low = [r.to("cuda", dtype) for r in reps]
     s = torch.tensor(20.0, dtype=F64)
     want = loss_and_grads(gemm_op(1 << 25), low, s.to("cuda", dtype))
     got = loss_and_grads(gemm_op(200 * 200 * 7), low, s.to("cuda", dtype))
     for a, b in zip(got, want):
-        assert rel(a, b) < 1e-5
+        assert rel(a, b) < (1e-5 if dtype == torch.float32 else 1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(120)
+def test_auto_takes_the_gemm_tiles_where_measured_faster(gen):
+    from fusedlab.ops import symile as ops_symile
+
+    calls = []
+    real = symile_gemm.forward
+    try:
+        symile_gemm.forward = lambda *a: calls.append(a[0][0].shape) or real(*a)
+        small = [r.to("cuda", torch.bfloat16) for r in make_reps(3, 64, 64, gen)]
+        big = [r.to("cuda", torch.bfloat16) for r in make_reps(3, ops_symile.GEMM_MIN_N, ops_symile.GEMM_MIN_D, gen)]
+        fusedlab.ops.symile_loss(small, 20.0, "n_squared")
+        assert calls == []
+        fusedlab.ops.symile_loss(big, 20.0, "n_squared")
+        assert len(calls) == 1
+        fusedlab.ops.symile_loss([r.double() for r in small[:2]] * 3, 20.0, "n_squared")  # M = 6, float64
+        assert len(calls) == 2
+    finally:
+        symile_gemm.forward = real

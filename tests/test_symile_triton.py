@@ -184,7 +184,7 @@ def test_bfloat16_within_twice_torch(M, gen):
 
 
 def test_auto_keeps_cpu_tensors_on_the_cpp_kernel(gen):
-    assert _backend.FAMILY_BACKENDS["symile"] == ("triton", "cpu", "reference")
+    assert _backend.FAMILY_BACKENDS["symile"] == ("cuda", "triton", "cpu", "reference")
     assert _backend.resolve("auto", "symile", torch.device("cpu")) == "cpu"
     if DEVICE == "cuda":
         assert _backend.resolve("auto", "symile", torch.device("cuda")) == "triton"

@@ -30,7 +30,7 @@ namespace rc = fusedlab::resample::cuda;
 
 void check_group_size(int64_t K, const char* op) {
   TORCH_CHECK(K <= rc::kMaxK, "fusedlab.", op, ": the CUDA kernels take at most 2^30 particles per group, got K = ",
-              K);
+              fmt_int(K));
 }
 
 

@@ -30,6 +30,10 @@ from fusedlab.reference import symile as ref
 
 _FAMILY = "symile"
 STRATEGIES = ref.STRATEGIES
+#: "auto" on CUDA tensors takes the GEMM tiles (backend "cuda") from these sizes on and the Triton kernels
+#: below them: on an H100 (bf16, M = 3) the GEMM tiles ran 1.7x (N = 256), 2.5x (512) and 2.9x (1024) faster
+#: than the Triton kernels at d = 1024, and 0.6-0.9x at d = 256 (bench/results/gpu/h100-2/symile_gpu.json)
+GEMM_MIN_N, GEMM_MIN_D = 256, 512
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -218,9 +222,11 @@ def symile_loss(reps: Sequence[torch.Tensor], logit_scale, negative_sampling: st
             modalities in list order. Default: drawn with torch.randperm(N) in the package's order from
             ``generator``, or from the global RNG (then seeding torch as for the package replays its draws).
         generator: "n" only: the torch.Generator the permutations are drawn from.
-        backend: "auto" (CPU tensors: "cpu"; CUDA tensors: "triton", or "reference" for float64), "triton"
-            ("n_squared" with M = 2..4 in float32/float16/bfloat16; "n" runs as ATen ops on every backend),
-            "cpu" or "reference" ("n_squared" there builds the N^M tensor).
+        backend: "auto" (CPU tensors: "cpu"; CUDA tensors: "triton", or the GEMM tiles of "cuda" from
+            N >= 256 and d >= 512 and for what the Triton kernels do not cover: float64, M > 4), "cuda"
+            (CUDA tensors: "n_squared" as chunks of library GEMMs, any M and dtype), "triton" ("n_squared"
+            with M = 2..4 in float32/float16/bfloat16), "cpu" or "reference" ("n_squared" there builds the
+            N^M tensor); "n" runs as ATen ops on every backend.
         process_group: a torch.distributed group: each rank passes its own rows, the negatives come from
             every rank's rows (all-gathered with gradient, rank order), and every rank returns the loss of
             the global batch. The backward gives each rank's rows the gradient summed over the ranks'
@@ -258,18 +264,22 @@ def symile_loss(reps: Sequence[torch.Tensor], logit_scale, negative_sampling: st
         if which == "triton" and (reps[0].dtype == torch.float64 or M > 4):
             if backend != "auto":
                 raise ValueError(f"backend='triton' runs 'n_squared' for M = 2..4 in float32, float16 or bfloat16, "
-                                 f"got M = {M} and {reps[0].dtype}; use backend='reference' (or 'cpu' for CPU "
-                                 "tensors)")
-            which = "reference"  # CUDA tensors the kernels do not cover: the exact oracle
+                                 f"got M = {M} and {reps[0].dtype}; use backend='cuda' or 'reference' (or 'cpu' "
+                                 "for CPU tensors)")
+            which = "gemm"  # what the Triton kernels do not cover: the GEMM tiles (any M and dtype)
+        elif which == "triton" and backend == "auto" and N >= GEMM_MIN_N and reps[0].shape[1] >= GEMM_MIN_D:
+            which = "gemm"
+        if which == "reference":
+            return ref.symile_loss_n_squared(reps, scale.reshape(()))
+        if which in ("cuda", "gemm"):  # "gemm": the same path as backend="cuda", which needs no _C_cuda
+            from fusedlab.ops.symile_gemm import TILE_ELEMS
+
+            loss, _ = torch.ops.fusedlab.symile_n_squared_gemm(reps, scale, TILE_ELEMS)
+            return loss
         if which == "reference":
             return ref.symile_loss_n_squared(reps, scale.reshape(()))
         if which == "triton":
             loss, _ = torch.ops.fusedlab.symile_n_squared_triton(reps, scale)
-            return loss
-        if which == "cuda":
-            from fusedlab.ops.symile_gemm import TILE_ELEMS
-
-            loss, _ = torch.ops.fusedlab.symile_n_squared_gemm(reps, scale, TILE_ELEMS)
             return loss
         loss, _ = torch.ops.fusedlab.symile_n_squared(reps, scale, 0)
         return loss
