@@ -125,13 +125,17 @@ def test_not_differentiable_says_so(gen):
         fusedlab.ops.newton_schulz(G, dtype=torch.float32).sum().backward()
 
 
-@pytest.mark.parametrize("shape, plain", [((1024, 1024), True), ((1, 4096, 16384), True), ((4096, 4096), False),
-                                          ((64, 768, 768), False), ((2, 1024, 1024), False)])
-def test_auto_rule_for_cuda_batches(shape, plain):
-    """Which CUDA batches "auto" leaves to plain torch products (decided from the shape alone)."""
-    from fusedlab.ops.newton_schulz import _plain_products_faster
+@pytest.mark.parametrize("shape, both, triton_only", [
+    ((1024, 1024), "cuda", "reference"), ((1, 4096, 16384), "cuda", "reference"), ((4096, 4096), "triton", "triton"),
+    ((64, 768, 768), "cuda", "triton"), ((2, 1024, 1024), "cuda", "triton"), ((3000, 2048), "triton", "triton")])
+def test_auto_rule_for_cuda_batches(shape, both, triton_only):
+    """What "auto" runs for a CUDA batch (decided from the shape and the kernels loaded)."""
+    from fusedlab.ops.newton_schulz import auto_cuda_choice
 
-    assert _plain_products_faster(torch.empty(shape, device="meta")) is plain
+    assert auto_cuda_choice(shape, ["cuda", "triton"]) == both
+    assert auto_cuda_choice(shape, ["triton"]) == triton_only
+    assert auto_cuda_choice(shape, []) == "reference"
+    assert auto_cuda_choice(shape, ["cuda"]) == "cuda"
 
 
 def test_bench_rows_take_the_cuda_backend_on_gpus(monkeypatch):

@@ -11,10 +11,10 @@ BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
 
 # For CUDA tensors, "auto" takes the GPU backend measured faster for each op family on an H100/H200
 # (bench/results/gpu/): resample's CUDA kernel ran 1.3-4.5x faster than its Triton kernel at every benchmark
-# point on both cards. newton_schulz's CUDA kernel has not run on a GPU yet, so "auto" keeps the measured
-# Triton kernels until a GPU run compares the two; symile has only Triton kernels on GPUs so far; cat's CUDA
-# kernel covers cat_decode only and has not been timed on a GPU, so "auto" keeps Triton for the whole family.
-AUTO_GPU_PREFERENCE = {"resample": ("cuda", "triton"), "newton_schulz": ("triton",), "cat": ("triton",),
+# point on both cards. newton_schulz and symile refine this per shape in their wrappers (ops/newton_schulz.py
+# auto_cuda_choice; ops/symile.py GEMM_MIN_N/D). cat's CUDA kernel covers cat_decode only, where it ran 1.15x
+# the Triton kernel (B = 256, L = 4096, l = 16); "auto" keeps Triton for the family until both ops have one.
+AUTO_GPU_PREFERENCE = {"resample": ("cuda", "triton"), "newton_schulz": ("cuda", "triton"), "cat": ("triton",),
                        "symile": ("triton",)}
 
 # The implementations each family has so far ("reference" runs on any device).

@@ -96,10 +96,11 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients="keller", eps: f
             scaling elsewhere: no underflow either way) is clamped at eps, as torch does.
         dtype: computation and result dtype; default bfloat16 where the hardware has bf16 matrix units,
             else float32.
-        backend: "auto" (CPU tensors: "cpu"; CUDA tensors: "triton", except a lone matrix that is at most
-            1024 on its short side or 4x longer than wide, which plain torch products run faster), "cuda"
-            (CUDA tensors, when fusedlab._C_cuda is built; not yet measured, so "auto" does not pick it),
-            "triton", "cpu" or "reference". It names the kernel of the standard iteration.
+        backend: "auto" (CPU tensors: "cpu"; CUDA tensors: "triton" for a lone matrix over 1024 on its
+            short side and under 4x longer than wide, else "cuda", as measured on an H100; without
+            fusedlab._C_cuda, plain torch products for a lone small or flat matrix, else "triton"), "cuda"
+            (CUDA tensors, when fusedlab._C_cuda is built), "triton", "cpu" or "reference". It names the
+            kernel of the standard iteration.
         method: "standard" (iterate on X), "gram" (Gram Newton-Schulz: the same iterate carried on the small
             Gram matrix X X^T, in float16 when ``dtype`` is a half type, restarted from X every second step;
             torch's batched products on any device, or the plain reference with backend="reference"; fewer
@@ -141,8 +142,8 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients="keller", eps: f
         if which == "reference":
             return ref.gram_newton_schulz(G, steps, coefficients, eps, dtype, restarts)
         return _gram_newton_schulz(G, triples, scale, eps, dtype, restarts)
-    if backend == "auto" and which == "triton" and _plain_products_faster(G):
-        which = "reference"
+    if backend == "auto" and G.device.type == "cuda":
+        which = auto_cuda_choice(G.shape, [b for b in ("cuda", "triton") if b in _backend.backends()])
     if which == "reference":
         return ref.newton_schulz(G, steps, coefficients, eps, dtype)
     flat = [float(v) for t in triples for v in t]
@@ -151,14 +152,23 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients="keller", eps: f
     return torch.ops.fusedlab.newton_schulz(G, flat, float(scale), float(eps), dtype)
 
 
-def _plain_products_faster(G: torch.Tensor) -> bool:
-    """Where "auto" leaves a CUDA batch to plain torch products (cuBLAS): a lone matrix that is small or
-    strongly rectangular. Measured on an H100 (bench/results/gpu/h100/; the H200 run agrees): the Triton
-    kernels ran 0.65x torch at 1024x1024 and 0.86x at 4096x16384, but 1.22x at 4096x4096 and 7.9x on a batch
-    of 64 768x768."""
-    m, n = sorted(G.shape[-2:])
-    batch = G.numel() // (m * n) if m * n else 0
-    return batch <= 1 and (m <= 1024 or n >= 4 * m)
+def auto_cuda_choice(shape, kernels) -> str:
+    """What "auto" runs for a CUDA batch of this shape, given the GPU kernels loaded (``kernels``, a subset of
+    ("cuda", "triton")). Measured on an H100 (bench/results/gpu/h100-2/newton_schulz_gpu.json; bf16, 5 steps,
+    against torch.optim.Muon's products): the CUDA kernel (cuBLAS batched products and fused epilogues) ran
+    1.19x at 1024x1024, 1.02x at 4096x16384, 8.7x on 64 x 768x768 and 0.99x at 4096x4096; the Triton kernels
+    0.67x, 0.87x, 8.2x and 1.18x. So: Triton for a lone large square-ish matrix, the CUDA kernel elsewhere;
+    without it, plain torch products for a lone small or strongly rectangular matrix."""
+    m, n = sorted(shape[-2:])
+    batch = math.prod(shape[:-2]) if m * n else 0
+    lone, small_or_flat = batch <= 1, m <= 1024 or n >= 4 * m
+    if lone and not small_or_flat and "triton" in kernels:
+        return "triton"
+    if "cuda" in kernels:
+        return "cuda"
+    if "triton" in kernels and not (lone and small_or_flat):
+        return "triton"
+    return "reference"
 
 
 # Restart the Gram iteration from X every second step. The published default restarts once, after step 2.
