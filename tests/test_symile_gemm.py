@@ -126,5 +126,7 @@ def test_auto_takes_the_gemm_tiles_where_measured_faster(gen):
         assert len(calls) == 1
         fusedlab.ops.symile_loss([r.double() for r in small[:2]] * 3, 20.0, "n_squared")  # M = 6, float64
         assert len(calls) == 2
+        fusedlab.ops.symile_loss([r.float() for r in small], 20.0, "n_squared")  # float32: always the tiles
+        assert len(calls) == 3
     finally:
         symile_gemm.forward = real

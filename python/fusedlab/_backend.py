@@ -12,8 +12,8 @@ BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
 # For CUDA tensors, "auto" takes the GPU backend measured faster for each op family on an H100/H200
 # (bench/results/gpu/): resample's CUDA kernel ran 1.3-4.5x faster than its Triton kernel at every benchmark
 # point on both cards. newton_schulz and symile refine this per shape in their wrappers (ops/newton_schulz.py
-# auto_cuda_choice; ops/symile.py GEMM_MIN_N/D). cat's CUDA kernel covers cat_decode only, where it ran 1.15x
-# the Triton kernel (B = 256, L = 4096, l = 16); "auto" keeps Triton for the family until both ops have one.
+# auto_cuda_choice; ops/symile.py GEMM_MIN_N/D; ops/cat.py cat_decode, whose CUDA kernel ran 1.15x the
+# Triton one). cat_attention has no CUDA kernel, so the family's preference stays Triton.
 AUTO_GPU_PREFERENCE = {"resample": ("cuda", "triton"), "newton_schulz": ("cuda", "triton"), "cat": ("triton",),
                        "symile": ("triton",)}
 

@@ -366,6 +366,9 @@ def cat_decode(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, n_slots: tor
     if backend == "auto" and which == "cpu" and torch.is_grad_enabled() and \
             any(t.requires_grad for t in (q, kc, vc, k, v)):
         which = "reference"  # the C++ loop has no backward; the reference does
+    if backend == "auto" and which == "triton" and "cuda" in _backend.backends() and d in _CUDA_DECODE_DIMS \
+            and q.dtype != torch.float64:
+        which = "cuda"  # the split-K kernel: 0.066 against 0.076 ms (H100, B = 256, L = 4096, l = 16, bf16)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     if which == "triton":
         if q.dtype == torch.float64 or q.shape[-1] > 128:

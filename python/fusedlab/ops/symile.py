@@ -32,7 +32,9 @@ _FAMILY = "symile"
 STRATEGIES = ref.STRATEGIES
 #: "auto" on CUDA tensors takes the GEMM tiles (backend "cuda") from these sizes on and the Triton kernels
 #: below them: on an H100 (bf16, M = 3) the GEMM tiles ran 1.7x (N = 256), 2.5x (512) and 2.9x (1024) faster
-#: than the Triton kernels at d = 1024, and 0.6-0.9x at d = 256 (bench/results/gpu/h100-2/symile_gpu.json)
+#: than the Triton kernels at d = 1024, and 0.6-0.9x at d = 256 (bench/results/gpu/h100-2/symile_gpu.json).
+#: float32 always takes the tiles: the Triton kernels' float32 gradients erred 7-10x torch's at logits in
+#: the thousands on the H100 (tests/test_symile_triton.py, large logits)
 GEMM_MIN_N, GEMM_MIN_D = 256, 512
 
 
@@ -222,8 +224,8 @@ def symile_loss(reps: Sequence[torch.Tensor], logit_scale, negative_sampling: st
             modalities in list order. Default: drawn with torch.randperm(N) in the package's order from
             ``generator``, or from the global RNG (then seeding torch as for the package replays its draws).
         generator: "n" only: the torch.Generator the permutations are drawn from.
-        backend: "auto" (CPU tensors: "cpu"; CUDA tensors: "triton", or the GEMM tiles of "cuda" from
-            N >= 256 and d >= 512 and for what the Triton kernels do not cover: float64, M > 4), "cuda"
+        backend: "auto" (CPU tensors: "cpu"; CUDA tensors: "triton" for float16/bfloat16 below N = 256
+            or d = 512, else the GEMM tiles of "cuda"), "cuda"
             (CUDA tensors: "n_squared" as chunks of library GEMMs, any M and dtype), "triton" ("n_squared"
             with M = 2..4 in float32/float16/bfloat16), "cpu" or "reference" ("n_squared" there builds the
             N^M tensor); "n" runs as ATen ops on every backend.
@@ -267,7 +269,8 @@ def symile_loss(reps: Sequence[torch.Tensor], logit_scale, negative_sampling: st
                                  f"got M = {M} and {reps[0].dtype}; use backend='cuda' or 'reference' (or 'cpu' "
                                  "for CPU tensors)")
             which = "gemm"  # what the Triton kernels do not cover: the GEMM tiles (any M and dtype)
-        elif which == "triton" and backend == "auto" and N >= GEMM_MIN_N and reps[0].shape[1] >= GEMM_MIN_D:
+        elif which == "triton" and backend == "auto" and (
+                reps[0].dtype == torch.float32 or (N >= GEMM_MIN_N and reps[0].shape[1] >= GEMM_MIN_D)):
             which = "gemm"
         if which == "reference":
             return ref.symile_loss_n_squared(reps, scale.reshape(()))
