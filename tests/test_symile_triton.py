@@ -235,3 +235,59 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ValueError, match=r"reps\[0\] must be a CUDA tensor"):
         tk.forward(_reps(), torch.tensor(1.0))
+
+
+# ------------------------------------------------------------------------------------------------ mip
+
+
+def mip_inputs(C, d, shapes, gen, dtype=F64):
+    cand = torch.randn(C, d, generator=gen, dtype=F64)
+    queries = [torch.randn(*s, generator=gen, dtype=F64) for s in shapes]
+    return cand.to(dtype), [q.to(dtype) for q in queries]
+
+
+# query shapes: one to four queries (four are folded to three), 1-D ones broadcast over B; B, C and d
+# never multiples of the 16-wide interpreter tiles
+MIP_CASES = [[(37, 40)], [(37, 40), (37, 40)], [(5, 24), (24,), (5, 24)], [(24,), (24,)],
+             [(21, 40), (21, 40), (40,), (21, 40)]]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("shapes", MIP_CASES, ids=lambda s: "-".join("x".join(map(str, q)) for q in s))
+def test_mip_float32_matches_reference(shapes, gen):
+    cand, queries = mip_inputs(29, shapes[0][-1], shapes, gen)
+    want = ref.mip(cand, queries)
+    got = fusedlab.ops.mip(cand.float().to(DEVICE), [q.float().to(DEVICE) for q in queries], backend="triton")
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert rel(got, want) < 1e-6
+    # gradients (the reference's formulas, recomputed in the backward)
+    cand32 = cand.float().to(DEVICE).requires_grad_()
+    q32 = [q.float().to(DEVICE).requires_grad_() for q in queries]
+    g = torch.randn(want.shape, generator=gen, dtype=F64)
+    ours = torch.autograd.grad(fusedlab.ops.mip(cand32, q32, backend="triton"), [cand32, *q32], g.float().to(DEVICE))
+    c64, q64 = cand.requires_grad_(), [q.requires_grad_() for q in queries]
+    exact = torch.autograd.grad(ref.mip(c64, q64), [c64, *q64], g)
+    for a, b in zip(ours, exact):
+        assert rel(a, b) < 1e-5
+
+
+@pytest.mark.timeout(120)
+def test_mip_opcheck_auto_and_errors(gen):
+    cand, queries = mip_inputs(19, 24, [(6, 24), (24,)], gen, torch.float32)
+    cand, queries = cand.to(DEVICE).requires_grad_(), [q.to(DEVICE).requires_grad_() for q in queries]
+    torch.library.opcheck(torch.ops.fusedlab.mip_triton.default, (cand, queries))
+    if DEVICE == "cuda":  # "auto" takes the kernel on CUDA tensors, the ATen product and GEMM elsewhere
+        assert torch.equal(fusedlab.ops.mip(cand, queries), torch.ops.fusedlab.mip_triton(cand, queries))
+    with pytest.raises(ValueError, match="one dtype"):
+        fusedlab.ops.mip(cand, [q.double() for q in queries], backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_mip_half_within_twice_torch(dtype, gen):
+    cand, queries = mip_inputs(300, 192, [(200, 192), (200, 192), (192,)], gen)
+    want = ref.mip(cand, queries)
+    low = (cand.to("cuda", dtype), [q.to("cuda", dtype) for q in queries])
+    ours = fusedlab.ops.mip(*low, backend="triton")
+    assert rel(ours, want) <= 2 * rel(ref.mip(*low), want)

@@ -169,7 +169,8 @@ def test_newton_schulz_configs_cover_every_kernel_and_class(aot):
 
 
 def test_symile_configs_cover_every_kernel_and_path(aot):
-    """The forward and both backward paths of every M in bf16 and fp32, at the d = 256/1024 configuration."""
+    """The forward and both backward paths of every M in bf16 and fp32, at the d = 256/1024 configuration,
+    and the mip kernel with one and three queries."""
     _, records = aot
     names = {r["name"] for r in records if r["module"] == "symile"}
     for dtype in ("bf16", "fp32"):
@@ -177,3 +178,4 @@ def test_symile_configs_cover_every_kernel_and_path(aot):
             tag = f"{dtype} d=256 M={M}"
             assert {f"symile_fwd[{tag}]", f"symile_bwd[{tag} atomic]", f"symile_bwd[{tag} deterministic]"} <= names
             assert (f"symile_bwd_outer[{tag}]" in names) == (M > 2), tag
+        assert {f"mip[{dtype} NQ=1]", f"mip[{dtype} NQ=3]"} <= names

@@ -368,6 +368,39 @@ def _outer(reps):
     return reps[2] if len(reps) > 2 else reps[0], reps[3] if len(reps) > 3 else reps[0]
 
 
+@triton.jit
+def _mip_kernel(c_ptr, q1_ptr, q2_ptr, q3_ptr, out_ptr, B, C, D, q1_stride, q2_stride, q3_stride,
+                NQ: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[b, c] = sum_t q1[b, t] q2[b, t] q3[b, t] cand[c, t] for a (B block, C block): the query product
+    formed per BLOCK_D slice in fp32, rounded to the input dtype (as torch rounds its product) and fed to
+    one tile GEMM. A query's row stride 0 broadcasts a 1-D query over B."""
+    pid_b, pid_c = tl.program_id(0), tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok, col_ok = rows < B, cols < C
+    dd0 = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_B, BLOCK_C], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + dd0
+        d_ok = dd < D
+        qm = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(q1_ptr + rows[:, None].to(tl.int64) * q1_stride + dd[None, :], mask=qm, other=0.0)
+        in_ty = q.dtype
+        if NQ > 1:
+            q = q.to(tl.float32) * tl.load(q2_ptr + rows[:, None].to(tl.int64) * q2_stride + dd[None, :], mask=qm,
+                                           other=0.0).to(tl.float32)
+            q = q.to(in_ty)
+        if NQ > 2:
+            q = q.to(tl.float32) * tl.load(q3_ptr + rows[:, None].to(tl.int64) * q3_stride + dd[None, :], mask=qm,
+                                           other=0.0).to(tl.float32)
+            q = q.to(in_ty)
+        c = tl.load(c_ptr + cols[:, None].to(tl.int64) * D + dd[None, :], mask=col_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+        acc = tl.dot(q, tl.trans(c), acc, input_precision="ieee")
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
 # --------------------------------------------------------------------------------------------------------
 # Python API
 
@@ -478,6 +511,45 @@ OUTER_BLOCK_U = 16
 # ahead-of-time compile list
 
 
+#: (BLOCK_B, BLOCK_C, BLOCK_D, num_warps, num_stages) of the mip kernel per kind ("half", "fp32")
+MIP_CONFIGS = {"half": (128, 128, 64, 8, 3), "fp32": (64, 64, 32, 4, 2)}
+
+
+def _mip_config(dtype: torch.dtype) -> dict:
+    bb, bc, bd, warps, stages = MIP_CONFIGS["fp32" if dtype == torch.float32 else "half"]
+    if INTERPRET_CONFIG is not None:
+        bb, bc, bd = INTERPRET_CONFIG[:3]
+        warps, stages = 4, 1
+    return dict(BLOCK_B=bb, BLOCK_C=bc, BLOCK_D=bd, num_warps=warps, num_stages=stages)
+
+
+def mip(candidates: torch.Tensor, queries: list) -> torch.Tensor:
+    """[B, C] multilinear inner products (see _mip_kernel); ``queries``: 1 to 3 tensors [B, d] or [d] of the
+    candidates' dtype, at least one 2-D when B > 1 (more than 3 are multiplied together first by the caller).
+    A 1-D-only query list gives B = 1."""
+    check_device(candidates, "candidates")
+    if candidates.dtype not in DTYPES:
+        raise ValueError(f"mip (triton): candidates must be float16, bfloat16 or float32, got {candidates.dtype}")
+    if not 1 <= len(queries) <= 3:
+        raise ValueError(f"mip (triton): 1 to 3 query tensors, got {len(queries)}")
+    cand = candidates.contiguous()
+    C, D = cand.shape
+    qs = [q.contiguous() for q in queries]
+    B = max([q.shape[0] for q in qs if q.dim() == 2], default=1)
+    strides = [D if q.dim() == 2 else 0 for q in qs]
+    while len(qs) < 3:  # absent queries: the kernel never reads them (NQ)
+        qs.append(qs[0])
+        strides.append(0)
+    out = empty((B, C), cand.dtype, cand.device, POISON_BUFFERS)
+    if B == 0 or C == 0:
+        return out
+    cfg = _mip_config(cand.dtype)
+    grid = (triton.cdiv(B, cfg["BLOCK_B"]), triton.cdiv(C, cfg["BLOCK_C"]))
+    _mip_kernel[grid](cand, qs[0], qs[1], qs[2], out, B, C, D, strides[0], strides[1], strides[2],
+                      NQ=len(queries), **cfg)
+    return out
+
+
 _TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
@@ -530,6 +602,21 @@ def aot_configs(full: bool = False) -> Iterator[dict]:
                                           "BLOCK_U": "constexpr"},
                                constexprs=dict(M=M, BLOCK_U=OUTER_BLOCK_U, **tiles), attrs=_attrs(8, [9]),
                                options=dict(opts))
+    yield from _mip_aot(dtypes)
+
+
+def _mip_aot(dtypes) -> Iterator[dict]:
+    for dtype in dtypes:
+        ty = "*" + _TRITON_TYPES[dtype]
+        cfg = _mip_config(dtype)
+        tiles = {k: cfg[k] for k in ("BLOCK_B", "BLOCK_C", "BLOCK_D")}
+        for nq in (1, 3):  # the query-product code is the only difference between query counts
+            yield dict(name=f"mip[{_TRITON_TYPES[dtype]} NQ={nq}]", kernel=_mip_kernel,
+                       signature={"c_ptr": ty, "q1_ptr": ty, "q2_ptr": ty, "q3_ptr": ty, "out_ptr": ty,
+                                  **{n: "i32" for n in ("B", "C", "D", "q1_stride", "q2_stride", "q3_stride")},
+                                  "NQ": "constexpr", **{n: "constexpr" for n in tiles}},
+                       constexprs=dict(NQ=nq, **tiles), attrs=_attrs(5, [7]),
+                       options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
 
 
 def _attrs(n_ptrs: int, aligned_ints) -> dict:

@@ -36,6 +36,7 @@ STRATEGIES = ref.STRATEGIES
 #: float32 always takes the tiles: the Triton kernels' float32 gradients erred 7-10x torch's at logits in
 #: the thousands on the H100 (tests/test_symile_triton.py, large logits)
 GEMM_MIN_N, GEMM_MIN_D = 256, 512
+_TRITON_MIP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -152,6 +153,38 @@ def _backward_n_squared_gemm(ctx, grad_loss, grad_lse):
 
 torch.library.register_autograd("fusedlab::symile_n_squared_gemm", _backward_n_squared_gemm,
                                 setup_context=_setup_n_squared)
+
+
+# mip on the Triton kernel, as a custom op; its backward is the reference's (recomputed with autograd)
+@torch.library.custom_op("fusedlab::mip_triton", mutates_args=())
+def _mip_triton(candidates: torch.Tensor, queries: list[torch.Tensor]) -> torch.Tensor:
+    from fusedlab.triton_kernels import symile as tk
+
+    return tk.mip(candidates, queries)
+
+
+@_mip_triton.register_fake
+def _fake_mip_triton(candidates, queries):
+    B = max([q.shape[0] for q in queries if q.dim() == 2], default=1)
+    return candidates.new_empty((B, candidates.shape[0]))
+
+
+def _setup_mip(ctx, inputs, output):
+    candidates, queries = inputs
+    ctx.n = len(queries)
+    ctx.save_for_backward(candidates, *queries)
+
+
+def _backward_mip(ctx, grad):
+    candidates, *queries = ctx.saved_tensors
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_() for t in (candidates, *queries)]
+        out = ref.mip(inputs[0], inputs[1:])
+        grads = torch.autograd.grad(out, inputs, grad)
+    return grads[0], list(grads[1:])
+
+
+torch.library.register_autograd("fusedlab::mip_triton", _backward_mip, setup_context=_setup_mip)
 
 
 def _check_reps(reps, name: str = "reps") -> list[torch.Tensor]:
@@ -307,12 +340,16 @@ def _gather_with_grad(reps, group):
     return [torch.cat(all_gather(r, group=group)) for r in reps]
 
 
-def mip(candidates: torch.Tensor, query_reps: Sequence[torch.Tensor]) -> torch.Tensor:
+def mip(candidates: torch.Tensor, query_reps: Sequence[torch.Tensor], backend: str = "auto") -> torch.Tensor:
     """Multilinear inner products of each query tuple with every candidate, for zero-shot retrieval.
 
     ``candidates`` [C, d]; ``query_reps`` a list of [B, d] or [d] tensors (argument order as the package's
     MIPSimilarity). Returns [B, C] (B = 1 for 1-D queries): row b holds sum_t q_1[b, t] ... q_k[b, t] c[t]
     for every candidate c. The logit scale is not applied (multiply by it for logits).
+
+    ``backend``: "auto" (CUDA tensors of one float16/bfloat16/float32 dtype: "triton", one fused pass that
+    forms the query product per tile and never stores it; anything else: the ATen product and GEMM, which
+    is what "cpu", "cuda" and "reference" run), "triton" or those. Differentiable on every backend.
 
     Example:
         >>> import torch, fusedlab
@@ -338,4 +375,19 @@ def mip(candidates: torch.Tensor, query_reps: Sequence[torch.Tensor]) -> torch.T
                 raise ValueError(f"query_reps[{m}] must have B = {batch} rows like the other 2-D queries, "
                                  f"got {q.shape[0]}")
             batch = q.shape[0]
-    return ref.mip(candidates, list(query_reps))
+    queries = list(query_reps)
+    which = _backend.resolve(backend, _FAMILY, candidates.device)
+    same = all(q.dtype == candidates.dtype and q.device == candidates.device for q in queries)
+    if which == "triton" and not (same and candidates.dtype in _TRITON_MIP_DTYPES):
+        if backend != "auto":
+            raise ValueError("backend='triton' scores float16, bfloat16 or float32 candidates and queries of one "
+                             f"dtype and device, got {candidates.dtype} and {[q.dtype for q in queries]}")
+        which = "reference"
+    if which == "triton":
+        if len(queries) > 3:  # the kernel takes three queries: fold the first ones, in the reference's order
+            head = queries[0]
+            for q in queries[1:-2]:
+                head = head * q
+            queries = [head] + queries[-2:]
+        return torch.ops.fusedlab.mip_triton(candidates, queries)
+    return ref.mip(candidates, queries)
