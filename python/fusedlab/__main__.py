@@ -342,7 +342,8 @@ def _plot_symile(results, path):
     for ax, (dev, d) in zip(axes[0], panels):
         for impl in sorted({r["impl"] for r in results["rows"]}):
             pts = sorted((r["N"], r["ms"]) for r in rows if (r["device"], r["d"], r["impl"]) == (dev, d, impl))
-            color = "tab:green" if "symile" in impl else "tab:gray" if "reference" in impl else "tab:blue"
+            color = "tab:green" if "symile" in impl else "tab:gray" if "reference" in impl else \
+                "tab:orange" if "[cuda]" in impl else "tab:blue"
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=impl, color=color, linestyle="--" if "symile" in impl else "-")
         ax.set_xscale("log", base=2)

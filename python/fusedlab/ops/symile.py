@@ -171,7 +171,6 @@ def _fake_mip_triton(candidates, queries):
 
 def _setup_mip(ctx, inputs, output):
     candidates, queries = inputs
-    ctx.n = len(queries)
     ctx.save_for_backward(candidates, *queries)
 
 
@@ -258,10 +257,10 @@ def symile_loss(reps: Sequence[torch.Tensor], logit_scale, negative_sampling: st
             ``generator``, or from the global RNG (then seeding torch as for the package replays its draws).
         generator: "n" only: the torch.Generator the permutations are drawn from.
         backend: "auto" (CPU tensors: "cpu"; CUDA tensors: "triton" for float16/bfloat16 below N = 256
-            or d = 512, else the GEMM tiles of "cuda"), "cuda"
-            (CUDA tensors: "n_squared" as chunks of library GEMMs, any M and dtype), "triton" ("n_squared"
-            with M = 2..4 in float32/float16/bfloat16), "cpu" or "reference" ("n_squared" there builds the
-            N^M tensor); "n" runs as ATen ops on every backend.
+            or d = 512, else the GEMM chunks of "cuda"), "cuda" (CUDA tensors: "n_squared" as chunks of
+            library GEMMs, any M and dtype), "triton" ("n_squared" with M = 2..4 in float32/float16/
+            bfloat16), "cpu" or "reference" ("n_squared" there builds the N^M tensor); "n" runs as ATen ops
+            on every backend.
         process_group: a torch.distributed group: each rank passes its own rows, the negatives come from
             every rank's rows (all-gathered with gradient, rank order), and every rank returns the loss of
             the global batch. The backward gives each rank's rows the gradient summed over the ranks'
@@ -312,8 +311,6 @@ def symile_loss(reps: Sequence[torch.Tensor], logit_scale, negative_sampling: st
 
             loss, _ = torch.ops.fusedlab.symile_n_squared_gemm(reps, scale, TILE_ELEMS)
             return loss
-        if which == "reference":
-            return ref.symile_loss_n_squared(reps, scale.reshape(()))
         if which == "triton":
             loss, _ = torch.ops.fusedlab.symile_n_squared_triton(reps, scale)
             return loss
