@@ -65,7 +65,9 @@ def test_rotary_is_a_rotation_and_identity_at_zero(gen):
     # relative: <R(p) a, R(p + s) b> depends on s only
     a, b = x[0, 0], x[1, 0]
     dots = [(rotary(a[None], torch.tensor([p])) * rotary(b[None], torch.tensor([p + 2]))).sum() for p in (0, 3, 7)]
-    torch.testing.assert_close(torch.stack(dots), dots[0].expand(3))
+    # the angle tables are float32: the dots agree to float32 precision (float64's default tolerance fails
+    # on some draws)
+    torch.testing.assert_close(torch.stack(dots), dots[0].expand(3), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kw, pattern", [(dict(n_heads=3, n_kv_heads=2), "multiple of n_kv_heads"),

@@ -130,9 +130,10 @@ def _check_prologue(sim, tmp_path, gen, src_dtype, dtype, shapes):
             inv = torch.tensor(1.0 / (eps if d < eps else d), dtype=torch.float64).to(acc)
             want[m] = (G[m].to(acc) * inv).to(dtype)
         assert torch.equal(_bits(got), _bits(want)), (i, cases[i], (got.double() - want.double()).abs().max())
-        # and within a rounding or two of the C++ CPU op's normalization (its own summation order)
+        # and within a rounding or two of the C++ CPU op's normalization (its own summation order; in float64
+        # the two norms' summation orders alone differ by a few units in the last place)
         cpu = torch.ops.fusedlab.newton_schulz(G, [], norm_scale, eps, dtype)
-        torch.testing.assert_close(got, cpu, rtol=2 * ULP[dtype], atol=0)
+        torch.testing.assert_close(got, cpu, rtol=(8 if dtype == torch.float64 else 2) * ULP[dtype], atol=0)
 
 
 @pytest.mark.timeout(300)

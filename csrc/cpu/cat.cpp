@@ -38,32 +38,32 @@ struct Shapes {
 
 Shapes check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kc,
              const at::Tensor& vc, const c10::optional<at::Tensor>& qc, int64_t l, const char* op) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && kc.dim() == 4 && vc.dim() == 4,
-              "fusedlab.", op, ": q, k, v, kc, vc must be 4-D [B, heads, length, head_dim]");
-  TORCH_CHECK(l >= 1, "fusedlab.", op, ": chunk_size must be >= 1, got ", l);
+  FL_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && kc.dim() == 4 && vc.dim() == 4,
+           "fusedlab.", op, ": q, k, v, kc, vc must be 4-D [B, heads, length, head_dim]");
+  FL_CHECK(l >= 1, "fusedlab.", op, ": chunk_size must be >= 1, got ", l);
   const auto dt = q.scalar_type();
   for (const at::Tensor* t : {&k, &v, &kc, &vc})
-    TORCH_CHECK(t->scalar_type() == dt && t->device() == q.device(), "fusedlab.", op,
-                ": k, v, kc, vc must have q's dtype and device");
-  TORCH_CHECK(at::isFloatingType(dt), "fusedlab.", op, ": q must be floating point, got ", dt);
+    FL_CHECK(t->scalar_type() == dt && t->device() == q.device(), "fusedlab.", op,
+             ": k, v, kc, vc must have q's dtype and device");
+  FL_CHECK(at::isFloatingType(dt), "fusedlab.", op, ": q must be floating point, got ", dt);
   Shapes s;
   s.B = q.size(0); s.H = q.size(1); s.L = q.size(2); s.d = q.size(3);
   s.Hkv = k.size(1); s.Nc = kc.size(2); s.l = l;
-  TORCH_CHECK(s.Hkv >= 1 && s.H % s.Hkv == 0, "fusedlab.", op, ": q's heads (", s.H,
-              ") must be a multiple of k's (", s.Hkv, ")");
+  FL_CHECK(s.Hkv >= 1 && s.H % s.Hkv == 0, "fusedlab.", op, ": q's heads (", s.H,
+           ") must be a multiple of k's (", s.Hkv, ")");
   s.G = s.H / s.Hkv;
-  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == s.B && k.size(2) == s.L && k.size(3) == s.d, "fusedlab.", op,
-              ": k and v must be [B, Hkv, L, d] matching q");
-  TORCH_CHECK(kc.sizes() == vc.sizes() && kc.size(0) == s.B && kc.size(1) == s.Hkv && kc.size(3) == s.d,
-              "fusedlab.", op, ": kc and vc must be [B, Hkv, Nc, d] matching k");
-  TORCH_CHECK(s.Nc >= (s.L + l - 1) / l, "fusedlab.", op, ": kc needs Nc >= ceil(L / chunk_size) = ",
-              (s.L + l - 1) / l, " slots, got ", s.Nc);
+  FL_CHECK(k.sizes() == v.sizes() && k.size(0) == s.B && k.size(2) == s.L && k.size(3) == s.d, "fusedlab.", op,
+           ": k and v must be [B, Hkv, L, d] matching q");
+  FL_CHECK(kc.sizes() == vc.sizes() && kc.size(0) == s.B && kc.size(1) == s.Hkv && kc.size(3) == s.d,
+           "fusedlab.", op, ": kc and vc must be [B, Hkv, Nc, d] matching k");
+  FL_CHECK(s.Nc >= (s.L + l - 1) / l, "fusedlab.", op, ": kc needs Nc >= ceil(L / chunk_size) = ",
+           (s.L + l - 1) / l, " slots, got ", s.Nc);
   if (qc.has_value()) {
-    TORCH_CHECK(qc->scalar_type() == dt && qc->device() == q.device(), "fusedlab.", op,
-                ": qc must have q's dtype and device");
-    TORCH_CHECK(qc->dim() == 4 && qc->size(0) == s.B && qc->size(1) == s.H && qc->size(2) == s.Nc &&
+    FL_CHECK(qc->scalar_type() == dt && qc->device() == q.device(), "fusedlab.", op,
+             ": qc must have q's dtype and device");
+    FL_CHECK(qc->dim() == 4 && qc->size(0) == s.B && qc->size(1) == s.H && qc->size(2) == s.Nc &&
                     qc->size(3) == s.d,
-                "fusedlab.", op, ": qc must be [B, H, Nc, d]");
+             "fusedlab.", op, ": qc must be [B, H, Nc, d]");
   }
   s.rows_per_block = std::max<int64_t>(1, kBlockRows / l) * l;
   s.compute = dt == at::kDouble ? at::kDouble : at::kFloat;
@@ -171,8 +171,8 @@ std::vector<at::Tensor> cat_attention_backward_cpu(
     const at::Tensor& o_in, const at::Tensor& lse_in, const at::Tensor& oc_in, const at::Tensor& lse_c_in,
     int64_t chunk_size, double scale) {
   const Shapes s = check(q_in, k_in, v_in, kc_in, vc_in, qc_in, chunk_size, "cat_attention_backward");
-  TORCH_CHECK(qc_in.has_value() == doc_in.has_value(), "fusedlab.cat_attention_backward: doc must be given "
-              "exactly when qc is");
+  FL_CHECK(qc_in.has_value() == doc_in.has_value(), "fusedlab.cat_attention_backward: doc must be given "
+           "exactly when qc is");
   auto prep = [&](const at::Tensor& t) { return t.to(s.compute).contiguous(); };
   auto q = prep(q_in), k = prep(k_in), v = prep(v_in), kc = prep(kc_in), vc = prep(vc_in);
   auto qg = grouped(q, s), dog = grouped(prep(do_in), s);
@@ -243,10 +243,10 @@ at::Tensor cat_decode_cpu(const at::Tensor& q_in, const at::Tensor& kc_in, const
   const int64_t* ns = ns_t.data_ptr<int64_t>();
   const int64_t* nr = nr_t.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(ns[b] >= 0 && ns[b] <= S, "fusedlab.cat_decode: n_slots must lie in [0, ", S, "], got n_slots[", b,
-                "] = ", ns[b]);
-    TORCH_CHECK(nr[b] >= 0 && nr[b] <= R, "fusedlab.cat_decode: n_raw must lie in [0, ", R, "], got n_raw[", b,
-                "] = ", nr[b]);
+    FL_CHECK(ns[b] >= 0 && ns[b] <= S, "fusedlab.cat_decode: n_slots must lie in [0, ", S, "], got n_slots[", b,
+             "] = ", ns[b]);
+    FL_CHECK(nr[b] >= 0 && nr[b] <= R, "fusedlab.cat_decode: n_raw must lie in [0, ", R, "], got n_raw[", b,
+             "] = ", nr[b]);
   }
   auto out = at::empty_like(q);
   if (out.numel() == 0) return out;

@@ -125,20 +125,20 @@ void muon_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList b
                    at::ArrayRef<double> coefficients, double norm_scale, double eps, at::ScalarType dtype, double lr,
                    double weight_decay, double step_lr) {
   check_ns_args(coefficients, norm_scale, eps, dtype, "muon_step_");
-  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat,
-              "fusedlab.muon_step_: dtype must be bfloat16, float16 or float32, got ", dtype);
+  FL_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat,
+           "fusedlab.muon_step_: dtype must be bfloat16, float16 or float32, got ", dtype);
   const int64_t count = static_cast<int64_t>(params.size());
-  TORCH_CHECK(count >= 1 && grads.size() == params.size() && bufs.size() == params.size(),
-              "fusedlab.muon_step_: params, grads and bufs must be lists of one length >= 1, got ", params.size(), ", ",
-              grads.size(), " and ", bufs.size());
+  FL_CHECK(count >= 1 && grads.size() == params.size() && bufs.size() == params.size(),
+           "fusedlab.muon_step_: params, grads and bufs must be lists of one length >= 1, got ", params.size(), ", ",
+           grads.size(), " and ", bufs.size());
   const at::Tensor& p0 = params[0];
-  TORCH_CHECK(p0.dim() >= 2, "fusedlab.muon_step_: params must have at least 2 dims, got shape ", p0.sizes());
+  FL_CHECK(p0.dim() >= 2, "fusedlab.muon_step_: params must have at least 2 dims, got shape ", p0.sizes());
   for (int64_t i = 0; i < count; ++i)
     for (const at::Tensor* t : {&params[i], &grads[i], &bufs[i]}) {
-      TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu() && t->is_contiguous() &&
+      FL_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu() && t->is_contiguous() &&
                       t->sizes() == p0.sizes(),
-                  "fusedlab.muon_step_: params, grads and bufs must be contiguous float32 CPU tensors of one shape ",
-                  p0.sizes(), ", got ", t->scalar_type(), " ", t->sizes(), t->is_contiguous() ? "" : " (strided)");
+               "fusedlab.muon_step_: params, grads and bufs must be contiguous float32 CPU tensors of one shape ",
+               p0.sizes(), ", got ", t->scalar_type(), " ", t->sizes(), t->is_contiguous() ? "" : " (strided)");
     }
   MuonBatch s;
   s.count = count;

@@ -170,7 +170,7 @@ void check_ancestor_range(const at::Tensor& anc) {
   const int64_t* a = anc.data_ptr<int64_t>();
   const int64_t n = anc.numel();
   for (int64_t i = 0; i < n; ++i)
-    TORCH_CHECK(a[i] >= 0 && a[i] < K, "fusedlab.gather: ancestors must lie in [0, ", K, "), found ", a[i],
+    FL_CHECK(a[i] >= 0 && a[i] < K, "fusedlab.gather: ancestors must lie in [0, ", K, "), found ", a[i],
                 " at flat index ", i);
 }
 
@@ -242,7 +242,7 @@ at::Tensor gather_cpu(const at::Tensor& state, const at::Tensor& ancestors) {
 // memory is one group's state, not the whole tensor.
 void gather_inplace_cpu(at::Tensor& state, const at::Tensor& ancestors) {
   check_gather_args(state, ancestors, "gather_");
-  TORCH_CHECK(state.is_contiguous(), "fusedlab.gather_: state must be contiguous for the in-place form");
+  FL_CHECK(state.is_contiguous(), "fusedlab.gather_: state must be contiguous for the in-place form");
   const at::Tensor anc = ancestors.contiguous();
   check_ancestor_range(anc);
   const int64_t B = anc.size(0), K = anc.size(1);
@@ -269,7 +269,7 @@ int32_t parse_potential(c10::string_view name) {
   if (name == "diff") return kDiff;
   if (name == "max") return kMax;
   if (name == "add") return kAdd;
-  TORCH_CHECK(name == "rt", "fusedlab.fk_step: potential must be one of diff, max, add, rt, got ", std::string(name));
+  FL_CHECK(name == "rt", "fusedlab.fk_step: potential must be one of diff, max, add, rt, got ", std::string(name));
   return kRt;
 }
 
@@ -279,23 +279,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fk_step_c
     c10::string_view potential, double lam, bool first, bool last, c10::string_view method, double ess_threshold,
     bool raise_degenerate) {
   const int32_t pot = parse_potential(potential);
-  TORCH_CHECK(log_weights.dim() == 2 && log_weights.scalar_type() == at::kDouble && log_weights.is_contiguous(),
-              "fusedlab.fk_step: log_weights must be contiguous [B, K] float64");
+  FL_CHECK(log_weights.dim() == 2 && log_weights.scalar_type() == at::kDouble && log_weights.is_contiguous(),
+           "fusedlab.fk_step: log_weights must be contiguous [B, K] float64");
   const int64_t B = log_weights.size(0), K = log_weights.size(1), n = B * K;
   for (const at::Tensor* t : {&r_state, &applied})
-    TORCH_CHECK(t->dim() == 1 && t->numel() == n && t->scalar_type() == at::kDouble && t->is_contiguous(),
-                "fusedlab.fk_step: r_state and applied must be contiguous float64 of B * K = ", n, " elements");
+    FL_CHECK(t->dim() == 1 && t->numel() == n && t->scalar_type() == at::kDouble && t->is_contiguous(),
+             "fusedlab.fk_step: r_state and applied must be contiguous float64 of B * K = ", n, " elements");
   // rewards come as the reward function returns them (float32 or float64): read in double here rather than
   // converted by a separate op
-  TORCH_CHECK(rewards.dim() == 1 && rewards.numel() == n &&
+  FL_CHECK(rewards.dim() == 1 && rewards.numel() == n &&
                   (rewards.scalar_type() == at::kDouble || rewards.scalar_type() == at::kFloat),
-              "fusedlab.fk_step: rewards must be float32 or float64 of B * K = ", n, " elements");
-  TORCH_CHECK(log_norm.dim() == 1 && log_norm.numel() == B && log_norm.scalar_type() == at::kDouble &&
+           "fusedlab.fk_step: rewards must be float32 or float64 of B * K = ", n, " elements");
+  FL_CHECK(log_norm.dim() == 1 && log_norm.numel() == B && log_norm.scalar_type() == at::kDouble &&
                   log_norm.is_contiguous(),
-              "fusedlab.fk_step: log_norm must be contiguous float64 of B = ", B, " elements");
+           "fusedlab.fk_step: log_norm must be contiguous float64 of B = ", B, " elements");
   // the latents come in the FK layout [B*K, ...] and are viewed per group here
-  TORCH_CHECK(state.dim() >= 1 && state.size(0) == n, "fusedlab.fk_step: state must have B * K = ", n,
-              " rows, got shape ", state.sizes());
+  FL_CHECK(state.dim() >= 1 && state.size(0) == n, "fusedlab.fk_step: state must have B * K = ", n,
+           " rows, got shape ", state.sizes());
   const at::Tensor r_in = rewards.contiguous();
   const bool r_double = r_in.scalar_type() == at::kDouble;
   const double* r64 = r_double ? r_in.data_ptr<double>() : nullptr;
@@ -346,8 +346,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fk_step_c
       std::string groups;
       for (size_t k = 0; k < std::min<size_t>(dead.size(), 10); ++k) groups += (k ? ", " : "") + std::to_string(dead[k]);
       if (dead.size() > 10) groups += ", ...";
-      TORCH_CHECK_VALUE(false, "log_weights: group(s) ", groups, " have no finite log-weight (all -inf or NaN, "
-                        "or +inf); pass on_degenerate='uniform' to resample them uniformly instead");
+      FL_CHECK_VALUE(false, "log_weights: group(s) ", groups, " have no finite log-weight (all -inf or NaN, "
+                     "or +inf); pass on_degenerate='uniform' to resample them uniformly instead");
     }
   }
   // the run's log-normalizer and "was this group resampled" for the trace

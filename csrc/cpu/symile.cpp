@@ -23,6 +23,8 @@
 #include <tuple>
 #include <vector>
 
+#include "fusedlab/message.h"
+
 namespace fusedlab {
 namespace {
 
@@ -37,26 +39,26 @@ struct Prepared {
 };
 
 Prepared prepare(at::TensorList reps, const at::Tensor& logit_scale, int64_t chunk, const char* op) {
-  TORCH_CHECK(reps.size() >= 2, "fusedlab.", op, ": reps must hold at least 2 modalities, got ", reps.size());
+  FL_CHECK(reps.size() >= 2, "fusedlab.", op, ": reps must hold at least 2 modalities, got ", reps.size());
   const at::Tensor& r0 = reps[0];
   for (size_t m = 0; m < reps.size(); ++m) {
     const at::Tensor& r = reps[m];
-    TORCH_CHECK(r.dim() == 2, "fusedlab.", op, ": reps[", m, "] must be 2-D [N, d], got shape ", r.sizes());
-    TORCH_CHECK(at::isFloatingType(r.scalar_type()), "fusedlab.", op, ": reps[", m,
-                "] must be floating point, got ", r.scalar_type());
-    TORCH_CHECK(r.scalar_type() == r0.scalar_type(), "fusedlab.", op, ": reps[", m, "] must have dtype ",
-                r0.scalar_type(), " like reps[0], got ", r.scalar_type());
-    TORCH_CHECK(r.device() == r0.device(), "fusedlab.", op, ": reps[", m, "] must be on ", r0.device(),
-                " like reps[0], got ", r.device());
-    TORCH_CHECK(r.sizes() == r0.sizes(), "fusedlab.", op, ": reps[", m, "] must have shape [N, d] = ", r0.sizes(),
-                " like reps[0], got ", r.sizes());
+    FL_CHECK(r.dim() == 2, "fusedlab.", op, ": reps[", m, "] must be 2-D [N, d], got shape ", r.sizes());
+    FL_CHECK(at::isFloatingType(r.scalar_type()), "fusedlab.", op, ": reps[", m,
+             "] must be floating point, got ", r.scalar_type());
+    FL_CHECK(r.scalar_type() == r0.scalar_type(), "fusedlab.", op, ": reps[", m, "] must have dtype ",
+             r0.scalar_type(), " like reps[0], got ", r.scalar_type());
+    FL_CHECK(r.device() == r0.device(), "fusedlab.", op, ": reps[", m, "] must be on ", r0.device(),
+             " like reps[0], got ", r.device());
+    FL_CHECK(r.sizes() == r0.sizes(), "fusedlab.", op, ": reps[", m, "] must have shape [N, d] = ", r0.sizes(),
+             " like reps[0], got ", r.sizes());
   }
-  TORCH_CHECK(r0.size(0) >= 1, "fusedlab.", op, ": reps must have N >= 1 rows, got shape ", r0.sizes());
-  TORCH_CHECK(logit_scale.numel() == 1, "fusedlab.", op, ": logit_scale must be a scalar (one element), got shape ",
-              logit_scale.sizes());
-  TORCH_CHECK(at::isFloatingType(logit_scale.scalar_type()), "fusedlab.", op,
-              ": logit_scale must be floating point, got ", logit_scale.scalar_type());
-  TORCH_CHECK(chunk >= 0, "fusedlab.", op, ": chunk must be >= 0 (0 picks the tile size), got ", chunk);
+  FL_CHECK(r0.size(0) >= 1, "fusedlab.", op, ": reps must have N >= 1 rows, got shape ", r0.sizes());
+  FL_CHECK(logit_scale.numel() == 1, "fusedlab.", op, ": logit_scale must be a scalar (one element), got shape ",
+           logit_scale.sizes());
+  FL_CHECK(at::isFloatingType(logit_scale.scalar_type()), "fusedlab.", op,
+           ": logit_scale must be floating point, got ", logit_scale.scalar_type());
+  FL_CHECK(chunk >= 0, "fusedlab.", op, ": chunk must be >= 0 (0 picks the tile size), got ", chunk);
 
   Prepared p;
   p.M = static_cast<int64_t>(reps.size());
@@ -67,8 +69,8 @@ Prepared prepare(at::TensorList reps, const at::Tensor& logit_scale, int64_t chu
   p.s = logit_scale.to(r0.device(), acc).reshape({});
   p.tuples = 1;
   for (int64_t m = 2; m < p.M; ++m) {
-    TORCH_CHECK(p.tuples <= std::numeric_limits<int64_t>::max() / p.N, "fusedlab.", op,
-                ": N^(M-2) overflows int64 for N = ", p.N, ", M = ", p.M);
+    FL_CHECK(p.tuples <= std::numeric_limits<int64_t>::max() / p.N, "fusedlab.", op,
+             ": N^(M-2) overflows int64 for N = ", p.N, ", M = ", p.M);
     p.tuples *= p.N;
   }
   const int64_t auto_chunk = std::max<int64_t>(1, kTileElements / (p.N * std::max<int64_t>({p.N, p.d, 1})));
@@ -171,10 +173,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> symile_n_squared_backward_cpu(co
   const Prepared p = prepare(reps, logit_scale, chunk, "symile_n_squared_backward");
   const int64_t M = p.M, N = p.N, d = p.d;
   const auto opts = p.r[0].options();
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == M && lse.size(1) == N,
-              "fusedlab.symile_n_squared_backward: lse must have shape [M, N] = [", M, ", ", N, "], got ", lse.sizes());
-  TORCH_CHECK(grad.numel() == 1, "fusedlab.symile_n_squared_backward: grad must be a scalar, got shape ",
-              grad.sizes());
+  FL_CHECK(lse.dim() == 2 && lse.size(0) == M && lse.size(1) == N,
+           "fusedlab.symile_n_squared_backward: lse must have shape [M, N] = [", M, ", ", N, "], got ", lse.sizes());
+  FL_CHECK(grad.numel() == 1, "fusedlab.symile_n_squared_backward: grad must be a scalar, got shape ",
+           grad.sizes());
   const at::Tensor L = lse.to(opts.dtype()).contiguous();
   const at::Tensor l0 = L.select(0, 0).view({1, N, 1}), l1 = L.select(0, 1).view({1, 1, N});
   const at::Tensor r1s_t = p.r[1].mul(p.s).t();

@@ -38,8 +38,8 @@ void launch(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, con
             const at::Tensor& k, const at::Tensor& v, const at::Tensor& nr, at::Tensor& out, double scale) {
   const int64_t B = q.size(0), H = q.size(1), Hkv = kc.size(1), S = kc.size(2), R = k.size(2);
   const fcd::DecodePlan plan = fcd::plan_decode(B, H, Hkv, S, R, sm_count(q.device().index()));
-  TORCH_CHECK(plan.blocks < (int64_t(1) << 31), "fusedlab.cat_decode: ", fmt_int(plan.blocks),
-              " blocks exceed the CUDA grid limit (B * Hkv = ", fmt_int(B * Hkv), " too large)");
+  FL_CHECK(plan.blocks < (int64_t(1) << 31), "fusedlab.cat_decode: ", plan.blocks,
+           " blocks exceed the CUDA grid limit (B * Hkv = ", B * Hkv, " too large)");
   at::Tensor part_acc, part_ml;  // freed stream-ordered by the caching allocator
   if (plan.splits > 1) {
     part_acc = at::empty({B, H, plan.splits, D}, q.options().dtype(at::kFloat));

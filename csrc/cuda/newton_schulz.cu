@@ -66,8 +66,8 @@ at::Tensor newton_schulz_cuda(const at::Tensor& G, at::ArrayRef<double> coeffici
     }
   }
   const int64_t batch = src.size(0);
-  TORCH_CHECK(batch <= nc::kMaxGrid, "fusedlab.newton_schulz: the CUDA kernel takes at most 2^31 - 1 matrices, got ",
-              fmt_int(batch));
+  FL_CHECK(batch <= nc::kMaxGrid, "fusedlab.newton_schulz: the CUDA kernel takes at most 2^31 - 1 matrices, got ",
+           batch);
   const int64_t steps = static_cast<int64_t>(coefficients.size() / 3);
   const bool tall = m > n;  // iterate on the wide orientation: the Gram matrix is min(m, n) square
   // The prologue writes the wide orientation when there are steps, else G's own layout (the result).

@@ -29,8 +29,8 @@ using namespace fusedlab::resample;
 namespace rc = fusedlab::resample::cuda;
 
 void check_group_size(int64_t K, const char* op) {
-  TORCH_CHECK(K <= rc::kMaxK, "fusedlab.", op, ": the CUDA kernels take at most 2^30 particles per group, got K = ",
-              fmt_int(K));
+  FL_CHECK(K <= rc::kMaxK, "fusedlab.", op, ": the CUDA kernels take at most 2^30 particles per group, got K = ",
+           K);
 }
 
 
@@ -119,7 +119,7 @@ at::Tensor gather_cuda(const at::Tensor& state, const at::Tensor& ancestors) {
 // gathered into a temporary and copied back, since rows may be both read and overwritten.
 void gather_inplace_cuda(at::Tensor& state, const at::Tensor& ancestors) {
   check_gather_args(state, ancestors, "gather_");
-  TORCH_CHECK(state.is_contiguous(), "fusedlab.gather_: state must be contiguous for the in-place form");
+  FL_CHECK(state.is_contiguous(), "fusedlab.gather_: state must be contiguous for the in-place form");
   check_group_size(ancestors.size(1), "gather_");
   const c10::cuda::CUDAGuard guard(state.device());
   const at::Tensor anc = ancestors.contiguous();

@@ -8,56 +8,39 @@
 #include <ATen/ops/empty_like.h>
 
 #include <cmath>
-#include <cstdio>
 #include <cstdint>
 #include <string>
 #include <tuple>
 #include <utility>
 
+#include "fusedlab/message.h"
 #include "fusedlab/resample.h"
 
 namespace fusedlab {
 
-// Numbers and shapes go into messages as std::strings made without std::ostream's number formatting: on an
-// H100 machine, an extension built there crashed (SIGSEGV) formatting an integer into a TORCH_CHECK message
-// while strings, dtypes and devices (whose index c10 formats with std::to_string) came through.
-inline std::string fmt_int(int64_t v) { return std::to_string(v); }
-inline std::string fmt_real(double v) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%g", v);
-  return buf;
-}
-inline std::string fmt_shape(at::IntArrayRef s) {
-  std::string out = "[";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + "]";
-}
-
 inline int32_t parse_resample_method(const std::string& method) {
   for (int32_t i = 0; i < 4; ++i)
     if (method == resample::kMethodNames[i]) return i;
-  TORCH_CHECK(false, "fusedlab.resample: method must be one of '", resample::kMethodNames[0], "', '",
-              resample::kMethodNames[1], "', '", resample::kMethodNames[2], "', '", resample::kMethodNames[3],
-              "', got '", method, "'");
+  FL_CHECK(false, "fusedlab.resample: method must be one of '", resample::kMethodNames[0], "', '",
+           resample::kMethodNames[1], "', '", resample::kMethodNames[2], "', '", resample::kMethodNames[3],
+           "', got '", method, "'");
 }
 
 inline void check_resample_args(const at::Tensor& lw, const at::Tensor& u, int32_t method,
                                 double ess_threshold) {
-  TORCH_CHECK(lw.dim() == 2, "fusedlab.resample: log_weights must be 2-D [B, K], got shape ",
-              fmt_shape(lw.sizes()));
-  TORCH_CHECK(lw.size(1) > 0, "fusedlab.resample: log_weights must have K >= 1 particles, got shape ",
-              fmt_shape(lw.sizes()));
-  TORCH_CHECK(lw.scalar_type() == at::kFloat || lw.scalar_type() == at::kDouble,
-              "fusedlab.resample: log_weights must be float32 or float64, got ", lw.scalar_type());
-  TORCH_CHECK(u.scalar_type() == at::kDouble, "fusedlab.resample: uniforms must be float64, got ",
-              u.scalar_type());
+  FL_CHECK(lw.dim() == 2, "fusedlab.resample: log_weights must be 2-D [B, K], got shape ", lw.sizes());
+  FL_CHECK(lw.size(1) > 0, "fusedlab.resample: log_weights must have K >= 1 particles, got shape ", lw.sizes());
+  FL_CHECK(lw.scalar_type() == at::kFloat || lw.scalar_type() == at::kDouble,
+           "fusedlab.resample: log_weights must be float32 or float64, got ", lw.scalar_type());
+  FL_CHECK(u.scalar_type() == at::kDouble, "fusedlab.resample: uniforms must be float64, got ",
+           u.scalar_type());
   const int64_t need = method == resample::kSystematic ? 1 : lw.size(1);
-  TORCH_CHECK(u.dim() == 2 && u.size(0) == lw.size(0) && u.size(1) == need,
-              "fusedlab.resample: uniforms must have shape [", fmt_int(lw.size(0)), ", ", fmt_int(need),
-              "] for method '", resample::kMethodNames[method], "', got ", fmt_shape(u.sizes()));
-  TORCH_CHECK(u.device() == lw.device(), "fusedlab.resample: uniforms must be on ", lw.device(),
-              " like log_weights, got ", u.device());
-  TORCH_CHECK(ess_threshold >= 0.0, "fusedlab.resample: ess_threshold must be >= 0, got ", fmt_real(ess_threshold));
+  FL_CHECK(u.dim() == 2 && u.size(0) == lw.size(0) && u.size(1) == need,
+           "fusedlab.resample: uniforms must have shape [", lw.size(0), ", ", need, "] for method '",
+           resample::kMethodNames[method], "', got ", u.sizes());
+  FL_CHECK(u.device() == lw.device(), "fusedlab.resample: uniforms must be on ", lw.device(), " like log_weights, got ",
+           u.device());
+  FL_CHECK(ess_threshold >= 0.0, "fusedlab.resample: ess_threshold must be >= 0, got ", ess_threshold);
 }
 
 // `anc` is the ancestors argument (gather) or the ancestors the op will compute (resample_gather, whose
@@ -65,33 +48,32 @@ inline void check_resample_args(const at::Tensor& lw, const at::Tensor& u, int32
 inline void check_gather_args(const at::Tensor& state, const at::Tensor& anc, const char* op = "gather") {
   const bool fused = std::string(op) != "gather" && std::string(op) != "gather_";
   const char* like = fused ? "log_weights" : "ancestors";
-  TORCH_CHECK(anc.dim() == 2, "fusedlab.", op, ": ancestors must be 2-D [B, K], got shape ",
-              fmt_shape(anc.sizes()));
-  TORCH_CHECK(anc.scalar_type() == at::kLong, "fusedlab.", op, ": ancestors must be int64, got ", anc.scalar_type());
-  TORCH_CHECK(state.dim() >= 2 && state.size(0) == anc.size(0) && state.size(1) == anc.size(1),
-              "fusedlab.", op, ": state must have shape [B, K, ...] = [", fmt_int(anc.size(0)), ", ",
-              fmt_int(anc.size(1)), ", ...] like ", like, ", got ", fmt_shape(state.sizes()));
-  TORCH_CHECK(state.device() == anc.device(), "fusedlab.", op, ": state must be on ", anc.device(), " like ", like,
-              ", got ", state.device());
+  FL_CHECK(anc.dim() == 2, "fusedlab.", op, ": ancestors must be 2-D [B, K], got shape ", anc.sizes());
+  FL_CHECK(anc.scalar_type() == at::kLong, "fusedlab.", op, ": ancestors must be int64, got ", anc.scalar_type());
+  FL_CHECK(state.dim() >= 2 && state.size(0) == anc.size(0) && state.size(1) == anc.size(1),
+           "fusedlab.", op, ": state must have shape [B, K, ...] = [", anc.size(0), ", ", anc.size(1),
+           ", ...] like ", like, ", got ", state.sizes());
+  FL_CHECK(state.device() == anc.device(), "fusedlab.", op, ": state must be on ", anc.device(), " like ", like,
+           ", got ", state.device());
 }
 
 // newton_schulz and muon_step_: the iteration's arguments; `op` names the op in the messages.
 inline void check_ns_args(at::ArrayRef<double> coefficients, double norm_scale, double eps, at::ScalarType dtype,
                           const char* op) {
-  TORCH_CHECK(coefficients.size() % 3 == 0, "fusedlab.", op, ": coefficients must hold (a, b, c) per step, got ",
-              fmt_int(static_cast<int64_t>(coefficients.size())), " values");
-  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat || dtype == at::kDouble, "fusedlab.",
-              op, ": dtype must be bfloat16, float16, float32 or float64, got ", dtype);
-  TORCH_CHECK(eps >= 0.0 && norm_scale > 0.0, "fusedlab.", op, ": need eps >= 0 and norm_scale > 0, got ",
-              fmt_real(eps), " and ", fmt_real(norm_scale));
+  FL_CHECK(coefficients.size() % 3 == 0, "fusedlab.", op, ": coefficients must hold (a, b, c) per step, got ",
+           coefficients.size(), " values");
+  FL_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat || dtype == at::kDouble, "fusedlab.",
+           op, ": dtype must be bfloat16, float16, float32 or float64, got ", dtype);
+  FL_CHECK(eps >= 0.0 && norm_scale > 0.0, "fusedlab.", op, ": need eps >= 0 and norm_scale > 0, got ", eps, " and ",
+           norm_scale);
 }
 
 // newton_schulz's G, on every device.
 inline void check_ns_input(const at::Tensor& G) {
-  TORCH_CHECK(G.dim() >= 2, "fusedlab.newton_schulz: G must be [..., m, n] with at least 2 dims, got shape ",
-              fmt_shape(G.sizes()));
-  TORCH_CHECK(at::isFloatingType(G.scalar_type()), "fusedlab.newton_schulz: G must be floating point, got ",
-              G.scalar_type());
+  FL_CHECK(G.dim() >= 2, "fusedlab.newton_schulz: G must be [..., m, n] with at least 2 dims, got shape ",
+           G.sizes());
+  FL_CHECK(at::isFloatingType(G.scalar_type()), "fusedlab.newton_schulz: G must be floating point, got ",
+           G.scalar_type());
 }
 
 // Bytes per particle of a state [B, K, ...] (0 when empty).
@@ -145,49 +127,46 @@ inline void check_cat_decode_args(const at::Tensor& q, const at::Tensor& kc, con
                                   const at::Tensor& n_slots, const at::Tensor& k, const at::Tensor& v,
                                   const at::Tensor& n_raw, double scale) {
   const char* op = "fusedlab.cat_decode";
-  TORCH_CHECK(q.dim() == 3, op, ": q must be 3-D [B, H, d], got shape ", fmt_shape(q.sizes()));
-  TORCH_CHECK(kc.dim() == 4, op, ": kc must be 4-D [B, Hkv, S, d], got shape ", fmt_shape(kc.sizes()));
-  TORCH_CHECK(vc.sizes() == kc.sizes(), op, ": vc must have kc's shape ", fmt_shape(kc.sizes()), ", got ",
-              fmt_shape(vc.sizes()));
-  TORCH_CHECK(k.dim() == 4, op, ": k must be 4-D [B, Hkv, R, d], got shape ", fmt_shape(k.sizes()));
-  TORCH_CHECK(v.sizes() == k.sizes(), op, ": v must have k's shape ", fmt_shape(k.sizes()), ", got ",
-              fmt_shape(v.sizes()));
+  FL_CHECK(q.dim() == 3, op, ": q must be 3-D [B, H, d], got shape ", q.sizes());
+  FL_CHECK(kc.dim() == 4, op, ": kc must be 4-D [B, Hkv, S, d], got shape ", kc.sizes());
+  FL_CHECK(vc.sizes() == kc.sizes(), op, ": vc must have kc's shape ", kc.sizes(), ", got ", vc.sizes());
+  FL_CHECK(k.dim() == 4, op, ": k must be 4-D [B, Hkv, R, d], got shape ", k.sizes());
+  FL_CHECK(v.sizes() == k.sizes(), op, ": v must have k's shape ", k.sizes(), ", got ", v.sizes());
   const int64_t B = q.size(0), H = q.size(1), d = q.size(2), Hkv = kc.size(1);
-  TORCH_CHECK(kc.size(0) == B && kc.size(3) == d, op, ": kc must be [B, Hkv, S, d] = [", fmt_int(B), ", Hkv, S, ",
-              fmt_int(d), "] to match q, got ", fmt_shape(kc.sizes()));
-  TORCH_CHECK(k.size(0) == B && k.size(1) == Hkv && k.size(3) == d, op, ": k must be [B, Hkv, R, d] = [",
-              fmt_int(B), ", ", fmt_int(Hkv), ", R, ", fmt_int(d), "] to match q and kc, got ", fmt_shape(k.sizes()));
-  TORCH_CHECK(Hkv >= 1 && H % Hkv == 0, op, ": q's ", fmt_int(H), " heads must be a multiple of kc's ", fmt_int(Hkv),
-              " kv heads (grouped-query attention)");
-  TORCH_CHECK(at::isFloatingType(q.scalar_type()), op, ": q must be a floating-point tensor, got ", q.scalar_type());
+  FL_CHECK(kc.size(0) == B && kc.size(3) == d, op, ": kc must be [B, Hkv, S, d] = [", B, ", Hkv, S, ", d,
+           "] to match q, got ", kc.sizes());
+  FL_CHECK(k.size(0) == B && k.size(1) == Hkv && k.size(3) == d, op, ": k must be [B, Hkv, R, d] = [", B, ", ",
+           Hkv, ", R, ", d, "] to match q and kc, got ", k.sizes());
+  FL_CHECK(Hkv >= 1 && H % Hkv == 0, op, ": q's ", H, " heads must be a multiple of kc's ", Hkv,
+           " kv heads (grouped-query attention)");
+  FL_CHECK(at::isFloatingType(q.scalar_type()), op, ": q must be a floating-point tensor, got ", q.scalar_type());
   const std::pair<const char*, const at::Tensor*> data[] = {{"kc", &kc}, {"vc", &vc}, {"k", &k}, {"v", &v}};
   for (const auto& [name, t] : data) {
-    TORCH_CHECK(t->scalar_type() == q.scalar_type(), op, ": ", name, " must have q's dtype ", q.scalar_type(),
-                ", got ", t->scalar_type());
-    TORCH_CHECK(t->device() == q.device(), op, ": ", name, " must be on ", q.device(), " like q, got ", t->device());
+    FL_CHECK(t->scalar_type() == q.scalar_type(), op, ": ", name, " must have q's dtype ", q.scalar_type(),
+             ", got ", t->scalar_type());
+    FL_CHECK(t->device() == q.device(), op, ": ", name, " must be on ", q.device(), " like q, got ", t->device());
   }
   const std::pair<const char*, const at::Tensor*> fills[] = {{"n_slots", &n_slots}, {"n_raw", &n_raw}};
   for (const auto& [name, t] : fills) {
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == B, op, ": ", name, " must have shape [", fmt_int(B), "], got ",
-                fmt_shape(t->sizes()));
-    TORCH_CHECK(at::isIntegralType(t->scalar_type(), /*includeBool=*/false), op, ": ", name,
-                " must be an integer tensor, got ", t->scalar_type());
-    TORCH_CHECK(t->device() == q.device(), op, ": ", name, " must be on ", q.device(), " like q, got ", t->device());
+    FL_CHECK(t->dim() == 1 && t->size(0) == B, op, ": ", name, " must have shape [", B, "], got ", t->sizes());
+    FL_CHECK(at::isIntegralType(t->scalar_type(), /*includeBool=*/false), op, ": ", name,
+             " must be an integer tensor, got ", t->scalar_type());
+    FL_CHECK(t->device() == q.device(), op, ": ", name, " must be on ", q.device(), " like q, got ", t->device());
   }
-  TORCH_CHECK(std::isfinite(scale), op, ": scale must be a finite number, got ", fmt_real(scale));
+  FL_CHECK(std::isfinite(scale), op, ": scale must be a finite number, got ", scale);
 }
 
 // The CUDA decode kernel's own limits (after check_cat_decode_args).
 inline void check_cat_decode_cuda_limits(const at::Tensor& q, const at::Tensor& kc) {
   const auto dt = q.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
-              "fusedlab.cat_decode: the CUDA kernel takes float32, float16 or bfloat16, got ", dt,
-              " (float64 runs on the CPU kernel or the reference)");
-  TORCH_CHECK(q.size(2) == 64 || q.size(2) == 128,
-              "fusedlab.cat_decode: the CUDA kernel takes head dims 64 and 128, got ", fmt_int(q.size(2)),
-              " (the Triton kernel takes any up to 128)");
-  TORCH_CHECK(q.size(1) <= INT32_MAX && kc.size(1) <= INT32_MAX,
-              "fusedlab.cat_decode: head counts must fit in 32 bits");
+  FL_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
+           "fusedlab.cat_decode: the CUDA kernel takes float32, float16 or bfloat16, got ", dt,
+           " (float64 runs on the CPU kernel or the reference)");
+  FL_CHECK(q.size(2) == 64 || q.size(2) == 128,
+           "fusedlab.cat_decode: the CUDA kernel takes head dims 64 and 128, got ", q.size(2),
+           " (the Triton kernel takes any up to 128)");
+  FL_CHECK(q.size(1) <= INT32_MAX && kc.size(1) <= INT32_MAX,
+           "fusedlab.cat_decode: head counts must fit in 32 bits");
 }
 
 }  // namespace fusedlab
