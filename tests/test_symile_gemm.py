@@ -1,6 +1,8 @@
 """The symile "cuda" backend (ops/symile_gemm.py: "n_squared" as chunks of library GEMMs) vs the float64
 reference. Its ATen ops run on CPU tensors too, so the custom ops are checked here directly with tiny tiles
 (many chunks, chunk edges inside the tuple grid); the gpu tests run the backend through symile_loss."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -44,6 +46,20 @@ def test_float64_matches_reference(M, N, d, tile, gen):
     want = loss_and_grads(ref.symile_loss_n_squared, reps, scale)
     for a, b in zip(got, want):
         assert rel(a, b) < 1e-12
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("M", [2, 3, 4])
+def test_zero_features(M):
+    """d = 0: every logit is 0, so the loss is log of the number of negatives per anchor plus one, and the
+    gradients are empty; the reference agrees."""
+    reps = [torch.zeros(3, 0, dtype=F64, requires_grad=True) for _ in range(M)]
+    scale = torch.tensor(2.0, dtype=F64, requires_grad=True)
+    got = loss_and_grads(gemm_op(5), reps, scale)
+    want = loss_and_grads(ref.symile_loss_n_squared, reps, scale)
+    assert abs(got[0].item() - (M - 1) * math.log(3)) < 1e-12
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and torch.allclose(a, b)
 
 
 @pytest.mark.timeout(60)

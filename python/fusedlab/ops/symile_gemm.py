@@ -67,7 +67,7 @@ def _logits(reps, w, acc):
     """The unscaled logits of one chunk, [N, chunk, N] (i, u, j) in ``acc``, and the GEMM operand P
     [chunk * N, d] in the reps' dtype."""
     N, d = reps[0].shape
-    P = (w[:, None, :] * reps[1].to(acc)[None]).reshape(-1, d).to(reps[0].dtype)
+    P = (w[:, None, :] * reps[1].to(acc)[None]).reshape(w.shape[0] * N, d).to(reps[0].dtype)
     return _mm(reps[0], P.T).view(N, w.shape[0], N), P
 
 
@@ -121,7 +121,7 @@ def backward(grad: torch.Tensor, reps: list[torch.Tensor], logit_scale: torch.Te
         grad_s += coef * (E * R).sum()
         G = E.view(N, -1).to(reps[0].dtype)
         grads[0] += (coef * scale) * _mm(G, P)
-        dP = (coef * scale) * _mm(G.T, reps[0]).view(-1, N, d)  # [chunk, N, d]: dL/dP[u, j]
+        dP = (coef * scale) * _mm(G.T, reps[0]).view(w.shape[0], N, d)  # [chunk, N, d]: dL/dP[u, j]
         grads[1] += (dP * w[:, None, :]).sum(dim=0)
         if M > 2:
             dw = (dP * r1[None]).sum(dim=1)  # [chunk, d]: dL/dW_u

@@ -68,7 +68,7 @@ def mip_tensor(reps: Sequence[torch.Tensor]) -> torch.Tensor:
     N, d = reps[0].shape
     P = reps[0]
     for r in reps[1:-1]:
-        P = (P.unsqueeze(-2) * r).reshape(-1, d)
+        P = (P.unsqueeze(-2) * r).reshape(P.shape[0] * N, d)  # explicit rows: d may be 0
     return (P @ reps[-1].T).reshape([N] * len(reps))
 
 
