@@ -300,6 +300,17 @@ def bench_symile(out_dir, min_run_time=0.5, quick=False, device="all"):
     base, results = _write_results(out_dir, "symile", "Symile n_squared loss forward+backward", rows, shown, cols)
     _plot_symile(results, base + ".png")
     print(f"wrote {base}.png")
+    # mip scoring against the package's MIPSimilarity
+    mips = []
+    for dev, backends in devices:
+        mip_backends = [b for b in backends if b in ("triton", "cpu")] or ["reference"]
+        mips += perf_symile.mip_rows(dev, mip_backends, quick=quick)
+    shown_mip = [dict(r, ms=fmt(r["ms"]), peer_ms=fmt(r["peer_ms"]), speedup=fmt(r["speedup"], 2) +
+                      ("x" if r["speedup"] else ""), max_err=f"{r['max_err']:.1e}") for r in mips]
+    _write_results(out_dir, "symile_mip", "mip scoring (two query modalities) against symile's MIPSimilarity",
+                   mips, shown_mip, [("device", "device"), ("backend", "backend"), ("dtype", "dtype"), ("B", "B"),
+                                     ("C", "C"), ("d", "d"), ("ms", "ms"), ("package ms", "peer_ms"),
+                                     ("speedup", "speedup"), ("max |score - float64|", "max_err")])
 
     def write_memory():
         mib = lambda x: "" if x is None else f"{x / 2**20:.1f}"  # noqa: E731

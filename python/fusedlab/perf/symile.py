@@ -258,6 +258,35 @@ def rows(device, backends, grid=GRID, min_run_time=0.2, progress=None, M=M_DEFAU
 # --------------------------------------------------------------------------------------------- fresh process
 
 
+#: mip scoring points (B queries of two modalities against C candidates, d features): zero-shot retrieval
+MIP_POINTS = {"cpu": (256, 1024, 256), "cuda": (4096, 8192, 1024)}
+
+
+def mip_rows(device, backends, quick=False, min_run_time=0.2) -> list[dict]:
+    """``fusedlab.ops.mip`` on each backend against the package's MIPSimilarity (same inputs, same process):
+    time and the largest difference of the scores."""
+    B, C, d = (8, 16, 8) if quick else MIP_POINTS[torch.device(device).type]
+    dtype = bench_dtype(device)
+    g = torch.Generator().manual_seed(0)
+    mk = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    cand, queries = mk(C, d), [mk(B, d), mk(B, d)]
+    want = fusedlab.reference.symile.mip(cand.double(), [q.double() for q in queries])
+    peer = None
+    if package_available():
+        import symile
+
+        peer_fn = symile.MIPSimilarity()
+        peer = _time(lambda: peer_fn(cand, queries), device, min_run_time, 30.0)[0]["ms"]
+    out = []
+    with torch.no_grad():
+        for be in backends:
+            t, scores = _time(lambda be=be: fusedlab.ops.mip(cand, queries, backend=be), device, min_run_time, 30.0)
+            out.append(dict(family="symile", op="mip", backend=be, device=str(device), dtype=str(dtype)[6:], B=B,
+                            C=C, d=d, ms=t["ms"], peer_ms=peer, speedup=None if peer is None else peer / t["ms"],
+                            max_err=(scores.double() - want).abs().max().item()))
+    return out
+
+
 def _reset_peak_rss() -> bool:
     """Reset the process's peak resident set size to its current size (Linux: /proc/self/clear_refs)."""
     try:
