@@ -30,10 +30,10 @@ from fusedlab.reference import symile as ref
 
 _FAMILY = "symile"
 STRATEGIES = ref.STRATEGIES
-#: "auto" on CUDA tensors takes the GEMM tiles (backend "cuda") from these sizes on and the Triton kernels
-#: below them: on an H100 (bf16, M = 3) the GEMM tiles ran 1.7x (N = 256), 2.5x (512) and 2.9x (1024) faster
+#: "auto" on CUDA tensors takes the GEMM chunks (backend "cuda") from these sizes on and the Triton kernels
+#: below them: on an H100 (bf16, M = 3) the GEMM chunks ran 1.7x (N = 256), 2.5x (512) and 2.9x (1024) faster
 #: than the Triton kernels at d = 1024, and 0.6-0.9x at d = 256 (bench/results/gpu/h100-2/symile_gpu.json).
-#: float32 always takes the tiles: the Triton kernels' float32 gradients erred 7-10x torch's at logits in
+#: float32 always takes the chunks: the Triton kernels' float32 gradients erred 7-10x torch's at logits in
 #: the thousands on the H100 (tests/test_symile_triton.py, large logits)
 GEMM_MIN_N, GEMM_MIN_D = 256, 512
 _TRITON_MIP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -300,7 +300,7 @@ def symile_loss(reps: Sequence[torch.Tensor], logit_scale, negative_sampling: st
                 raise ValueError(f"backend='triton' runs 'n_squared' for M = 2..4 in float32, float16 or bfloat16, "
                                  f"got M = {M} and {reps[0].dtype}; use backend='cuda' or 'reference' (or 'cpu' "
                                  "for CPU tensors)")
-            which = "gemm"  # what the Triton kernels do not cover: the GEMM tiles (any M and dtype)
+            which = "gemm"  # what the Triton kernels do not cover: the GEMM chunks (any M and dtype)
         elif which == "triton" and backend == "auto" and (
                 reps[0].dtype == torch.float32 or (N >= GEMM_MIN_N and reps[0].shape[1] >= GEMM_MIN_D)):
             which = "gemm"
