@@ -27,11 +27,17 @@ start=$(date +%s)
   $PY -c "import torch, triton, setuptools; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'setuptools', setuptools.__version__)"
 } 2>&1 | tee "$LOG"
 
+# wheels carried to an offline machine (WHEELS, default .whl/: e.g. the symile package the benchmarks compare
+# against, a newer setuptools), made here with: python -m pip download --no-deps -d .whl symile==0.1.0
+if ls "${WHEELS:-.whl}"/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --upgrade "${WHEELS:-.whl}"/*.whl >> "$LOG" 2>&1 \
+    && echo "installed carried wheels: $(cd "${WHEELS:-.whl}" && ls *.whl | tr '\n' ' ')" | tee -a "$LOG"
+fi
 echo "== build (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a})" | tee -a "$LOG"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16}
 t0=$(date +%s)
 if ! $PY -m pip install --no-deps --no-build-isolation -e . >> "$LOG" 2>&1; then
-  # a CUDA build error must not cost the Triton tests and benchmarks of the lease: show it, build without _C_cuda
+  # a CUDA build error must not cost the Triton tests and benchmarks of a GPU session: show it, build without _C_cuda
   echo "CUDA BUILD FAILED; retrying with FUSEDLAB_NO_CUDA=1" | tee -a "$LOG"
   grep -E "error|Error" "$LOG" | head -40
   if ! FUSEDLAB_NO_CUDA=1 $PY -m pip install --no-deps --no-build-isolation -e . >> "$LOG" 2>&1; then
@@ -52,7 +58,7 @@ XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n ${TEST_WORKERS:-4}"
 timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q $XDIST $TESTS -p no:cacheprovider -p no:warnings -rfE --durations=8 2>&1 \
   | tee -a "$LOG" | tail -40 || status=1
 for fam in "${families[@]}"; do
-  # one lease runs the whole script: each family gets what is left of BUDGET_S (at most 200 s), and the
+  # one GPU session runs the whole script: each family gets what is left of BUDGET_S (at most 200 s), and the
   # families that no longer fit are skipped by name, so the results of the others still come back
   left=$(( ${BUDGET_S:-540} - ($(date +%s) - start) ))
   if [ "$left" -lt 60 ]; then
