@@ -83,6 +83,28 @@ def test_slot_gradients_split_over_rows(splits, gen, monkeypatch):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("used", ["o", "oc", "lse"])
+def test_gradients_when_an_output_is_unused(used, gen):
+    """The eager path gets None for the outputs a loss does not use (no zero-filled gradients): a loss on o
+    alone, on oc alone, or on o while the log-sum-exps are also returned."""
+    inputs = draw(gen, 1, 2, 1, 21, 6, 16, True)
+    ours = [t.float().to(DEVICE).requires_grad_() for t in inputs]
+    exact = [t.clone().requires_grad_() for t in inputs]
+    lse = used == "lse"
+    out = fusedlab.ops.cat_attention(*ours[:5], 4, qc=ours[5], return_lse=lse, backend="triton")
+    want = fusedlab.ops.cat_attention(*exact[:5], 4, qc=exact[5], return_lse=lse, backend="reference")
+    pick = 1 if used == "oc" else 0
+    g = torch.randn(want[pick].shape, generator=gen, dtype=torch.float64)
+    got_g = torch.autograd.grad(out[pick], ours, g.float().to(DEVICE), allow_unused=True)
+    want_g = torch.autograd.grad(want[pick], exact, g, allow_unused=True)
+    for a, b in zip(got_g, want_g):
+        if b is None or not b.abs().max() > 0:  # no path to this input (dqc for a loss on o): zero or None
+            assert a is None or not a.abs().max() > 0
+        else:
+            assert rel(a, b) < 1e-5
+
+
+@pytest.mark.timeout(120)
 def test_float16_within_twice_torch_half(gen):
     """The tolerance rule: the kernel's fp16 error against float64 is at most twice that of a dense masked
     attention computed by torch in fp16 (fp16 products, fp32 softmax rounded to fp16 before P V)."""

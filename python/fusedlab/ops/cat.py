@@ -103,6 +103,9 @@ class _EagerCATTriton(torch.autograd.Function):
 
         out = tk.forward(q, k, v, kc, vc, qc, chunk_size, scale)
         _setup_cat(ctx, (q, k, v, kc, vc, qc, chunk_size, scale), out)
+        # outputs without a gradient (the log-sum-exps, an unused oc) arrive as None instead of zero-filled
+        # tensors: on a GPU each fill is a launch the host pays for
+        ctx.set_materialize_grads(False)
         return out
 
     @staticmethod
