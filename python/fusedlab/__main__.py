@@ -274,8 +274,8 @@ def bench_cat(out_dir, min_run_time=0.5, quick=False, device="all"):
 
 def bench_symile(out_dir, min_run_time=0.5, quick=False, device="all"):
     """Symile's "n_squared" loss forward+backward (M = 3) against the symile package: time over a grid of
-    (N, d), peak memory growth in a fresh process at the target points, and (CUDA) the largest N one card
-    runs for each."""
+    (N, d), mip scoring against the package's MIPSimilarity, peak memory growth in a fresh process at the
+    target points, and (CUDA) the largest N one card runs for each."""
     from tqdm import tqdm
 
     # each result file is written as soon as its numbers exist, so that a run stopped by a time limit keeps
