@@ -13,7 +13,8 @@ an online log-sum-exp per anchor, save only the [M, N] statistics and recompute 
 * "cuda" (CUDA tensors; ops/symile_gemm.py, the custom ops ``fusedlab::symile_n_squared_gemm`` and its
   backward): the same tiles as library GEMMs, one chunk of tuples at a time (fp32 logits from tensor-core
   products), with the log-sum-exps and gradient weights as ATen element-wise ops. No custom CUDA kernel:
-  at most one chunk's logits (2^25) are held, and the products run at the vendor GEMM's speed.
+  one chunk of 2^25 logits and a few buffers of its size are held at a time, and the products run at the
+  vendor GEMM's speed.
 * "reference": builds the N^M tensor (the oracle).
 
 "n" is a CLIP-sized computation (M GEMMs of N x N x d) and runs as ATen ops on every backend.
