@@ -43,17 +43,23 @@ def torch_muon_ns(G):
     return torch.stack([torch_ns(g, KELLER, 5, 1e-7) for g in flat.unbind(0)]).reshape(G.shape)
 
 
-@pytest.mark.parametrize("shape", SHAPES + [(3072, 768)], ids=lambda s: "x".join(map(str, s)))
-def test_bf16_within_twice_torch_muon(shape, gen):
+def check_bf16_within_twice_torch_muon(run, shape, gen):
+    """``run(G)`` in bf16, over two draws: its error against float64 at most twice torch.optim.Muon's."""
     ours = theirs = 0.0
     for _ in range(2):
         G = torch.randn(shape, generator=gen).to(DEV)
         exact = ref.newton_schulz(G.double())
-        got = fusedlab.ops.newton_schulz(G, dtype=torch.bfloat16, backend="triton")
+        got = run(G)
         assert got.dtype == torch.bfloat16 and got.shape == G.shape and torch.isfinite(got).all()
         ours += rel(got, exact)
         theirs += rel(torch_muon_ns(G), exact)
     assert ours <= 2 * theirs, (ours, theirs)
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(3072, 768)], ids=lambda s: "x".join(map(str, s)))
+def test_bf16_within_twice_torch_muon(shape, gen):
+    check_bf16_within_twice_torch_muon(
+        lambda G: fusedlab.ops.newton_schulz(G, dtype=torch.bfloat16, backend="triton"), shape, gen)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -127,15 +133,7 @@ def cuda_ns(G, **kw):
 
 @pytest.mark.parametrize("shape", CUDA_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_cuda_backend_bf16_within_twice_torch_muon(shape, gen):
-    ours = theirs = 0.0
-    for _ in range(2):
-        G = torch.randn(shape, generator=gen).to(DEV)
-        exact = ref.newton_schulz(G.double())
-        got = cuda_ns(G, dtype=torch.bfloat16)
-        assert got.dtype == torch.bfloat16 and got.shape == G.shape and torch.isfinite(got).all()
-        ours += rel(got, exact)
-        theirs += rel(torch_muon_ns(G), exact)
-    assert ours <= 2 * theirs, (ours, theirs)
+    check_bf16_within_twice_torch_muon(lambda G: cuda_ns(G, dtype=torch.bfloat16), shape, gen)
 
 
 @pytest.mark.parametrize("shape", CUDA_SHAPES, ids=lambda s: "x".join(map(str, s)))
