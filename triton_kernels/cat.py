@@ -10,15 +10,16 @@ a tile of raw queries visits only what it can see:
   sees slots 0..c; no raw keys). At L = 4096 and l = 16 a 64-row tile visits 257 slots and 64 raw keys
   instead of dense causal attention's 2048 keys on average.
 * ``_cat_bwd_dq_kernel``: the forward's loops again, recomputing P from the saved log-sum-exp, with
-  dS = P (dP - delta), delta = rowsum(o * do) computed beforehand.
+  dS = P (dP - delta). delta = rowsum(o * do) (fp32) comes from the program's own o and dO tiles; each
+  query row belongs to one program, which also stores its delta for the dK/dV kernels launched after it.
 * ``_cat_bwd_dkv_raw_kernel``: one program per (raw key tile, batch x kv head): the queries that see those
   keys are in the same chunks and not earlier, so the loop is short; the query heads of the kv head's
   group are summed in the program (no atomics).
 * ``_cat_bwd_dkv_slot_kernel``: one program per (slot tile, batch x kv head, row split): slot s is seen by
   every raw query from s * l on, a long loop (as in the compression branch of native sparse attention),
   so the raw queries are split into ranges over grid axis 2 when the other two axes leave SMs idle; the
-  splits write fp32 partial sums that one reduction adds up (deterministic, no atomics). The compressed
-  queries c >= s go to the first split.
+  splits write fp32 partial sums that ``_cat_split_sum_kernel`` adds up, dK and dV in one launch, in split
+  order (deterministic, no atomics). The compressed queries c >= s go to the first split.
 
 Products accumulate in fp32 with ``input_precision="ieee"`` (fp32 operands get exact products rather than
 TF32; fp16/bf16 operands use tensor cores either way). P is rounded to the value dtype for the P V and
@@ -43,16 +44,21 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 #: (BLOCK_M, BLOCK_N, num_warps, num_stages) per (kind, pass, padded head dim) where kind is "half"
-#: (fp16/bf16) or "fp32" and pass is "fwd" (forward and dQ) or "dkv". Chosen so that no kernel spills
-#: registers on sm_90 (tests/test_triton_aot.py reads ptxas' counts): d = 128 takes 8 warps for half types;
-#: exact fp32 products run on FMA units and take smaller tiles.
+#: (fp16/bf16) or "fp32" and pass is "fwd", "dq" or "dkv". Chosen so that no kernel spills registers on
+#: sm_90 (tests/test_triton_aot.py reads ptxas' counts): d = 128 takes 8 warps for half types; exact fp32
+#: products run on FMA units and take smaller tiles. dQ takes the forward's tiles; at fp32 d = 64 it
+#: pipelines its key loads (2 stages), without which ptxas spills it (about 580 bytes) since it reads o.
 CONFIGS = {
     ("half", "fwd", 64): (64, 64, 4, 2),
     ("half", "fwd", 128): (64, 64, 8, 2),
+    ("half", "dq", 64): (64, 64, 4, 2),
+    ("half", "dq", 128): (64, 64, 8, 2),
     ("half", "dkv", 64): (32, 64, 4, 2),
     ("half", "dkv", 128): (32, 32, 8, 2),
     ("fp32", "fwd", 64): (32, 32, 4, 1),
     ("fp32", "fwd", 128): (16, 16, 4, 2),
+    ("fp32", "dq", 64): (32, 32, 4, 2),
+    ("fp32", "dq", 128): (16, 16, 4, 2),
     ("fp32", "dkv", 64): (16, 32, 4, 2),
     ("fp32", "dkv", 128): (16, 32, 8, 2),
 }
@@ -158,7 +164,7 @@ def _dq_tile(q, do, lse2, delta, dq, kt_ptrs, vt_ptrs, kv_mask, seen, qk_scale):
 
 
 @triton.jit
-def _cat_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+def _cat_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
                        stride_qb, stride_qh, stride_kb, stride_kh, stride_cb, stride_ch,
                        H, GROUP, T, NC, CHUNK, qk_scale, scale,
                        COMPRESSED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -183,7 +189,11 @@ def _cat_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, do_ptr, lse_ptr, del
     q = tl.load(q_ptr + q_off + tile, mask=tile_mask, other=0.0)
     do = tl.load(do_ptr + q_off + tile, mask=tile_mask, other=0.0)
     lse2 = tl.load(lse_ptr + bh.to(tl.int64) * T + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-    delta = tl.load(delta_ptr + bh.to(tl.int64) * T + rows, mask=row_ok, other=0.0)
+    # delta here, not in torch beforehand (two casts, a product, a sum: four launches the host pays for);
+    # the dK/dV kernels, launched after this one on the same stream, read it back
+    o = tl.load(o_ptr + q_off + tile, mask=tile_mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(delta_ptr + bh.to(tl.int64) * T + rows, delta, mask=row_ok)
     last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, T) - 1
     if COMPRESSED:
         chunk = rows
@@ -329,6 +339,26 @@ def _cat_bwd_dkv_slot_kernel(q_ptr, do_ptr, lse_ptr, delta_ptr, qc_ptr, doc_ptr,
 
 
 @triton.jit
+def _cat_split_sum_kernel(part_k_ptr, part_v_ptr, dk_ptr, dv_ptr, N, SPLITS, BLOCK: tl.constexpr):
+    """dK and dV of the slots from the slot kernel's SPLITS fp32 partial sums (split s at s * N elements):
+    one launch for both, added in split order (the same bits every run) and rounded once to the output."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    pk = part_k_ptr + offs
+    pv = part_v_ptr + offs
+    acc_k = tl.zeros([BLOCK], tl.float32)
+    acc_v = tl.zeros([BLOCK], tl.float32)
+    for _ in range(0, SPLITS):
+        acc_k += tl.load(pk, mask=ok, other=0.0)
+        acc_v += tl.load(pv, mask=ok, other=0.0)
+        # step the 64-bit pointers: SPLITS * N may pass 2^31 where N does not
+        pk += N
+        pv += N
+    tl.store(dk_ptr + offs, acc_k.to(dk_ptr.dtype.element_ty), mask=ok)
+    tl.store(dv_ptr + offs, acc_v.to(dv_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def _cat_decode_kernel(q_ptr, kc_ptr, vc_ptr, n_slots_ptr, k_ptr, v_ptr, n_raw_ptr, o_ptr,
                        H, HKV, S, R, qk_scale,
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -409,32 +439,35 @@ def backward(do, doc, q, k, v, kc, vc, qc, o, lse, oc, lse_c, chunk: int, scale:
     Hkv, NC = kc.shape[1], kc.shape[2]
     group = H // Hkv
     BD = _block_d(d)
-    delta = (o.float() * do.float()).sum(-1).contiguous()
+    # rowsum(o * do), written by the dq kernel (which reads o and do anyway) for the dK/dV kernels
+    delta = empty((B, H, L), torch.float32, q.device, POISON_BUFFERS)
     dq = empty(q.shape, q.dtype, q.device, POISON_BUFFERS)
     dk = empty(k.shape, k.dtype, k.device, POISON_BUFFERS)
     dv = empty(v.shape, v.dtype, v.device, POISON_BUFFERS)
     dkc = empty(kc.shape, kc.dtype, kc.device, POISON_BUFFERS)
     dvc = empty(vc.shape, vc.dtype, vc.device, POISON_BUFFERS)
-    BM, BN, warps, stages = _config(q.dtype, "fwd", d)
+    BM, BN, warps, stages = _config(q.dtype, "dq", d)
     common = dict(HEAD_DIM=d, BLOCK_D=BD, num_warps=warps, num_stages=stages)
     if L:
         _cat_bwd_dq_kernel[(triton.cdiv(L, BM), B * H)](
-            q, k, v, kc, vc, do, lse, delta, dq, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            q, k, v, kc, vc, o, do, lse, delta, dq, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             kc.stride(0), kc.stride(1), H, group, L, NC, chunk, scale * LOG2E, scale, COMPRESSED=False,
             BLOCK_M=BM, BLOCK_N=BN, **common)
     dqc = None
     has_qc = qc is not None
     if has_qc:
-        delta_c = (oc.float() * doc.float()).sum(-1).contiguous()
+        delta_c = empty((B, H, NC), torch.float32, q.device, POISON_BUFFERS)
         dqc = empty(qc.shape, qc.dtype, qc.device, POISON_BUFFERS)
         _cat_bwd_dq_kernel[(triton.cdiv(NC, BM), B * H)](
-            qc, k, v, kc, vc, doc, lse_c, delta_c, dqc, qc.stride(0), qc.stride(1), k.stride(0), k.stride(1),
+            qc, k, v, kc, vc, oc, doc, lse_c, delta_c, dqc, qc.stride(0), qc.stride(1), k.stride(0), k.stride(1),
             kc.stride(0), kc.stride(1), H, group, NC, NC, chunk, scale * LOG2E, scale, COMPRESSED=True,
             BLOCK_M=BM, BLOCK_N=BN, **common)
     else:  # placeholders the kernel never reads (HAS_QC=False)
         qc, doc, lse_c, delta_c = q, do, lse, delta
     BM, BN, warps, stages = _config(q.dtype, "dkv", d)
     common = dict(HEAD_DIM=d, BLOCK_D=BD, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages)
+    # with L == 0 the dq kernel writes no delta, and neither dK/dV kernel reads one: the raw kernel is not
+    # launched and the slot kernel's raw row range [lo, min(L, ...)) is empty (delta_c is written above)
     if L:
         _cat_bwd_dkv_raw_kernel[(triton.cdiv(L, BN), B * Hkv)](
             q, k, v, do, lse, delta, dk, dv, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
@@ -442,7 +475,7 @@ def backward(do, doc, q, k, v, kc, vc, qc, o, lse, oc, lse_c, chunk: int, scale:
     tiles = triton.cdiv(NC, BN) * B * Hkv
     splits = _slot_splits(tiles, L, BM)
     rows_per_split = triton.cdiv(triton.cdiv(max(L, 1), splits), BM) * BM
-    if splits > 1:  # fp32 partial sums per split, added up below
+    if splits > 1:  # fp32 partial sums per split, added up by _cat_split_sum_kernel below
         part_k = empty((splits,) + tuple(kc.shape), torch.float32, kc.device, POISON_BUFFERS)
         part_v = empty((splits,) + tuple(vc.shape), torch.float32, vc.device, POISON_BUFFERS)
     else:
@@ -452,11 +485,14 @@ def backward(do, doc, q, k, v, kc, vc, qc, o, lse, oc, lse_c, chunk: int, scale:
         qc.stride(0), qc.stride(1), kc.stride(0), kc.stride(1), Hkv, group, L, NC, chunk, rows_per_split,
         kc.numel(), scale * LOG2E, scale, HAS_QC=has_qc, **common)
     if splits > 1:
-        dkc.copy_(part_k.sum(0))
-        dvc.copy_(part_v.sum(0))
+        n = kc.numel()
+        _cat_split_sum_kernel[(triton.cdiv(n, SPLIT_SUM_BLOCK),)](part_k, part_v, dkc, dvc, n, splits,
+                                                                 BLOCK=SPLIT_SUM_BLOCK, num_warps=4)
     return dq, dk, dv, dkc, dvc, dqc
 
 
+#: Elements per program of the split reduction (8 per thread at 4 warps: 16-byte fp32 loads).
+SPLIT_SUM_BLOCK = 1024
 #: Tests set this to force a number of row splits in the slot kernel (None: chosen from the grid size).
 SLOT_SPLITS: Optional[int] = None
 #: Programs the slot kernel aims for: four per SM of an H100/H200 (132 SMs).
@@ -521,8 +557,12 @@ def aot_configs(full: bool = False) -> Iterator[dict]:
                                                                   "BLOCK_N")}},
                            constexprs=dict(COMPRESSED=compressed, HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=BM,
                                            BLOCK_N=BN), attrs=_attrs(7), options=dict(opts))
+            BM, BN, warps, stages = CONFIGS[(kind, "dq", 64 if d <= 64 else 128)]
+            opts = {"num_warps": warps, "num_stages": stages}
+            for compressed in (False, True):
                 yield dict(name=f"cat_bwd_dq[{tag} compressed={compressed}]", kernel=_cat_bwd_dq_kernel,
-                           signature={**{n: ty for n in ("q_ptr", "k_ptr", "v_ptr", "kc_ptr", "vc_ptr", "do_ptr")},
+                           signature={**{n: ty for n in ("q_ptr", "k_ptr", "v_ptr", "kc_ptr", "vc_ptr", "o_ptr",
+                                                         "do_ptr")},
                                       "lse_ptr": "*fp32", "delta_ptr": "*fp32", "dq_ptr": ty,
                                       **{n: "i64" for n in _FWD_STRIDES},
                                       **{n: "i32" for n in ("H", "GROUP", "T", "NC", "CHUNK")}, "qk_scale": "fp32",
@@ -530,7 +570,7 @@ def aot_configs(full: bool = False) -> Iterator[dict]:
                                       **{n: "constexpr" for n in ("COMPRESSED", "HEAD_DIM", "BLOCK_D", "BLOCK_M",
                                                                   "BLOCK_N")}},
                            constexprs=dict(COMPRESSED=compressed, HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=BM,
-                                           BLOCK_N=BN), attrs=_attrs(9), options=dict(opts))
+                                           BLOCK_N=BN), attrs=_attrs(10), options=dict(opts))
             BM, BN, warps, stages = CONFIGS[(kind, "dkv", 64 if d <= 64 else 128)]
             opts = {"num_warps": warps, "num_stages": stages}
             tiles = dict(HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=BM, BLOCK_N=BN)
@@ -556,6 +596,13 @@ def aot_configs(full: bool = False) -> Iterator[dict]:
                                       "HAS_QC": "constexpr",
                                       **{n: "constexpr" for n in tiles}},
                            constexprs=dict(HAS_QC=has_qc, **tiles), attrs=_attrs(12), options=dict(opts))
+        # the split reduction: fp32 partial sums in, the gradients' dtype out; N is i64 past 2^31 elements
+        for n_ty in ("i32", "i64"):
+            yield dict(name=f"cat_split_sum[{names[dtype]} N={n_ty}]", kernel=_cat_split_sum_kernel,
+                       signature={"part_k_ptr": "*fp32", "part_v_ptr": "*fp32", "dk_ptr": ty, "dv_ptr": ty,
+                                  "N": n_ty, "SPLITS": "i32", "BLOCK": "constexpr"},
+                       constexprs=dict(BLOCK=SPLIT_SUM_BLOCK), attrs=_attrs(4),
+                       options={"num_warps": 4, "num_stages": 2})
 
 
 def _decode_aot_configs(dtypes, dims, names) -> Iterator[dict]:

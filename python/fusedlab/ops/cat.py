@@ -116,8 +116,9 @@ class _EagerCATTriton(torch.autograd.Function):
 def _cat_triton_backward_eager(do, doc, q, k, v, kc, vc, qc, o, lse, oc, lse_c, chunk_size, scale):
     from fusedlab.triton_kernels import cat as tk
 
-    return tk.backward(do.contiguous(), None if doc is None else doc.contiguous(), q, k, v, kc, vc, qc, o, lse,
-                       oc, lse_c, chunk_size, scale)
+    # the dq kernel reads o and do (for delta) with q's row layout; contiguous() is free when they already are
+    return tk.backward(do.contiguous(), None if doc is None else doc.contiguous(), q, k, v, kc, vc, qc,
+                       o.contiguous(), lse, oc.contiguous(), lse_c, chunk_size, scale)
 
 
 # ----------------------------------------------------------------------------------------------------------
