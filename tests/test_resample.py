@@ -59,6 +59,23 @@ def test_cpu_matches_reference_hypothesis(B, K, method, thr, dead, seed):
                 fusedlab.smc.resample(lw, method, thr, uniforms=u, backend="reference"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("K", [1, 7, 8, 9, 15, 16, 17, 63, 64, 65, 200, 1031])
+def test_cpu_matches_reference_around_vector_widths(K, dtype, gen):
+    """The CPU kernel's passes run eight lanes or eight running-sum segments at a time with a scalar tail:
+    group sizes on either side of those widths, NaN and -inf anywhere (vector body and tail)."""
+    B = 6
+    for method in METHODS:
+        for thr in (0.0, 0.9, 1.0):
+            lw = random_log_weights(B, K, gen, dtype, dead=0.1)
+            lw[torch.rand(B, K, generator=gen) < 0.1] = math.nan
+            lw[:, 0] = torch.where(torch.isfinite(lw).any(-1), lw[:, 0], torch.zeros(B, dtype=dtype))
+            u = draw_uniforms(method, B, K, gen)
+            assert_same(fusedlab.smc.resample(lw, method, thr, uniforms=u, backend="cpu"),
+                        fusedlab.smc.resample(lw, method, thr, uniforms=u, backend="reference"),
+                        rtol=1e-12 if dtype == torch.float64 else 1e-6)
+
+
 def test_log_norm_ess_and_carried_weights(gen):
     lw = torch.randn(5, 9, generator=gen, dtype=torch.float64)
     r = fusedlab.smc.resample(lw, ess_threshold=0.0)
@@ -184,6 +201,21 @@ def test_gather(dtype, trailing, gen):
         strided = state.transpose(0, -1).contiguous().transpose(0, -1)  # same shape, other strides
         assert not strided.is_contiguous()
         assert torch.equal(fusedlab.smc.gather(strided, anc), ref.gather(strided, anc))
+
+
+@pytest.mark.parametrize("trailing, dtype", [((32,), torch.float32), ((35,), torch.float32), ((72,), torch.bfloat16)])
+def test_gather_large_outputs(trailing, dtype, gen):
+    """Outputs of 8 MiB and more are written with streaming stores when rows are multiples of 16 bytes
+    (the 128- and 144-byte rows here; the 140-byte rows take the regular copy): the same result either way."""
+    B, K = 64, 1024
+    state = torch.randn(B, K, *trailing, generator=gen).to(dtype)
+    anc = torch.randint(0, K, (B, K), generator=gen)
+    expect = ref.gather(state, anc)
+    assert torch.equal(fusedlab.smc.gather(state, anc), expect)
+    lw = random_log_weights(B, K, gen)
+    r = fusedlab.smc.resample(lw, "systematic", 1.0, uniforms=torch.rand(B, generator=gen, dtype=torch.float64),
+                              state=state)
+    assert torch.equal(r.state, ref.gather(state, r.ancestors))
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -27,15 +27,162 @@ using namespace fusedlab::resample;
 // Per-thread scratch, reused across the groups one thread handles.
 struct Scratch {
   std::vector<double> w, cdf, points;
-  std::vector<int64_t> mark;  // ancestor marks, see the grid path
+  std::vector<int32_t> count;  // grid path: points below each C_j
+  std::vector<int64_t> mark;   // ancestor marks, see the grid path
   std::vector<double> iota;
 };
 
-// w[j] <- exp(w[j] - m), vectorized (one clone per instruction set, picked at load time).
+// ---- the passes over one group, each a loop the compiler vectorizes, in one clone per instruction set
+// (picked at load time): built for baseline x86-64 they ran scalar, and the grid counts dominated.
+
+// Eight-lane vectors (GCC/Clang vector extensions): loops with a running maximum or a NaN select are not
+// auto-vectorized without -ffinite-math-only, which -inf and NaN log-weights rule out.
+typedef double f64x8 __attribute__((vector_size(64)));
+typedef float f32x8 __attribute__((vector_size(32)));
+
+// (through a pointer: a vector return value would change the ABI between the clones)
+inline void load8(const float* x, f64x8* out) {
+  f32x8 v;
+  std::memcpy(&v, x, sizeof v);
+  *out = __builtin_convertvector(v, f64x8);
+}
+inline void load8(const double* x, f64x8* out) { std::memcpy(out, x, sizeof *out); }
+
+// w[j] <- x[j] in double; returns the maximum, NaN ignored (x > m is false for NaN). NaN stays in w, and
+// exp_nonpositive maps it to 0, the weight of -inf, as clean_log_weight would.
+template <typename scalar_t>
+inline double load_max_body(const scalar_t* __restrict x, double* __restrict w, int64_t K) {
+  f64x8 mx = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
+  int64_t j = 0;
+  for (; j + 8 <= K; j += 8) {
+    f64x8 v;
+    load8(x + j, &v);
+    std::memcpy(w + j, &v, sizeof v);
+    mx = v > mx ? v : mx;
+  }
+  double m = -INFINITY;
+  for (int l = 0; l < 8; ++l) m = mx[l] > m ? mx[l] : m;
+  for (; j < K; ++j) {
+    const double v = static_cast<double>(x[j]);
+    w[j] = v;
+    m = v > m ? v : m;
+  }
+  return m;
+}
+FL_TARGET_CLONES double load_max(const float* x, double* w, int64_t K) { return load_max_body(x, w, K); }
+FL_TARGET_CLONES double load_max(const double* x, double* w, int64_t K) { return load_max_body(x, w, K); }
+
+// w[j] <- exp(w[j] - m).
 FL_TARGET_CLONES
 void exp_shifted(double* w, int64_t K, double m) {
   for (int64_t j = 0; j < K; ++j) w[j] = cpu::exp_nonpositive(w[j] - m);
 }
+
+// cdf[j] = w[0] + ... + w[j]; returns the total and writes the sum of squares to *sum_sq. A sequential
+// running sum is one dependent add per particle; here eight segments run as independent chains and each
+// segment's offset is added afterwards. Only the rounding order differs, and the result stays
+// non-decreasing with cdf[K - 1] equal to the returned total (each offset is the previous segment's last
+// value), which the grid counts rely on.
+FL_TARGET_CLONES
+double running_sum(const double* __restrict w, double* __restrict cdf, int64_t K, double* sum_sq) {
+  constexpr int64_t kChains = 8;
+  const int64_t len = K / kChains;
+  double acc[kChains] = {}, sq[kChains] = {};
+  for (int64_t t = 0; t < len; ++t)
+    for (int64_t c = 0; c < kChains; ++c) {
+      const double x = w[c * len + t];
+      acc[c] += x;
+      sq[c] += x * x;
+      cdf[c * len + t] = acc[c];
+    }
+  double offset = acc[0], sq_total = 0.0;
+  for (int64_t c = 1; c < kChains; ++c) {
+    for (int64_t t = 0; t < len; ++t) cdf[c * len + t] += offset;
+    offset = len ? cdf[c * len + len - 1] : 0.0;
+  }
+  for (int64_t c = 0; c < kChains; ++c) sq_total += sq[c];
+  for (int64_t j = kChains * len; j < K; ++j) {  // the tail, sequentially
+    offset += w[j];
+    sq_total += w[j] * w[j];
+    cdf[j] = offset;
+  }
+  *sum_sq = sq_total;
+  return offset;
+}
+
+// A group that is not resampled: ancestors i and the carried log-weights (NaN as -inf).
+template <typename scalar_t>
+inline void carry_body(const scalar_t* __restrict x, scalar_t* __restrict out, int64_t* __restrict anc, int64_t K,
+                       double log_total, double log_k) {
+  for (int64_t j = 0; j < K; ++j) {
+    anc[j] = j;
+    out[j] = static_cast<scalar_t>(carried_log_weight(clean_log_weight(static_cast<double>(x[j])), log_total, log_k));
+  }
+}
+FL_TARGET_CLONES void carry(const float* x, float* out, int64_t* anc, int64_t K, double log_total, double log_k) {
+  carry_body(x, out, anc, K, log_total, log_k);
+}
+FL_TARGET_CLONES void carry(const double* x, double* out, int64_t* anc, int64_t K, double log_total, double log_k) {
+  carry_body(x, out, anc, K, log_total, log_k);
+}
+
+// The CDF: cdf[j] / total below `last`, exactly 1 from `last` on.
+FL_TARGET_CLONES
+void normalize_cdf(double* cdf, int64_t last, int64_t K, double total) {
+  for (int64_t j = 0; j < last; ++j) cdf[j] = cdf[j] / total;
+  for (int64_t j = last; j < K; ++j) cdf[j] = 1.0;
+}
+
+// Grid points (i + u) / K as grid_point computes them, i read from a table so the loop vectorizes; one u
+// for every point (systematic) or one per point (stratified).
+FL_TARGET_CLONES
+void grid_points(double* pts, const double* iota, const double* u, bool per_point, int64_t K) {
+  const double kd = static_cast<double>(K);
+  if (per_point) {
+    for (int64_t i = 0; i < K; ++i) pts[i] = (iota[i] + u[i]) / kd;
+  } else {
+    const double u0 = u[0];
+    for (int64_t i = 0; i < K; ++i) pts[i] = (iota[i] + u0) / kd;
+  }
+}
+
+// count[j] = number of grid points below C_j = cdf[j] / total, for j < n: grid_count_below on int32 indices
+// (the caller takes this path for K < 2^31 - 3), the CDF normalized on the fly and the floor taken as a
+// truncation (0 <= C_j <= 1), so the loop vectorizes
+// and the padded-point loads become gathers. GCC's generic tuning emulates gathers with scalar loads,
+// slower here than the scalar loop; the AVX-512 version is tuned for a core with fast gathers instead.
+__attribute__((always_inline)) inline void grid_counts_body(const double* __restrict cdf, double total, int64_t n,
+                                                            int64_t K, const double* __restrict padded,
+                                                            int32_t* __restrict count) {
+  const double kd = static_cast<double>(K);
+  const int32_t k32 = static_cast<int32_t>(K);
+  for (int64_t j = 0; j < n; ++j) {
+    const double c = cdf[j] / total;
+    int32_t s = static_cast<int32_t>(c * kd);
+    s = s > k32 ? k32 : s;
+    count[j] = (s > 1 ? s - 1 : 0) + (padded[s] < c) + (padded[s + 1] < c) + (padded[s + 2] < c);
+  }
+}
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__APPLE__)
+__attribute__((target("avx512f,tune=icelake-server"))) void grid_counts_avx512(
+    const double* cdf, double total, int64_t n, int64_t K, const double* padded, int32_t* count) {
+  grid_counts_body(cdf, total, n, K, padded, count);
+}
+__attribute__((target("avx2,tune=haswell"))) void grid_counts_avx2(
+    const double* cdf, double total, int64_t n, int64_t K, const double* padded, int32_t* count) {
+  grid_counts_body(cdf, total, n, K, padded, count);
+}
+void grid_counts(const double* cdf, double total, int64_t n, int64_t K, const double* padded, int32_t* count) {
+  static const int level = __builtin_cpu_supports("avx512f") ? 2 : (__builtin_cpu_supports("avx2") ? 1 : 0);
+  if (level == 2) grid_counts_avx512(cdf, total, n, K, padded, count);
+  else if (level == 1) grid_counts_avx2(cdf, total, n, K, padded, count);
+  else grid_counts_body(cdf, total, n, K, padded, count);
+}
+#else
+void grid_counts(const double* cdf, double total, int64_t n, int64_t K, const double* padded, int32_t* count) {
+  grid_counts_body(cdf, total, n, K, padded, count);
+}
+#endif
 
 // Resample one group of K log-weights. Writes K ancestors and K log-weights; returns the status bits.
 template <typename scalar_t>
@@ -43,32 +190,20 @@ uint8_t resample_group(const scalar_t* x_in, const double* u, int32_t method, do
                        int64_t* anc, scalar_t* lw_out, double* ess_out, double* log_norm_out, Scratch& s) {
   s.w.resize(K);
   s.cdf.resize(K);
-  double m = -INFINITY;
-  for (int64_t j = 0; j < K; ++j) {
-    const double x = clean_log_weight(static_cast<double>(x_in[j]));
-    s.w[j] = x;
-    m = x > m ? x : m;
-  }
+  const double m = load_max(x_in, s.w.data(), K);
   const bool degenerate = !std::isfinite(m);
   if (degenerate) std::fill(s.w.begin(), s.w.end(), 1.0);
   else exp_shifted(s.w.data(), K, m);
   // Running sums: the unnormalized CDF doubles as the sum of weights.
-  double sw = 0.0, sw2 = 0.0;
-  for (int64_t j = 0; j < K; ++j) {
-    sw += s.w[j];
-    sw2 += s.w[j] * s.w[j];
-    s.cdf[j] = sw;
-  }
+  double sw2 = 0.0;
+  const double sw = running_sum(s.w.data(), s.cdf.data(), K, &sw2);
   const double e = degenerate ? 0.0 : ess(sw, sw2);
   *ess_out = e;
   *log_norm_out = degenerate ? -INFINITY : log_norm(m, sw, K);
   const bool res = degenerate || should_resample(e, ess_threshold, K);
   if (!res) {
     const double log_total = m + std::log(sw), log_k = std::log(static_cast<double>(K));
-    for (int64_t j = 0; j < K; ++j) {
-      anc[j] = j;
-      lw_out[j] = static_cast<scalar_t>(carried_log_weight(clean_log_weight(static_cast<double>(x_in[j])), log_total, log_k));
-    }
+    carry(x_in, lw_out, anc, K, log_total, log_k);
     return 0;
   }
   for (int64_t j = 0; j < K; ++j) lw_out[j] = scalar_t(0);
@@ -87,9 +222,6 @@ uint8_t resample_group(const scalar_t* x_in, const double* u, int32_t method, do
     if (n_det == K) return status;
     total = 0.0;
     for (int64_t j = 0; j < K; ++j) total += s.w[j];
-  }
-  // CDF, exactly 1 from the last positive weight on.
-  if (method == kResidual) {
     double c = 0.0;
     for (int64_t j = 0; j < K; ++j) {
       c += w[j];
@@ -98,34 +230,30 @@ uint8_t resample_group(const scalar_t* x_in, const double* u, int32_t method, do
   }
   int64_t last = K - 1;
   while (last > 0 && !(w[last] > 0.0)) --last;
-  for (int64_t j = 0; j < last; ++j) s.cdf[j] = s.cdf[j] / total;
-  for (int64_t j = last; j < K; ++j) s.cdf[j] = 1.0;
 
   const int64_t M = K - n_det;
   if (method == kSystematic || method == kStratified) {
-    // Grid points: count the points below each C_j in closed form; ancestor i = #{j < last : C_j <= p_i}.
+    // Grid points: count the points below each C_j in closed form (C_j normalized as the counts are taken);
+    // ancestor i = #{j < last : C_j <= p_i}.
     // The counts are non-decreasing in j, so marking slot count_j with j + 1 (later j overwrite) and taking
     // a running max gives exactly that number, with plain stores instead of a histogram's read-modify-write
-    // chain; the divisions are independent (they pipeline) and no branch depends on the data.
+    // chain; no branch depends on the data.
     s.points.resize(K + 3);
     s.points[0] = s.points[K + 1] = s.points[K + 2] = INFINITY;
-    double* pts = s.points.data() + 1;
-    // (i + u) / K as grid_point computes it, with i read from a table so the loop vectorizes
     if (static_cast<int64_t>(s.iota.size()) < K) {
       s.iota.resize(K);
       for (int64_t i = 0; i < K; ++i) s.iota[i] = static_cast<double>(i);
     }
-    const double* iota = s.iota.data();
-    const double kd = static_cast<double>(K);
-    if (method == kSystematic) {
-      const double u0 = u[0];
-      for (int64_t i = 0; i < K; ++i) pts[i] = (iota[i] + u0) / kd;
-    } else {
-      for (int64_t i = 0; i < K; ++i) pts[i] = (iota[i] + u[i]) / kd;
-    }
+    grid_points(s.points.data() + 1, s.iota.data(), u, method == kStratified, K);
     s.mark.assign(K + 1, 0);
     int64_t* mark = s.mark.data();
-    for (int64_t j = 0; j < last; ++j) mark[grid_count_below(s.cdf[j], K, s.points.data())] = j + 1;
+    if (K < INT32_MAX - 3) {
+      s.count.resize(last);
+      grid_counts(s.cdf.data(), total, last, K, s.points.data(), s.count.data());
+      for (int64_t j = 0; j < last; ++j) mark[s.count[j]] = j + 1;
+    } else {
+      for (int64_t j = 0; j < last; ++j) mark[grid_count_below(s.cdf[j] / total, K, s.points.data())] = j + 1;
+    }
     int64_t a = 0;
     for (int64_t i = 0; i < K; ++i) {
       a = mark[i] > a ? mark[i] : a;
@@ -133,6 +261,7 @@ uint8_t resample_group(const scalar_t* x_in, const double* u, int32_t method, do
     }
     return status;
   }
+  normalize_cdf(s.cdf.data(), last, K, total);
   s.points.resize(M);
   std::copy(u, u + M, s.points.begin());  // multinomial and the residual remainder: sorted uniforms
   std::sort(s.points.begin(), s.points.end());

@@ -28,7 +28,8 @@ inline double exp2_int(double k) {
   return __builtin_bit_cast(double, bits << 52);
 }
 
-// exp(x) for x <= 0 (max-shifted log-weights), x = -inf included, within 3 ulp of libm over the whole range,
+// exp(x) for x <= 0 (max-shifted log-weights), x = -inf included (and NaN, which gives 0 as -inf does; the
+// resample kernel relies on that), within 3 ulp of libm over the whole range,
 // subnormal results included. Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, then a degree-12 Taylor
 // polynomial (truncation error < 2e-17 relative), then 2^n applied as two normal factors.
 inline double exp_nonpositive(double x) {
