@@ -205,8 +205,8 @@ def test_gather(dtype, trailing, gen):
 
 @pytest.mark.parametrize("trailing, dtype", [((32,), torch.float32), ((35,), torch.float32), ((72,), torch.bfloat16)])
 def test_gather_large_outputs(trailing, dtype, gen):
-    """Outputs of 8 MiB and more are written with streaming stores when rows are multiples of 16 bytes
-    (the 128- and 144-byte rows here; the 140-byte rows take the regular copy): the same result either way."""
+    """Outputs of 8 MiB and more, rows of 128, 140 and 144 bytes (fixed-size and generic row copies), standalone
+    and fused with the resampling."""
     B, K = 64, 1024
     state = torch.randn(B, K, *trailing, generator=gen).to(dtype)
     anc = torch.randint(0, K, (B, K), generator=gen)
