@@ -50,3 +50,15 @@ def test_bench_quick(family, exts, tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     for ext in exts:
         assert (tmp_path / f"{family}_cpu.{ext}").stat().st_size > 0
+
+
+def test_cat_graph_rows_harness():
+    """The captured-graph CAT comparison (run on GPUs with mode="reduce-overhead") on the CPU's compile: both
+    sides time, the ratio is theirs."""
+    import torch
+    from fusedlab.perf import cat as perf_cat
+
+    r, = perf_cat.graph_rows("cpu", [(32, 8)], B=1, H=2, d=16, dtype=torch.float32, min_run_time=0.01,
+                             mode="default")
+    assert all(r[k] > 0 for k in ("ours_compiled_ms", "ours_eager_ms", "sdpa_compiled_ms", "sdpa_eager_ms"))
+    assert r["vs_sdpa_compiled"] == r["sdpa_compiled_ms"] / r["ours_compiled_ms"]

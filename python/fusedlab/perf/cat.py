@@ -95,6 +95,40 @@ def rows(device, points=GPU_POINTS, B=2, H=8, d=64, dtype=torch.bfloat16, min_ru
     return out
 
 
+#: Points of the captured (CUDA graph) comparison: each costs two compiles of a forward and a backward.
+GRAPH_POINTS = [(4096, 16), (16384, 16)]
+
+
+def graph_rows(device, points=GRAPH_POINTS, B=2, H=8, d=64, dtype=torch.bfloat16, min_run_time=0.2,
+               mode="reduce-overhead"):
+    """Forward+backward of ours and of dense causal SDPA, each compiled with ``mode`` (on a GPU
+    "reduce-overhead": CUDA graphs, so the host's per-launch cost leaves both; at L = 4096 eager CAT is
+    bound by that cost, not by its kernels). Both are compiled the same way, in the same process; the eager
+    times are measured beside them. Other modes run the same harness (the CPU test uses "default")."""
+    out = []
+    for L, l in points:
+        q, k, v, kc, vc = inputs(B, H, L, l, d, device, dtype)
+        grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(device=device, dtype=dtype)
+        ours_fn = lambda a, b, c, e, f: fusedlab.ops.cat_attention(a, b, c, e, f, l)  # noqa: E731
+        sdpa_fn = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True)  # noqa: E731
+        row = dict(family="cat", op="cat_attention fwd+bwd, compiled", mode=mode, B=B, H=H, L=L, l=l, d=d,
+                   dtype=str(dtype).replace("torch.", ""))
+        for name, fn, args in (("ours", ours_fn, (q, k, v, kc, vc)), ("sdpa", sdpa_fn, (q, k, v))):
+            compiled = torch.compile(fn, mode=mode, fullgraph=True, dynamic=False)
+
+            def step(compiled=compiled, args=args):
+                # each step starts a new graph replay, so the previous step's outputs may be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
+                torch.autograd.grad(compiled(*args), args, grad)
+
+            row[f"{name}_compiled_ms"] = measure(step, min_run_time).median_ms
+            row[f"{name}_eager_ms"] = measure(lambda fn=fn, args=args: _fwd_bwd(fn, args, grad), min_run_time).median_ms
+        row["vs_sdpa_compiled"] = row["sdpa_compiled_ms"] / row["ours_compiled_ms"]
+        row["tflops"] = (4 + 10) * d * allowed_pairs(L, l) * B * H / row["ours_compiled_ms"] / 1e9
+        out.append(row)
+    return out
+
+
 def check(device, seed=0) -> float:
     """Largest relative error of the output and every gradient (fp32, "auto" backend) against the float64
     reference, with grouped heads, compressed queries and a ragged last chunk."""
