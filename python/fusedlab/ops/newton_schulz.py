@@ -228,7 +228,9 @@ def _gram_faster(shape, dtype: torch.dtype, device_type: str) -> bool:
         # in bf16 the Gram path's float16 products run about 8x slower than AMX bf16 ones, so it took
         # 2.4-8x longer at every shape (768x3072 ... 12x768x3072); in float32 (and float16, which multiplies
         # at float32 speed here) it ran 1.17-1.46x faster at aspect ratio >= 3 with short side >= 256, as its
-        # FLOP count predicts, and 0.84-1.09x on square, 2:1 or smaller matrices.
+        # FLOP count predicts, and 0.84-1.09x on square, 2:1 or smaller matrices. Gram products with bfloat16
+        # operands (AMX speed) err 1.6-2.4x the standard bf16 path at 5 steps (bfloat16 or float32 results,
+        # restarts after step 2, 2 and 4, or none; 256x1024 ... 768x3072), too close to the 2x allowed.
         return dtype in (torch.float32, torch.float16) and n >= 3 * m and m >= 256
     return False
 
