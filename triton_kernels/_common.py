@@ -1,4 +1,5 @@
-"""Host-side helpers shared by the Triton modules: device checks and (optionally NaN-poisoned) outputs."""
+"""Host-side helpers shared by the Triton modules: device checks, (optionally NaN-poisoned) outputs, and the
+integer helpers of launch planning."""
 from __future__ import annotations
 
 import os
@@ -6,9 +7,20 @@ import os
 import torch
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for integers. triton.cdiv is the same, but as a constexpr function its host-side call costs
+    about 6 us of Python: a CAT forward+backward plans with fifteen of them."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= n (1 for n <= 1); plain Python, as ``cdiv``."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def check_device(t: torch.Tensor, name: str) -> None:
     """Triton kernels run on CUDA tensors, or on CPU tensors under the interpreter (TRITON_INTERPRET=1)."""
-    if t.device.type == "cuda":
+    if t.is_cuda:
         return
     if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         return

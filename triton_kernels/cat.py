@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedlab.triton_kernels._common import check_device, empty
+from fusedlab.triton_kernels._common import cdiv, check_device, empty, next_power_of_2
 
 #: Tests set this so every kernel output starts as NaN: a row the kernels fail to write then fails.
 POISON_BUFFERS = False
@@ -402,7 +402,7 @@ def _cat_decode_kernel(q_ptr, kc_ptr, vc_ptr, n_slots_ptr, k_ptr, v_ptr, n_raw_p
 
 
 def _block_d(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_power_of_2(d))
 
 
 def _fwd(q, kc, vc, k, v, chunk, scale, compressed):
@@ -413,7 +413,7 @@ def _fwd(q, kc, vc, k, v, chunk, scale, compressed):
     lse = empty((B, H, T), torch.float32, q.device, POISON_BUFFERS)
     if T == 0:
         return o, lse
-    grid = (triton.cdiv(T, BM), B * H)
+    grid = (cdiv(T, BM), B * H)
     _cat_fwd_kernel[grid](q, k, v, kc, vc, o, lse, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                           kc.stride(0), kc.stride(1), H, H // Hkv, T, kc.shape[2], chunk, scale * LOG2E,
                           COMPRESSED=compressed, HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=BM, BLOCK_N=BN,
@@ -449,7 +449,7 @@ def backward(do, doc, q, k, v, kc, vc, qc, o, lse, oc, lse_c, chunk: int, scale:
     BM, BN, warps, stages = _config(q.dtype, "dq", d)
     common = dict(HEAD_DIM=d, BLOCK_D=BD, num_warps=warps, num_stages=stages)
     if L:
-        _cat_bwd_dq_kernel[(triton.cdiv(L, BM), B * H)](
+        _cat_bwd_dq_kernel[(cdiv(L, BM), B * H)](
             q, k, v, kc, vc, o, do, lse, delta, dq, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             kc.stride(0), kc.stride(1), H, group, L, NC, chunk, scale * LOG2E, scale, COMPRESSED=False,
             BLOCK_M=BM, BLOCK_N=BN, **common)
@@ -458,7 +458,7 @@ def backward(do, doc, q, k, v, kc, vc, qc, o, lse, oc, lse_c, chunk: int, scale:
     if has_qc:
         delta_c = empty((B, H, NC), torch.float32, q.device, POISON_BUFFERS)
         dqc = empty(qc.shape, qc.dtype, qc.device, POISON_BUFFERS)
-        _cat_bwd_dq_kernel[(triton.cdiv(NC, BM), B * H)](
+        _cat_bwd_dq_kernel[(cdiv(NC, BM), B * H)](
             qc, k, v, kc, vc, oc, doc, lse_c, delta_c, dqc, qc.stride(0), qc.stride(1), k.stride(0), k.stride(1),
             kc.stride(0), kc.stride(1), H, group, NC, NC, chunk, scale * LOG2E, scale, COMPRESSED=True,
             BLOCK_M=BM, BLOCK_N=BN, **common)
@@ -469,24 +469,24 @@ def backward(do, doc, q, k, v, kc, vc, qc, o, lse, oc, lse_c, chunk: int, scale:
     # with L == 0 the dq kernel writes no delta, and neither dK/dV kernel reads one: the raw kernel is not
     # launched and the slot kernel's raw row range [lo, min(L, ...)) is empty (delta_c is written above)
     if L:
-        _cat_bwd_dkv_raw_kernel[(triton.cdiv(L, BN), B * Hkv)](
+        _cat_bwd_dkv_raw_kernel[(cdiv(L, BN), B * Hkv)](
             q, k, v, do, lse, delta, dk, dv, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             Hkv, group, L, chunk, scale * LOG2E, scale, **common)
-    tiles = triton.cdiv(NC, BN) * B * Hkv
+    tiles = cdiv(NC, BN) * B * Hkv
     splits = _slot_splits(tiles, L, BM)
-    rows_per_split = triton.cdiv(triton.cdiv(max(L, 1), splits), BM) * BM
+    rows_per_split = cdiv(cdiv(max(L, 1), splits), BM) * BM
     if splits > 1:  # fp32 partial sums per split, added up by _cat_split_sum_kernel below
         part_k = empty((splits,) + tuple(kc.shape), torch.float32, kc.device, POISON_BUFFERS)
         part_v = empty((splits,) + tuple(vc.shape), torch.float32, vc.device, POISON_BUFFERS)
     else:
         part_k, part_v = dkc, dvc
-    _cat_bwd_dkv_slot_kernel[(triton.cdiv(NC, BN), B * Hkv, splits)](
+    _cat_bwd_dkv_slot_kernel[(cdiv(NC, BN), B * Hkv, splits)](
         q, do, lse, delta, qc, doc, lse_c, delta_c, kc, vc, part_k, part_v, q.stride(0), q.stride(1),
         qc.stride(0), qc.stride(1), kc.stride(0), kc.stride(1), Hkv, group, L, NC, chunk, rows_per_split,
         kc.numel(), scale * LOG2E, scale, HAS_QC=has_qc, **common)
     if splits > 1:
         n = kc.numel()
-        _cat_split_sum_kernel[(triton.cdiv(n, SPLIT_SUM_BLOCK),)](part_k, part_v, dkc, dvc, n, splits,
+        _cat_split_sum_kernel[(cdiv(n, SPLIT_SUM_BLOCK),)](part_k, part_v, dkc, dvc, n, splits,
                                                                  BLOCK=SPLIT_SUM_BLOCK, num_warps=4)
     return dq, dk, dv, dkc, dvc, dqc
 
@@ -502,8 +502,8 @@ _TARGET_PROGRAMS = 4 * 132
 def _slot_splits(tiles: int, L: int, block_m: int) -> int:
     """Row splits for the slot kernel: enough programs to fill the GPU, each split at least 4 row tiles."""
     if SLOT_SPLITS is not None:
-        return max(1, min(SLOT_SPLITS, triton.cdiv(max(L, 1), block_m)))
-    return max(1, min(triton.cdiv(_TARGET_PROGRAMS, max(tiles, 1)), triton.cdiv(max(L, 1), 4 * block_m)))
+        return max(1, min(SLOT_SPLITS, cdiv(max(L, 1), block_m)))
+    return max(1, min(cdiv(_TARGET_PROGRAMS, max(tiles, 1)), cdiv(max(L, 1), 4 * block_m)))
 
 
 def decode(q, kc, vc, n_slots, k, v, n_raw, scale: float):
@@ -526,7 +526,7 @@ DECODE_BLOCK_N = 64
 
 
 def _block_g(group: int) -> int:
-    return max(16, triton.next_power_of_2(group))  # tl.dot takes at least 16 rows
+    return max(16, next_power_of_2(group))  # tl.dot takes at least 16 rows
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from fusedlab.reference.newton_schulz import frobenius_norm_fp32
-from fusedlab.triton_kernels._common import check_device, empty
+from fusedlab.triton_kernels._common import cdiv, check_device, empty
 
 #: CUDA's limit on grid axis 1; larger batches are walked by each program in strides of this many matrices.
 MAX_GRID_BATCH = 65535
@@ -193,7 +193,7 @@ def _update_x_kernel(b_ptr, x_ptr, out_ptr, batch, M, N, m_out, n_out, out_batch
 
 def size_class(dtype: torch.dtype, m: int, batch: int) -> str:
     """"large" when the large tile still gives LARGE_MIN_PROGRAMS upper-triangle programs, else "small"."""
-    t = triton.cdiv(m, CONFIGS[(_DTYPE_KIND[dtype], "large")][0])
+    t = cdiv(m, CONFIGS[(_DTYPE_KIND[dtype], "large")][0])
     return "large" if batch * t * (t + 1) // 2 >= LARGE_MIN_PROGRAMS else "small"
 
 
@@ -206,7 +206,7 @@ def launch_config(dtype: torch.dtype, m: int, batch: int) -> dict:
 def padded(size: int, cfg: dict) -> int:
     """``size`` rounded up to a whole number of tiles (BLOCK and BLOCK_K are powers of two)."""
     p = max(cfg["BLOCK"], cfg["BLOCK_K"])
-    return triton.cdiv(size, p) * p
+    return cdiv(size, p) * p
 
 
 _TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedlab.triton_kernels._common import check_device, empty
+from fusedlab.triton_kernels._common import cdiv, check_device, empty, next_power_of_2
 
 from fusedlab.reference import resample as _ref
 
@@ -273,7 +273,7 @@ def _gather_kernel(state_ptr, anc_ptr, out_ptr, N, K, D, BLOCK_I: tl.constexpr, 
 
 def block_k(K: int) -> int:
     """Entries of a group's scratch tables: next_power_of_2(K), at least MIN_CHUNK."""
-    return max(MIN_CHUNK, triton.next_power_of_2(K))
+    return max(MIN_CHUNK, next_power_of_2(K))
 
 
 def chunk(blk: int) -> int:
@@ -288,8 +288,8 @@ def resample_num_warps(chunk_lanes: int) -> int:
 def tile(D: int, max_rows: int, num_warps: int) -> tuple[int, int]:
     """(BLOCK_I, BLOCK_D): a gather tile of WORDS_PER_THREAD words per thread over rows of D words."""
     words = WORDS_PER_THREAD * 32 * num_warps
-    block_d = min(MAX_BLOCK_D, words, triton.next_power_of_2(max(D, 1)))
-    block_i = max(1, min(words // block_d, triton.next_power_of_2(max(max_rows, 1))))
+    block_d = min(MAX_BLOCK_D, words, next_power_of_2(max(D, 1)))
+    block_i = max(1, min(words // block_d, next_power_of_2(max(max_rows, 1))))
     return block_i, block_d
 
 
@@ -490,6 +490,6 @@ def gather(state: torch.Tensor, ancestors: torch.Tensor) -> torch.Tensor:
     src, dst = _as_words(B * K, st, out)
     N, D = src.shape
     meta = _gather_meta(D, N)
-    grid = (triton.cdiv(N, meta["BLOCK_I"]), min(MAX_GRID_D, triton.cdiv(D, meta["BLOCK_D"])))
+    grid = (cdiv(N, meta["BLOCK_I"]), min(MAX_GRID_D, cdiv(D, meta["BLOCK_D"])))
     _gather_kernel[grid](src, anc, dst, N, K, D, **meta)
     return out

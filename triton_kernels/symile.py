@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedlab.triton_kernels._common import check_device, empty
+from fusedlab.triton_kernels._common import cdiv, check_device, empty, next_power_of_2
 
 #: Tests set this so every buffer a kernel writes starts as NaN: an entry the kernels fail to write fails.
 POISON_BUFFERS = False
@@ -80,7 +80,7 @@ def _config(dtype: torch.dtype, pas: str, d: int) -> dict:
         bi, bj, bd, bdv = INTERPRET_CONFIG
         warps, stages = 4, 1
     # one output slice covers a small d: no recomputation of the logits per slice
-    bdv = max(16, min(bdv, triton.next_power_of_2(max(d, 1))))
+    bdv = max(16, min(bdv, next_power_of_2(max(d, 1))))
     cfg = dict(BLOCK_I=bi, BLOCK_J=bj, BLOCK_D=bd, num_warps=warps, num_stages=stages)
     if pas != "fwd":
         cfg["BLOCK_DV"] = bdv
@@ -327,12 +327,12 @@ def _splits(n_ib: int, n_jb: int, U: int, target: int) -> tuple[int, int, int, i
     """(column blocks per program, column splits, tuples per program, tuple splits): tuples are split first
     (their partial statistics are the cheapest to merge), then column blocks, until about ``target``
     programs; no program is left empty."""
-    n_us = min(U, max(1, triton.cdiv(target, n_ib)))
-    u_per = triton.cdiv(U, n_us)
-    n_us = triton.cdiv(U, u_per)
-    n_js = min(n_jb, max(1, triton.cdiv(target, n_ib * n_us)))
-    j_per = triton.cdiv(n_jb, n_js)
-    n_js = triton.cdiv(n_jb, j_per)
+    n_us = min(U, max(1, cdiv(target, n_ib)))
+    u_per = cdiv(U, n_us)
+    n_us = cdiv(U, u_per)
+    n_js = min(n_jb, max(1, cdiv(target, n_ib * n_us)))
+    j_per = cdiv(n_jb, n_js)
+    n_js = cdiv(n_jb, j_per)
     return j_per, n_js, u_per, n_us
 
 
@@ -411,7 +411,7 @@ def forward(reps, logit_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     dev = reps[0].device
     cfg = _config(reps[0].dtype, "fwd", D)
     BI, BJ = cfg["BLOCK_I"], cfg["BLOCK_J"]
-    n_ib, n_jb = triton.cdiv(N, BI), triton.cdiv(N, BJ)
+    n_ib, n_jb = cdiv(N, BI), cdiv(N, BJ)
     U = N ** (M - 2)
     j_per, n_js, u_per, n_us = _splits(n_ib, n_jb, U, TARGET_PROGRAMS)
     lse0 = empty((n_js * n_us, N), torch.float32, dev, POISON_BUFFERS)
@@ -449,7 +449,7 @@ def backward(grad: torch.Tensor, reps, logit_scale: torch.Tensor, lse: torch.Ten
         return [torch.zeros_like(r) for r in reps], torch.zeros_like(logit_scale)
     cfg = _config(reps[0].dtype, "bwd", D)
     BI, BJ, BDV = cfg["BLOCK_I"], cfg["BLOCK_J"], cfg["BLOCK_DV"]
-    n_ib, n_jb, n_cs = triton.cdiv(N, BI), triton.cdiv(N, BJ), max(1, triton.cdiv(D, BDV))
+    n_ib, n_jb, n_cs = cdiv(N, BI), cdiv(N, BJ), max(1, cdiv(D, BDV))
     U = N ** (M - 2)
     j_per, n_js, u_per, n_us = _splits(n_ib * n_cs, n_jb, U, TARGET_PROGRAMS)
     grid = (n_ib * n_cs, n_js, n_us)
@@ -488,10 +488,10 @@ def backward(grad: torch.Tensor, reps, logit_scale: torch.Tensor, lse: torch.Ten
 def _outer_grads_deterministic(reps, scale, lse, N: int, D: int, cfg: dict) -> list[torch.Tensor]:
     """U_2 (and U_3) by _symile_bwd_outer_kernel: programs own tuples, so no atomics."""
     M, dev = len(reps), reps[0].device
-    n_cs = max(1, triton.cdiv(D, cfg["BLOCK_DV"]))
-    n_ub = 1 if M == 3 else triton.cdiv(N, OUTER_BLOCK_U)
-    per = triton.cdiv(N, min(N, max(1, triton.cdiv(TARGET_PROGRAMS, n_cs * n_ub))))
-    n_a = triton.cdiv(N, per)
+    n_cs = max(1, cdiv(D, cfg["BLOCK_DV"]))
+    n_ub = 1 if M == 3 else cdiv(N, OUTER_BLOCK_U)
+    per = cdiv(N, min(N, max(1, cdiv(TARGET_PROGRAMS, n_cs * n_ub))))
+    n_a = cdiv(N, per)
     if M == 3:
         g2 = empty((N, D), torch.float32, dev, POISON_BUFFERS)
         g3 = g2
@@ -545,7 +545,7 @@ def mip(candidates: torch.Tensor, queries: list) -> torch.Tensor:
     if B == 0 or C == 0:
         return out
     cfg = _mip_config(cand.dtype)
-    grid = (triton.cdiv(B, cfg["BLOCK_B"]), triton.cdiv(C, cfg["BLOCK_C"]))
+    grid = (cdiv(B, cfg["BLOCK_B"]), cdiv(C, cfg["BLOCK_C"]))
     _mip_kernel[grid](cand, qs[0], qs[1], qs[2], out, B, C, D, strides[0], strides[1], strides[2],
                       NQ=len(queries), **cfg)
     return out
