@@ -10,7 +10,8 @@
 #   bash bench/gpu_check.sh [FAMILY ...]        e.g. bash bench/gpu_check.sh resample
 #
 # BUDGET_S (default 540) bounds the whole run, build and tests included: benchmark families that would start
-# with under 60 s left are skipped by name. TEST_TIMEOUT (default 240) bounds the tests.
+# with under 60 s left are skipped by name. TEST_TIMEOUT (default 240) bounds the tests. SWEEP=1 then spends
+# what is left on the Triton kernel-config sweeps (python -m fusedlab.perf.sweep, sweep_gpu.json).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -71,5 +72,15 @@ for fam in "${families[@]}"; do
   # machine returning only a few files returns all of these
   [ -n "${KEEP_ALL:-}" ] || rm -f "$OUT"/*.md "$OUT"/*.png
 done
+# SWEEP=1: the kernel-config sweeps of the unmet GPU targets (python/fusedlab/perf/sweep.py) in what is left
+if [ -n "${SWEEP:-}" ]; then
+  left=$(( ${BUDGET_S:-540} - ($(date +%s) - start) ))
+  if [ "$left" -lt 60 ]; then
+    echo "== sweep: skipped, ${left} s left" | tee -a "$LOG"
+  else
+    echo "== sweep: Triton kernel configs (limit $(( left - 10 )) s)" | tee -a "$LOG"
+    timeout $(( left - 10 )) $PY -m fusedlab.perf.sweep --out "$OUT" 2>&1 | tee -a "$LOG" | tail -40 || status=1
+  fi
+fi
 echo "== done (status $status); results in $OUT" | tee -a "$LOG"
 exit $status

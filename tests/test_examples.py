@@ -62,3 +62,24 @@ def test_cat_graph_rows_harness():
                              mode="default")
     assert all(r[k] > 0 for k in ("ours_compiled_ms", "ours_eager_ms", "sdpa_compiled_ms", "sdpa_eager_ms"))
     assert r["vs_sdpa_compiled"] == r["sdpa_compiled_ms"] / r["ours_compiled_ms"]
+
+
+def test_config_sweep_harness(monkeypatch):
+    """The GPU config sweep (python -m fusedlab.perf.sweep) on tiny shapes under the interpreter, a fixed
+    stand-in for the profiler's time: a candidate that does not compile is reported and never chosen, the
+    others agree with the default config, and the defaults are restored afterwards."""
+    import torch
+    from fusedlab.perf import sweep
+    from fusedlab.triton_kernels import cat as tk
+
+    before = dict(tk.CONFIGS)
+    monkeypatch.setattr(sweep, "CAT_CANDIDATES", {"fwd": [(16, 16, 4, 1), (24, 16, 4, 1)], "dq": [(32, 16, 4, 1)],
+                                                  "dkv": [(16, 32, 4, 1)]})
+    rows = sweep.cat_sweep("cpu", B=1, H=2, L=40, l=8, d=16, dtype=torch.float32,
+                           device_time=lambda fn, names: 3.0 if names == ("_cat_fwd_kernel",) else 1.0)
+    assert tk.CONFIGS == before
+    bad = [r for r in rows if not r["ok"]]
+    assert [r["config"] for r in bad] == [[24, 16, 4, 1]] and "power of 2" in bad[0]["note"]
+    assert all(r["max_rel_vs_default"] < 1e-5 for r in rows if r["ok"])
+    assert sweep.best(rows) == {"fwd": dict(config=[16, 16, 4, 1], us=3.0), "dq": dict(config=[32, 16, 4, 1], us=1.0),
+                                "dkv": dict(config=[16, 32, 4, 1], us=1.0)}
