@@ -83,3 +83,29 @@ def test_config_sweep_harness(monkeypatch):
     assert all(r["max_rel_vs_default"] < 1e-5 for r in rows if r["ok"])
     assert sweep.best(rows) == {"fwd": dict(config=[16, 16, 4, 1], us=3.0), "dq": dict(config=[32, 16, 4, 1], us=1.0),
                                 "dkv": dict(config=[16, 32, 4, 1], us=1.0)}
+
+
+def test_resample_graph_rows_harness(monkeypatch):
+    """The CUDA-graph resample comparison with the capture replaced by a plain re-call (no GPU here): one row
+    per implementation, ratios from the same run, and a path that fails to capture reported, not fatal."""
+    from fusedlab.perf import resample as perf_resample
+
+    class Replay:
+        def __init__(self, fn):
+            self.replay = fn
+
+    def fake_capture(fn):
+        if fn.__defaults__ and fn.__defaults__[0] is perf_resample.peer_naive:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return Replay(fn)
+
+    monkeypatch.setattr(perf_resample, "capture", fake_capture)
+    rows = perf_resample.graph_rows(["cpu"], [(8, 16)], min_run_time=0.01, device="cpu")
+    by = {r["op"]: r for r in rows}
+    assert set(by) == {"resample+gather in a CUDA graph", "peer: naive, in a CUDA graph",
+                       "peer: plain_systematic, in a CUDA graph", "peer: clone, in a CUDA graph"}
+    ours = by["resample+gather in a CUDA graph"]
+    clone = by["peer: clone, in a CUDA graph"]
+    assert ours["ms"] > 0 and ours["over_clone"] == ours["ms"] / clone["ms"]
+    naive = by["peer: naive, in a CUDA graph"]
+    assert naive["ms"] is None and "capturing" in naive["note"]

@@ -172,6 +172,17 @@ def bench(out_dir, min_run_time=0.5, shapes=perf_resample.SHAPES, family="resamp
     base, results = _write_results(out_dir, "resample", "resample + gather", all_rows, shown, cols)
     _plot(results, base + ".png")
     print(f"wrote {base}.png")
+    if shapes == perf_resample.SHAPES and any(dev == "cuda" for dev, _ in _devices_and_backends(device)):
+        # the same calls replayed from CUDA graphs: GPU time without the host's per-call cost (written last)
+        cuda_backends = dict(_devices_and_backends(device))["cuda"]
+        graphs = perf_resample.graph_rows([b for b in cuda_backends if b in ("cuda", "triton")], shapes, min_run_time)
+        fmt = lambda x: "" if x is None else f"{x:.4f}"  # noqa: E731
+        shown = [dict(r, device="cuda", ms=fmt(r["ms"]), vs_plain=fmt(r["vs_plain"]), over_clone=fmt(r["over_clone"]))
+                 for r in graphs]
+        cols = [("device", "device"), ("op", "op"), ("backend", "backend"), ("B", "B"), ("K", "K"), ("D", "D"),
+                ("median ms", "ms"), ("speedup vs plain", "vs_plain"), ("time / clone", "over_clone"),
+                ("notes", "note")]
+        _write_results(out_dir, "resample_graphs", "resample + gather replayed from CUDA graphs", graphs, shown, cols)
 
 
 def bench_newton_schulz(out_dir, min_run_time=0.5, quick=False, device="all"):

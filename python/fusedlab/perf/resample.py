@@ -103,3 +103,41 @@ def rows(device, backends, shapes=SHAPES, min_run_time=0.2, progress=None):
         if progress is not None:
             progress.update(1)
     return out
+
+
+def capture(fn, warmup=3):
+    """``fn`` captured in a CUDA graph after a few warm-up calls on a side stream (allocator, lazy init), as
+    torch.cuda.graph asks; returns the graph, whose replay re-runs every launch without host work."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def graph_rows(backends, shapes=SHAPES, min_run_time=0.2, device="cuda"):
+    """Resample + gather (systematic, on_degenerate="uniform", uniforms drawn from the default generator)
+    and each peer captured in one CUDA graph and replayed: their launches' GPU time without the host's
+    per-call cost, which dominates eager calls at these sizes. One row per (shape, implementation)."""
+    out = []
+    for B, K in shapes:
+        lw, state = inputs(B, K, device)
+        times, notes = {}, {}
+        for name, fn in [(be, ours(be)) for be in backends] + list(PEERS.items()):
+            try:
+                graph = capture(lambda fn=fn: fn(lw, state))
+                times[name] = measure(graph.replay, min_run_time).median_ms
+            except Exception as err:  # a path that cannot be captured is reported, not fatal
+                times[name], notes[name] = None, f"{type(err).__name__}: {str(err).splitlines()[0][:100]}"
+        for name, ms in times.items():
+            ok = ms is not None and times.get("clone") and times.get("plain_systematic")
+            out.append(dict(family="resample", op="resample+gather in a CUDA graph" if name in backends else
+                            f"peer: {name}, in a CUDA graph", backend=name if name in backends else "torch", B=B, K=K,
+                            D=STATE_DIM, ms=ms, vs_plain=times["plain_systematic"] / ms if ok else None,
+                            over_clone=ms / times["clone"] if ok else None, note=notes.get(name, "")))
+    return out
