@@ -192,3 +192,15 @@ def test_cat_configs_cover_every_backward_kernel(aot):
             assert {f"cat_bwd_dq[{tag} compressed=False]", f"cat_bwd_dq[{tag} compressed=True]",
                     f"cat_bwd_dkv_raw[{tag}]", f"cat_bwd_dkv_slot[{tag} qc=True out={dtype}]"} <= names, tag
         assert {f"cat_split_sum[{dtype} N=i32]", f"cat_split_sum[{dtype} N=i64]"} <= names, dtype
+
+
+def test_host_launch_helpers_match_triton():
+    """The plain-Python cdiv and next_power_of_2 the launch planning uses (triton's own are constexpr
+    functions, slow on the host) give triton's values."""
+    import triton
+
+    from fusedlab.triton_kernels._common import cdiv, next_power_of_2
+
+    assert all(cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 600) for b in (1, 2, 3, 7, 16, 64, 128, 1024))
+    assert all(next_power_of_2(n) == triton.next_power_of_2(n) for n in range(1, 5000))
+    assert next_power_of_2(2**40 + 1) == 2**41

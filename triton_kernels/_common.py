@@ -14,7 +14,7 @@ def cdiv(a: int, b: int) -> int:
 
 
 def next_power_of_2(n: int) -> int:
-    """The smallest power of 2 >= n (1 for n <= 1); plain Python, as ``cdiv``."""
+    """The smallest power of 2 >= n, for n >= 1 (triton.next_power_of_2 with plain Python, as ``cdiv``)."""
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
