@@ -64,6 +64,7 @@ def test_cat_graph_rows_harness():
     assert r["vs_sdpa_compiled"] == r["sdpa_compiled_ms"] / r["ours_compiled_ms"]
 
 
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning")
 def test_config_sweep_harness(monkeypatch):
     """The GPU config sweep (python -m fusedlab.perf.sweep) on tiny shapes under the interpreter, a fixed
     stand-in for the profiler's time: a candidate that does not compile is reported and never chosen, the

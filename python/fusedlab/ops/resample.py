@@ -217,27 +217,27 @@ def _check_log_weights(log_weights):
 def _uniforms(log_weights, method, uniforms, generator):
     B, K = log_weights.shape
     shape = (B,) if method == "systematic" else (B, K)
-    if uniforms is None:
-        u = torch.rand(shape, dtype=torch.float64, device=log_weights.device, generator=generator)
-    else:
-        if generator is not None:
-            raise ValueError("pass either uniforms or generator, not both")
-        if not isinstance(uniforms, torch.Tensor):
-            raise TypeError(f"uniforms must be a torch.Tensor, got {type(uniforms).__name__}")
-        if tuple(uniforms.shape) != shape:
-            raise ValueError(f"uniforms must have shape {list(shape)} for method {method!r} (B={B}, K={K}), "
-                             f"got {list(uniforms.shape)}")
-        if uniforms.device != log_weights.device:
-            raise ValueError(f"uniforms must be on {log_weights.device} like log_weights, got {uniforms.device}")
-        if not uniforms.dtype.is_floating_point:
-            raise TypeError(f"uniforms must be a floating-point tensor in [0, 1), got dtype {uniforms.dtype}")
-        u = uniforms.to(torch.float64)
-        in_range = ((u >= 0) & (u < 1)).all()
-        if u.device.type == "cpu" and not torch.compiler.is_compiling():
-            if not bool(in_range):
-                raise ValueError("uniforms must lie in [0, 1) (NaN is not allowed)")
-        else:  # no host sync on a GPU or inside a compiled graph: a device-side assertion
-            torch._assert_async(in_range, "fusedlab.resample: uniforms must lie in [0, 1)")
+    if uniforms is None:  # drawn in the op's layout (the same stream as shape [B]): no reshape per call
+        return torch.rand((B, 1) if method == "systematic" else shape, dtype=torch.float64,
+                          device=log_weights.device, generator=generator)
+    if generator is not None:
+        raise ValueError("pass either uniforms or generator, not both")
+    if not isinstance(uniforms, torch.Tensor):
+        raise TypeError(f"uniforms must be a torch.Tensor, got {type(uniforms).__name__}")
+    if tuple(uniforms.shape) != shape:
+        raise ValueError(f"uniforms must have shape {list(shape)} for method {method!r} (B={B}, K={K}), "
+                         f"got {list(uniforms.shape)}")
+    if uniforms.device != log_weights.device:
+        raise ValueError(f"uniforms must be on {log_weights.device} like log_weights, got {uniforms.device}")
+    if not uniforms.dtype.is_floating_point:
+        raise TypeError(f"uniforms must be a floating-point tensor in [0, 1), got dtype {uniforms.dtype}")
+    u = uniforms.to(torch.float64)
+    in_range = ((u >= 0) & (u < 1)).all()
+    if u.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(in_range):
+            raise ValueError("uniforms must lie in [0, 1) (NaN is not allowed)")
+    else:  # no host sync on a GPU or inside a compiled graph: a device-side assertion
+        torch._assert_async(in_range, "fusedlab.resample: uniforms must lie in [0, 1)")
     return u.reshape(B, 1) if method == "systematic" else u
 
 
