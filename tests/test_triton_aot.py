@@ -182,15 +182,15 @@ def test_symile_configs_cover_every_kernel_and_path(aot):
 
 
 def test_cat_configs_cover_every_backward_kernel(aot):
-    """bf16 and fp32 at d = 64 and 128: the dQ kernel on both query streams, both dK/dV kernels, and the
-    reduction of the slot kernel's row splits with a 32- and a 64-bit element count."""
+    """bf16 and fp32 at d = 64 and 128: the dQ kernel (one specialization for both query streams), both
+    dK/dV kernels, and the reduction of the slot kernel's row splits with a 32- and a 64-bit element count."""
     _, records = aot
     names = {r["name"] for r in records if r["module"] == "cat"}
     for dtype in ("bf16", "fp32"):
         for d in (64, 128):
             tag = f"{dtype} d={d}"
-            assert {f"cat_bwd_dq[{tag} compressed=False]", f"cat_bwd_dq[{tag} compressed=True]",
-                    f"cat_bwd_dkv_raw[{tag}]", f"cat_bwd_dkv_slot[{tag} qc=True out={dtype}]"} <= names, tag
+            assert {f"cat_fwd[{tag}]", f"cat_bwd_dq[{tag}]", f"cat_bwd_dkv_raw[{tag}]",
+                    f"cat_bwd_dkv_slot[{tag} qc=True out={dtype}]"} <= names, tag
         assert {f"cat_split_sum[{dtype} N=i32]", f"cat_split_sum[{dtype} N=i64]"} <= names, dtype
 
 

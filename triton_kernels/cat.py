@@ -6,10 +6,12 @@ a tile of raw queries visits only what it can see:
 * ``_cat_fwd_kernel``: one program per (query tile, batch x head). It runs one online softmax (base 2,
   fp32) over the compressed slots 0..(last chunk in the tile), then over the raw keys from the start of
   the tile's first chunk to its last row, with the chunk-diagonal causal mask; it stores o and the
-  log-sum-exp (natural log) for the backward. With COMPRESSED the queries are the compressed stream (row c
-  sees slots 0..c; no raw keys). At L = 4096 and l = 16 a 64-row tile visits 257 slots and 64 raw keys
-  instead of dense causal attention's 2048 keys on average.
-* ``_cat_bwd_dq_kernel``: the forward's loops again, recomputing P from the saved log-sum-exp, with
+  log-sum-exp (natural log) for the backward. The compressed queries, when given, ride in the same launch:
+  programs past the raw row tiles take their row tiles (row c sees slots 0..c; no raw keys), chosen at run
+  time by ``_stream_rows``. At L = 4096 and l = 16 a 64-row tile visits 257 slots and 64 raw keys instead
+  of dense causal attention's 2048 keys on average.
+* ``_cat_bwd_dq_kernel``: the forward's loops again (both query streams in one launch, as there),
+  recomputing P from the saved log-sum-exp, with
   dS = P (dP - delta). delta = rowsum(o * do) (fp32) comes from the program's own o and dO tiles; each
   query row belongs to one program, which also stores its delta for the dK/dV kernels launched after it.
 * ``_cat_bwd_dkv_raw_kernel``: one program per (raw key tile, batch x kv head): the queries that see those
@@ -46,8 +48,9 @@ LN2 = 0.6931471805599453
 #: (BLOCK_M, BLOCK_N, num_warps, num_stages) per (kind, pass, padded head dim) where kind is "half"
 #: (fp16/bf16) or "fp32" and pass is "fwd", "dq" or "dkv". Chosen so that no kernel spills registers on
 #: sm_90 (tests/test_triton_aot.py reads ptxas' counts): d = 128 takes 8 warps for half types; exact fp32
-#: products run on FMA units and take smaller tiles. dQ takes the forward's tiles; at fp32 d = 64 it
-#: pipelines its key loads (2 stages), without which ptxas spills it (about 580 bytes) since it reads o.
+#: products run on FMA units and take smaller tiles. dQ takes the forward's tiles, except at fp32 d = 64:
+#: since it reads o and serves both query streams, 32x32 tiles spill there (12-630 bytes with 1-2 stages,
+#: 4-8 warps), 32 query rows x 16 keys with 2 stages do not.
 CONFIGS = {
     ("half", "fwd", 64): (64, 64, 4, 2),
     ("half", "fwd", 128): (64, 64, 8, 2),
@@ -57,7 +60,7 @@ CONFIGS = {
     ("half", "dkv", 128): (32, 32, 8, 2),
     ("fp32", "fwd", 64): (32, 32, 4, 1),
     ("fp32", "fwd", 128): (16, 16, 4, 2),
-    ("fp32", "dq", 64): (32, 32, 4, 2),
+    ("fp32", "dq", 64): (32, 16, 4, 2),
     ("fp32", "dq", 128): (16, 16, 4, 2),
     ("fp32", "dkv", 64): (16, 32, 4, 2),
     ("fp32", "dkv", 128): (16, 32, 8, 2),
@@ -93,35 +96,52 @@ def _softmax_tile(q, kt_ptrs, vt_ptrs, kv_mask, seen, m_i, l_i, acc, qk_scale):
 
 
 @triton.jit
-def _cat_fwd_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, o_ptr, lse_ptr,
-                    stride_qb, stride_qh, stride_kb, stride_kh, stride_cb, stride_ch,
-                    H, GROUP, T, NC, CHUNK, qk_scale,
-                    COMPRESSED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # T: query rows (L raw, or NC compressed); rows are HEAD_DIM apart in every tensor (contiguous last dims)
-    pid_m = tl.program_id(0)
+def _stream_rows(pid, RAW_TILES, T, NC, CHUNK, BLOCK_M: tl.constexpr):
+    """Which query stream a program of the combined grid serves: programs [0, RAW_TILES) take row tiles of the
+    T raw queries, the rest row tiles of the NC compressed ones. Returns the tile's rows, their bounds, each
+    row's chunk (a compressed row c is chunk c), the slot range [0, slot_end) and the raw key range
+    [raw_start, raw_end) (empty for compressed rows)."""
+    compressed = pid >= RAW_TILES
+    pid_m = tl.where(compressed, pid - RAW_TILES, pid)
+    n_rows = tl.where(compressed, NC, T)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, n_rows) - 1
+    chunk = tl.where(compressed, rows, rows // CHUNK)
+    slot_end = tl.where(compressed, last + 1, last // CHUNK + 1)
+    raw_start = ((pid_m * BLOCK_M) // CHUNK) * CHUNK
+    raw_end = tl.where(compressed, raw_start, last + 1)
+    return compressed, rows, row_ok, chunk, slot_end, raw_start, raw_end
+
+
+@triton.jit(do_not_specialize=["T", "NC", "RAW_TILES"])
+def _cat_fwd_kernel(q_ptr, qc_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, o_ptr, oc_ptr, lse_ptr, lse_c_ptr,
+                    stride_qb, stride_qh, stride_qcb, stride_qch, stride_kb, stride_kh, stride_cb, stride_ch,
+                    H, GROUP, T, NC, CHUNK, RAW_TILES, qk_scale,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # T raw query rows, NC slots (= compressed query rows); rows are HEAD_DIM apart in every tensor
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     hk = h // GROUP
-    q_base = q_ptr + b * stride_qb + h * stride_qh
+    compressed, rows, row_ok, chunk, slot_end, raw_start, raw_end = _stream_rows(
+        tl.program_id(0), RAW_TILES, T, NC, CHUNK, BLOCK_M)
+    if compressed:
+        q_base = qc_ptr + b * stride_qcb + h * stride_qch
+        o_base = oc_ptr + b * stride_qcb + h * stride_qch
+        lse_base = lse_c_ptr + bh.to(tl.int64) * NC
+    else:
+        q_base = q_ptr + b * stride_qb + h * stride_qh
+        o_base = o_ptr + b * stride_qb + h * stride_qh
+        lse_base = lse_ptr + bh.to(tl.int64) * T
     k_base = k_ptr + b * stride_kb + hk * stride_kh
     v_base = v_ptr + b * stride_kb + hk * stride_kh
     kc_base = kc_ptr + b * stride_cb + hk * stride_ch
     vc_base = vc_ptr + b * stride_cb + hk * stride_ch
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < T
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
     q = tl.load(q_base + rows[:, None] * HEAD_DIM + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-    last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, T) - 1
-    if COMPRESSED:
-        chunk = rows
-        slot_end = last + 1
-    else:
-        chunk = rows // CHUNK
-        slot_end = last // CHUNK + 1
 
     m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -134,21 +154,19 @@ def _cat_fwd_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, o_ptr, lse_ptr,
         kv_mask = (cols < slot_end)[:, None] & dim_ok[None, :]
         m_i, l_i, acc = _softmax_tile(q, kc_base + offs, vc_base + offs, kv_mask, cols[None, :] <= chunk[:, None],
                                       m_i, l_i, acc, qk_scale)
-    if not COMPRESSED:
-        # raw keys: from the first row's chunk start to the last row (chunk-diagonal causal mask)
-        raw_start = ((pid_m * BLOCK_M) // CHUNK) * CHUNK
-        for start in range(raw_start, last + 1, BLOCK_N):
-            cols = start + cols0
-            offs = cols[:, None] * HEAD_DIM + dims[None, :]
-            kv_mask = (cols <= last)[:, None] & dim_ok[None, :]
-            seen = ((cols // CHUNK)[None, :] == chunk[:, None]) & (cols[None, :] <= rows[:, None])
-            m_i, l_i, acc = _softmax_tile(q, k_base + offs, v_base + offs, kv_mask, seen, m_i, l_i, acc, qk_scale)
+    # raw keys: from the first row's chunk start to the last row (chunk-diagonal causal mask); none for
+    # compressed rows
+    for start in range(raw_start, raw_end, BLOCK_N):
+        cols = start + cols0
+        offs = cols[:, None] * HEAD_DIM + dims[None, :]
+        kv_mask = (cols < raw_end)[:, None] & dim_ok[None, :]
+        seen = ((cols // CHUNK)[None, :] == chunk[:, None]) & (cols[None, :] <= rows[:, None])
+        m_i, l_i, acc = _softmax_tile(q, k_base + offs, v_base + offs, kv_mask, seen, m_i, l_i, acc, qk_scale)
     o = acc / l_i[:, None]
-    o_base = o_ptr + b * stride_qb + h * stride_qh
     tl.store(o_base + rows[:, None] * HEAD_DIM + dims[None, :], o.to(o_ptr.dtype.element_ty),
              mask=row_ok[:, None] & dim_ok[None, :])
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # back to natural log
-    tl.store(lse_ptr + bh.to(tl.int64) * T + rows, lse, mask=row_ok)
+    tl.store(lse_base + rows, lse, mask=row_ok)
 
 
 @triton.jit
@@ -163,44 +181,52 @@ def _dq_tile(q, do, lse2, delta, dq, kt_ptrs, vt_ptrs, kv_mask, seen, qk_scale):
     return dq + tl.dot(ds.to(kt.dtype), kt, input_precision="ieee")
 
 
-@triton.jit
-def _cat_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-                       stride_qb, stride_qh, stride_kb, stride_kh, stride_cb, stride_ch,
-                       H, GROUP, T, NC, CHUNK, qk_scale, scale,
-                       COMPRESSED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
+@triton.jit(do_not_specialize=["T", "NC", "RAW_TILES"])
+def _cat_bwd_dq_kernel(q_ptr, qc_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, o_ptr, oc_ptr, do_ptr, doc_ptr, lse_ptr,
+                       lse_c_ptr, delta_ptr, delta_c_ptr, dq_ptr, dqc_ptr,
+                       stride_qb, stride_qh, stride_qcb, stride_qch, stride_kb, stride_kh, stride_cb, stride_ch,
+                       H, GROUP, T, NC, CHUNK, RAW_TILES, qk_scale, scale,
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     hk = h // GROUP
-    q_off = b * stride_qb + h * stride_qh
+    compressed, rows, row_ok, chunk, slot_end, raw_start, raw_end = _stream_rows(
+        tl.program_id(0), RAW_TILES, T, NC, CHUNK, BLOCK_M)
+    if compressed:
+        q_off = b * stride_qcb + h * stride_qch
+        q_base = qc_ptr + q_off
+        o_base = oc_ptr + q_off
+        do_base = doc_ptr + q_off
+        dq_base = dqc_ptr + q_off
+        lse_base = lse_c_ptr + bh.to(tl.int64) * NC
+        delta_base = delta_c_ptr + bh.to(tl.int64) * NC
+    else:
+        q_off = b * stride_qb + h * stride_qh
+        q_base = q_ptr + q_off
+        o_base = o_ptr + q_off
+        do_base = do_ptr + q_off
+        dq_base = dq_ptr + q_off
+        lse_base = lse_ptr + bh.to(tl.int64) * T
+        delta_base = delta_ptr + bh.to(tl.int64) * T
     k_base = k_ptr + b * stride_kb + hk * stride_kh
     v_base = v_ptr + b * stride_kb + hk * stride_kh
     kc_base = kc_ptr + b * stride_cb + hk * stride_ch
     vc_base = vc_ptr + b * stride_cb + hk * stride_ch
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < T
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
     tile = rows[:, None] * HEAD_DIM + dims[None, :]
     tile_mask = row_ok[:, None] & dim_ok[None, :]
-    q = tl.load(q_ptr + q_off + tile, mask=tile_mask, other=0.0)
-    do = tl.load(do_ptr + q_off + tile, mask=tile_mask, other=0.0)
-    lse2 = tl.load(lse_ptr + bh.to(tl.int64) * T + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+    q = tl.load(q_base + tile, mask=tile_mask, other=0.0)
+    do = tl.load(do_base + tile, mask=tile_mask, other=0.0)
+    lse2 = tl.load(lse_base + rows, mask=row_ok, other=0.0) * 1.4426950408889634
     # delta here, not in torch beforehand (two casts, a product, a sum: four launches the host pays for);
     # the dK/dV kernels, launched after this one on the same stream, read it back
-    o = tl.load(o_ptr + q_off + tile, mask=tile_mask, other=0.0)
+    o = tl.load(o_base + tile, mask=tile_mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(delta_ptr + bh.to(tl.int64) * T + rows, delta, mask=row_ok)
-    last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, T) - 1
-    if COMPRESSED:
-        chunk = rows
-        slot_end = last + 1
-    else:
-        chunk = rows // CHUNK
-        slot_end = last // CHUNK + 1
+    tl.store(delta_base + rows, delta, mask=row_ok)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     cols0 = tl.arange(0, BLOCK_N)
@@ -210,15 +236,13 @@ def _cat_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, o_ptr, do_ptr, lse_p
         offs = cols[:, None] * HEAD_DIM + dims[None, :]
         seen = (cols[None, :] <= chunk[:, None]) & row_ok[:, None]
         dq = _dq_tile(q, do, lse2, delta, dq, kc_base + offs, vc_base + offs, kv_mask, seen, qk_scale)
-    if not COMPRESSED:
-        raw_start = ((pid_m * BLOCK_M) // CHUNK) * CHUNK
-        for start in range(raw_start, last + 1, BLOCK_N):
-            cols = start + cols0
-            kv_mask = (cols <= last)[:, None] & dim_ok[None, :]
-            offs = cols[:, None] * HEAD_DIM + dims[None, :]
-            seen = ((cols // CHUNK)[None, :] == chunk[:, None]) & (cols[None, :] <= rows[:, None]) & row_ok[:, None]
-            dq = _dq_tile(q, do, lse2, delta, dq, k_base + offs, v_base + offs, kv_mask, seen, qk_scale)
-    tl.store(dq_ptr + q_off + tile, (dq * scale).to(dq_ptr.dtype.element_ty), mask=tile_mask)
+    for start in range(raw_start, raw_end, BLOCK_N):  # empty for compressed rows
+        cols = start + cols0
+        kv_mask = (cols < raw_end)[:, None] & dim_ok[None, :]
+        offs = cols[:, None] * HEAD_DIM + dims[None, :]
+        seen = ((cols // CHUNK)[None, :] == chunk[:, None]) & (cols[None, :] <= rows[:, None]) & row_ok[:, None]
+        dq = _dq_tile(q, do, lse2, delta, dq, k_base + offs, v_base + offs, kv_mask, seen, qk_scale)
+    tl.store(dq_base + tile, (dq * scale).to(dq_ptr.dtype.element_ty), mask=tile_mask)
 
 
 @triton.jit
@@ -405,31 +429,29 @@ def _block_d(d: int) -> int:
     return max(16, next_power_of_2(d))
 
 
-def _fwd(q, kc, vc, k, v, chunk, scale, compressed):
-    B, H, T, d = q.shape
-    Hkv = kc.shape[1]
-    BM, BN, warps, stages = _config(q.dtype, "fwd", d)
-    o = empty(q.shape, q.dtype, q.device, POISON_BUFFERS)
-    lse = empty((B, H, T), torch.float32, q.device, POISON_BUFFERS)
-    if T == 0:
-        return o, lse
-    grid = (cdiv(T, BM), B * H)
-    _cat_fwd_kernel[grid](q, k, v, kc, vc, o, lse, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                          kc.stride(0), kc.stride(1), H, H // Hkv, T, kc.shape[2], chunk, scale * LOG2E,
-                          COMPRESSED=compressed, HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=BM, BLOCK_N=BN,
-                          num_warps=warps, num_stages=stages)
-    return o, lse
-
-
 def forward(q, k, v, kc, vc, qc, chunk: int, scale: float):
-    """(o, lse, oc, lse_c); oc and lse_c are empty (0 rows) without ``qc``."""
+    """(o, lse, oc, lse_c); oc and lse_c are empty (0 rows) without ``qc``. One launch for both query
+    streams: the grid's first programs take the raw row tiles, the rest the compressed ones."""
     for t, name in ((q, "q"), (k, "k"), (v, "v"), (kc, "kc"), (vc, "vc")):
         check_device(t, name)
-    o, lse = _fwd(q, kc, vc, k, v, chunk, scale, compressed=False)
-    if qc is None:
-        B, H, _, d = q.shape
-        return o, lse, q.new_empty((B, H, 0, d)), lse.new_empty((B, H, 0))
-    oc, lse_c = _fwd(qc, kc, vc, k, v, chunk, scale, compressed=True)
+    B, H, L, d = q.shape
+    Hkv, NC = kc.shape[1], kc.shape[2]
+    BM, BN, warps, stages = _config(q.dtype, "fwd", d)
+    o = empty(q.shape, q.dtype, q.device, POISON_BUFFERS)
+    lse = empty((B, H, L), torch.float32, q.device, POISON_BUFFERS)
+    if qc is None:  # placeholders the kernel never reads: no program takes compressed rows
+        oc, lse_c, qc_arg, oc_arg, lse_c_arg, c_tiles = q.new_empty((B, H, 0, d)), lse.new_empty((B, H, 0)), q, o, lse, 0
+    else:
+        oc = empty(qc.shape, qc.dtype, qc.device, POISON_BUFFERS)
+        lse_c = empty((B, H, NC), torch.float32, q.device, POISON_BUFFERS)
+        qc_arg, oc_arg, lse_c_arg, c_tiles = qc, oc, lse_c, cdiv(NC, BM)
+    raw_tiles = cdiv(L, BM)
+    if raw_tiles + c_tiles:
+        _cat_fwd_kernel[(raw_tiles + c_tiles, B * H)](
+            q, qc_arg, k, v, kc, vc, o, oc_arg, lse, lse_c_arg, q.stride(0), q.stride(1), qc_arg.stride(0),
+            qc_arg.stride(1), k.stride(0), k.stride(1), kc.stride(0), kc.stride(1), H, H // Hkv, L, NC, chunk,
+            raw_tiles, scale * LOG2E, HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=BM, BLOCK_N=BN, num_warps=warps,
+            num_stages=stages)
     return o, lse, oc, lse_c
 
 
@@ -447,23 +469,22 @@ def backward(do, doc, q, k, v, kc, vc, qc, o, lse, oc, lse_c, chunk: int, scale:
     dkc = empty(kc.shape, kc.dtype, kc.device, POISON_BUFFERS)
     dvc = empty(vc.shape, vc.dtype, vc.device, POISON_BUFFERS)
     BM, BN, warps, stages = _config(q.dtype, "dq", d)
-    common = dict(HEAD_DIM=d, BLOCK_D=BD, num_warps=warps, num_stages=stages)
-    if L:
-        _cat_bwd_dq_kernel[(cdiv(L, BM), B * H)](
-            q, k, v, kc, vc, o, do, lse, delta, dq, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            kc.stride(0), kc.stride(1), H, group, L, NC, chunk, scale * LOG2E, scale, COMPRESSED=False,
-            BLOCK_M=BM, BLOCK_N=BN, **common)
+    # one launch for both query streams, as in the forward; it also writes delta (and delta_c)
     dqc = None
     has_qc = qc is not None
     if has_qc:
         delta_c = empty((B, H, NC), torch.float32, q.device, POISON_BUFFERS)
         dqc = empty(qc.shape, qc.dtype, qc.device, POISON_BUFFERS)
-        _cat_bwd_dq_kernel[(cdiv(NC, BM), B * H)](
-            qc, k, v, kc, vc, oc, doc, lse_c, delta_c, dqc, qc.stride(0), qc.stride(1), k.stride(0), k.stride(1),
-            kc.stride(0), kc.stride(1), H, group, NC, NC, chunk, scale * LOG2E, scale, COMPRESSED=True,
-            BLOCK_M=BM, BLOCK_N=BN, **common)
-    else:  # placeholders the kernel never reads (HAS_QC=False)
-        qc, doc, lse_c, delta_c = q, do, lse, delta
+        c_tiles = cdiv(NC, BM)
+    else:  # placeholders the kernels never read (no compressed programs here, HAS_QC=False below)
+        qc, oc, doc, lse_c, delta_c, c_tiles = q, o, do, lse, delta, 0
+    raw_tiles = cdiv(L, BM)
+    if raw_tiles + c_tiles:
+        _cat_bwd_dq_kernel[(raw_tiles + c_tiles, B * H)](
+            q, qc, k, v, kc, vc, o, oc, do, doc, lse, lse_c, delta, delta_c, dq, dq if dqc is None else dqc,
+            q.stride(0), q.stride(1), qc.stride(0), qc.stride(1), k.stride(0), k.stride(1), kc.stride(0),
+            kc.stride(1), H, group, L, NC, chunk, raw_tiles, scale * LOG2E, scale, HEAD_DIM=d, BLOCK_D=BD,
+            BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages)
     BM, BN, warps, stages = _config(q.dtype, "dkv", d)
     common = dict(HEAD_DIM=d, BLOCK_D=BD, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages)
     # with L == 0 the dq kernel writes no delta, and neither dK/dV kernel reads one: the raw kernel is not
@@ -548,29 +569,26 @@ def aot_configs(full: bool = False) -> Iterator[dict]:
             BM, BN, warps, stages = CONFIGS[(kind, "fwd", 64 if d <= 64 else 128)]
             opts = {"num_warps": warps, "num_stages": stages}
             tag = f"{names[dtype]} d={d}"
-            for compressed in (False, True):
-                yield dict(name=f"cat_fwd[{tag} compressed={compressed}]", kernel=_cat_fwd_kernel,
-                           signature={**{n: ty for n in ("q_ptr", "k_ptr", "v_ptr", "kc_ptr", "vc_ptr", "o_ptr")},
-                                      "lse_ptr": "*fp32", **{n: "i64" for n in _FWD_STRIDES},
-                                      **{n: "i32" for n in ("H", "GROUP", "T", "NC", "CHUNK")}, "qk_scale": "fp32",
-                                      **{n: "constexpr" for n in ("COMPRESSED", "HEAD_DIM", "BLOCK_D", "BLOCK_M",
-                                                                  "BLOCK_N")}},
-                           constexprs=dict(COMPRESSED=compressed, HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=BM,
-                                           BLOCK_N=BN), attrs=_attrs(7), options=dict(opts))
+            consts = dict(HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=BM, BLOCK_N=BN)
+            # one specialization serves both query streams (the program id picks the stream at run time)
+            yield dict(name=f"cat_fwd[{tag}]", kernel=_cat_fwd_kernel,
+                       signature={**{n: ty for n in ("q_ptr", "qc_ptr", "k_ptr", "v_ptr", "kc_ptr", "vc_ptr", "o_ptr",
+                                                     "oc_ptr")},
+                                  "lse_ptr": "*fp32", "lse_c_ptr": "*fp32", **{n: "i64" for n in _FWD_STRIDES},
+                                  **{n: "i32" for n in ("H", "GROUP", "T", "NC", "CHUNK", "RAW_TILES")},
+                                  "qk_scale": "fp32", **{n: "constexpr" for n in consts}},
+                       constexprs=dict(consts), attrs=_attrs(10), options=dict(opts))
             BM, BN, warps, stages = CONFIGS[(kind, "dq", 64 if d <= 64 else 128)]
             opts = {"num_warps": warps, "num_stages": stages}
-            for compressed in (False, True):
-                yield dict(name=f"cat_bwd_dq[{tag} compressed={compressed}]", kernel=_cat_bwd_dq_kernel,
-                           signature={**{n: ty for n in ("q_ptr", "k_ptr", "v_ptr", "kc_ptr", "vc_ptr", "o_ptr",
-                                                         "do_ptr")},
-                                      "lse_ptr": "*fp32", "delta_ptr": "*fp32", "dq_ptr": ty,
-                                      **{n: "i64" for n in _FWD_STRIDES},
-                                      **{n: "i32" for n in ("H", "GROUP", "T", "NC", "CHUNK")}, "qk_scale": "fp32",
-                                      "scale": "fp32",
-                                      **{n: "constexpr" for n in ("COMPRESSED", "HEAD_DIM", "BLOCK_D", "BLOCK_M",
-                                                                  "BLOCK_N")}},
-                           constexprs=dict(COMPRESSED=compressed, HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=BM,
-                                           BLOCK_N=BN), attrs=_attrs(10), options=dict(opts))
+            consts = dict(HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=BM, BLOCK_N=BN)
+            yield dict(name=f"cat_bwd_dq[{tag}]", kernel=_cat_bwd_dq_kernel,
+                       signature={**{n: ty for n in ("q_ptr", "qc_ptr", "k_ptr", "v_ptr", "kc_ptr", "vc_ptr", "o_ptr",
+                                                     "oc_ptr", "do_ptr", "doc_ptr")},
+                                  **{n: "*fp32" for n in ("lse_ptr", "lse_c_ptr", "delta_ptr", "delta_c_ptr")},
+                                  "dq_ptr": ty, "dqc_ptr": ty, **{n: "i64" for n in _FWD_STRIDES},
+                                  **{n: "i32" for n in ("H", "GROUP", "T", "NC", "CHUNK", "RAW_TILES")},
+                                  "qk_scale": "fp32", "scale": "fp32", **{n: "constexpr" for n in consts}},
+                       constexprs=dict(consts), attrs=_attrs(16), options=dict(opts))
             BM, BN, warps, stages = CONFIGS[(kind, "dkv", 64 if d <= 64 else 128)]
             opts = {"num_warps": warps, "num_stages": stages}
             tiles = dict(HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=BM, BLOCK_N=BN)
@@ -618,7 +636,8 @@ def _decode_aot_configs(dtypes, dims, names) -> Iterator[dict]:
                        attrs=_attrs(8), options={"num_warps": 4, "num_stages": 2})
 
 
-_FWD_STRIDES = ("stride_qb", "stride_qh", "stride_kb", "stride_kh", "stride_cb", "stride_ch")
+_FWD_STRIDES = ("stride_qb", "stride_qh", "stride_qcb", "stride_qch", "stride_kb", "stride_kh", "stride_cb",
+                "stride_ch")
 
 
 def _attrs(n_ptrs: int) -> dict:
