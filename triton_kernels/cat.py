@@ -440,7 +440,8 @@ def forward(q, k, v, kc, vc, qc, chunk: int, scale: float):
     o = empty(q.shape, q.dtype, q.device, POISON_BUFFERS)
     lse = empty((B, H, L), torch.float32, q.device, POISON_BUFFERS)
     if qc is None:  # placeholders the kernel never reads: no program takes compressed rows
-        oc, lse_c, qc_arg, oc_arg, lse_c_arg, c_tiles = q.new_empty((B, H, 0, d)), lse.new_empty((B, H, 0)), q, o, lse, 0
+        oc, lse_c = q.new_empty((B, H, 0, d)), lse.new_empty((B, H, 0))
+        qc_arg, oc_arg, lse_c_arg, c_tiles = q, o, lse, 0
     else:
         oc = empty(qc.shape, qc.dtype, qc.device, POISON_BUFFERS)
         lse_c = empty((B, H, NC), torch.float32, q.device, POISON_BUFFERS)
@@ -476,7 +477,7 @@ def backward(do, doc, q, k, v, kc, vc, qc, o, lse, oc, lse_c, chunk: int, scale:
         delta_c = empty((B, H, NC), torch.float32, q.device, POISON_BUFFERS)
         dqc = empty(qc.shape, qc.dtype, qc.device, POISON_BUFFERS)
         c_tiles = cdiv(NC, BM)
-    else:  # placeholders the kernels never read (no compressed programs here, HAS_QC=False below)
+    else:  # placeholders the kernels never read (no compressed programs, HAS_QC=False in the slot kernel)
         qc, oc, doc, lse_c, delta_c, c_tiles = q, o, do, lse, delta, 0
     raw_tiles = cdiv(L, BM)
     if raw_tiles + c_tiles:

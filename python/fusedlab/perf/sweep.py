@@ -128,7 +128,8 @@ def best(rows):
         key = (r["pass_"], tuple(r.get("shape", ())))
         if r["ok"] and r["us"] is not None and (key not in out or r["us"] < out[key]["us"]):
             out[key] = r
-    return {f"{p}{'@' + 'x'.join(map(str, s)) if s else ''}": dict(config=r["config"], us=r["us"]) for (p, s), r in out.items()}
+    return {p + ("@" + "x".join(map(str, s)) if s else ""): dict(config=r["config"], us=r["us"])
+            for (p, s), r in out.items()}
 
 
 def main(argv=None):
