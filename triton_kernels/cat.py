@@ -11,9 +11,9 @@ a tile of raw queries visits only what it can see:
   time by ``_stream_rows``. At L = 4096 and l = 16 a 64-row tile visits 257 slots and 64 raw keys instead
   of dense causal attention's 2048 keys on average.
 * ``_cat_bwd_dq_kernel``: the forward's loops again (both query streams in one launch, as there),
-  recomputing P from the saved log-sum-exp, with
-  dS = P (dP - delta). delta = rowsum(o * do) (fp32) comes from the program's own o and dO tiles; each
-  query row belongs to one program, which also stores its delta for the dK/dV kernels launched after it.
+  recomputing P from the saved log-sum-exp, with dS = P (dP - delta). delta = rowsum(o * do) (fp32) comes
+  from the program's own o and dO tiles; each query row belongs to one program, which also stores its
+  delta for the dK/dV kernels launched after it.
 * ``_cat_bwd_dkv_raw_kernel``: one program per (raw key tile, batch x kv head): the queries that see those
   keys are in the same chunks and not earlier, so the loop is short; the query heads of the kv head's
   group are summed in the program (no atomics).
