@@ -21,15 +21,18 @@ TORCH_LIBRARY(fusedlab, m) {
   // one Feynman-Kac steering step (python/fusedlab/smc/fk.py), in place on the run's bookkeeping: the
   // potential ("diff", "max", "add", "rt") from float32 or float64 rewards [B*K] (NaN read as -inf) and the
   // running reward state, the log-weights advanced and resampled, the latents (FK layout [B*K, ...]) moved
-  // by the ancestors, r_state and applied (the potentials applied so far) moved with them, and the step's
-  // log mean weight added to log_norm [B]. Without uniforms they are drawn from the generator (as torch.rand
-  // draws them). With raise_degenerate, a group left without a finite weight is a ValueError naming it.
-  // Returns (ancestors, ess, resampled [B] bool, state_out, rewards moved by the ancestors (float64; at the last
-  // step only, empty before)).
+  // by the ancestors, r_state and applied (the log-potentials applied so far; left untouched for "diff",
+  // whose final step needs none) moved with them, and the step's log mean weight added to log_norm [B].
+  // Row `row` of ess_history and resampled_history [S, B] (float64, bool) receives the step's ESS and
+  // resampled flags: a run's trace lives in two buffers allocated before its first step. Every argument is
+  // checked before anything is updated or drawn. Without uniforms they are drawn from the generator (as
+  // torch.rand draws them). With raise_degenerate, a group left without a finite weight is a ValueError
+  // naming it. Returns (ancestors, state_out, rewards moved by the ancestors (float64; at the last step only,
+  // empty before)).
   m.def("fk_step(Tensor(a!) log_weights, Tensor rewards, Tensor(b!) r_state, Tensor(c!) applied, "
-        "Tensor(d!) log_norm, Tensor state, Tensor? uniforms, Generator? generator, str potential, float lam, "
-        "bool first, bool last, str method, float ess_threshold, bool raise_degenerate) -> "
-        "(Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor(d!) log_norm, Tensor(e!) ess_history, Tensor(f!) resampled_history, int row, Tensor state, "
+        "Tensor? uniforms, Generator? generator, str potential, float lam, bool first, bool last, str method, "
+        "float ess_threshold, bool raise_degenerate) -> (Tensor, Tensor, Tensor)");
   m.def("gather_(Tensor(a!) state, Tensor ancestors) -> ()");
 
   // ---- newton_schulz: Muon's orthogonalization (python/fusedlab/reference/newton_schulz.py). `coefficients`

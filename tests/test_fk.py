@@ -274,7 +274,8 @@ def test_fk_step_opcheck(gen):
     u = torch.rand(B, 1, generator=gen, dtype=torch.float64)
 
     def bookkeeping(rewards=r):  # fresh copies: the op updates log_weights, r_state, applied, log_norm in place
-        return lw.clone(), rewards, rs.clone(), ap.clone(), ln.clone()
+        return (lw.clone(), rewards, rs.clone(), ap.clone(), ln.clone(), torch.zeros(2, B, dtype=torch.float64),
+                torch.zeros(2, B, dtype=torch.bool), 1)
 
     for pot in fusedlab.smc.POTENTIALS:
         for rewards in (r, r.float()):
@@ -290,17 +291,35 @@ def test_fk_step_opcheck(gen):
     drawn = torch.ops.fusedlab.fk_step(*a_book, x, None, torch.Generator().manual_seed(3), *rest)
     given = torch.ops.fusedlab.fk_step(*b_book, x, torch.rand(B, 1, dtype=torch.float64,
                                        generator=torch.Generator().manual_seed(3)), None, *rest)
-    for a, b in zip(list(drawn) + list(a_book), list(given) + list(b_book)):
+    for a, b in zip(list(drawn) + list(a_book[:7]), list(given) + list(b_book[:7])):
         assert torch.equal(a, b)
     assert not torch.equal(a_book[0], lw) and not torch.equal(a_book[4], ln)  # updated in place
-    assert drawn[4].shape == (B * K,)  # the moved rewards come at the last step only
+    # the step's ESS and flags land in row 1 of the histories, row 0 untouched
+    ess_hist, res_hist = a_book[5], a_book[6]
+    assert torch.equal(ess_hist[0], torch.zeros(B, dtype=torch.float64)) and not res_hist[0].any()
+    assert ((ess_hist[1] >= 1) & (ess_hist[1] <= K)).all() and res_hist[1].all()  # threshold 1: all resampled
+    assert drawn[2].shape == (B * K,)  # the moved rewards come at the last step only
     assert torch.ops.fusedlab.fk_step(*bookkeeping(), x, u, None, "diff", 1.0, False, False, "systematic", 1.0,
-                                      True)[4].shape == (0,)
+                                      True)[2].shape == (0,)
     with pytest.raises(RuntimeError, match="potential must be one of"):
         torch.ops.fusedlab.fk_step(*bookkeeping(), x, u, None, "sum", 1.0, False, False, "systematic", 1.0, True)
     with pytest.raises(RuntimeError, match="state must have B \\* K = 15 rows"):
         torch.ops.fusedlab.fk_step(*bookkeeping(), x[:4], u, None, "diff", 1.0, False, False, "systematic", 1.0,
                                    True)
+    book = bookkeeping()
     with pytest.raises(RuntimeError, match="log_norm must be contiguous float64 of B = 3"):
-        torch.ops.fusedlab.fk_step(lw.clone(), r, rs.clone(), ap.clone(), ln[:2].clone(), x, u, None, "diff", 1.0,
+        torch.ops.fusedlab.fk_step(*book[:4], ln[:2].clone(), *book[5:], x, u, None, "diff", 1.0,
                                    False, False, "systematic", 1.0, True)
+    with pytest.raises(RuntimeError, match="row must lie in \\[0, 2\\), got 2"):
+        torch.ops.fusedlab.fk_step(*book[:7], 2, x, u, None, "diff", 1.0, False, False, "systematic", 1.0, True)
+    with pytest.raises(RuntimeError, match="ess_history and resampled_history must be contiguous"):
+        torch.ops.fusedlab.fk_step(*book[:5], book[5].float(), *book[6:], x, u, None, "diff", 1.0, False, False,
+                                   "systematic", 1.0, True)
+    # a failed check leaves the bookkeeping as it was: the wrapper relies on that to convert and retry
+    before = [t.clone() for t in book[:7]]
+    with pytest.raises(RuntimeError, match="rewards must be float32 or float64"):
+        torch.ops.fusedlab.fk_step(book[0], r.half(), *book[2:], x, None, torch.Generator().manual_seed(0), *rest)
+    with pytest.raises(RuntimeError, match="uniforms must have shape"):
+        torch.ops.fusedlab.fk_step(*book, x, u[:2], None, *rest)
+    for t, t0 in zip(book[:7], before):
+        assert torch.equal(t, t0)

@@ -47,13 +47,13 @@ def test_fk_digits_smoke(tmp_path):
     assert k1["best-of-N"]["reward"] == k1["base"]["reward"] and k1["best-of-N"]["acc"] == k1["base"]["acc"]
 
     over = [r for r in rows if r["table"] == "overhead"]
-    assert {(r["method"], r["every"]) for r in over} == {(m, e) for m in ("fusedlab FKSteering",
-                                                                            "softmax + multinomial")
-                                                         for e in (1, 2)}
+    loops = ("fusedlab FKSteering", "softmax + multinomial", "reference FKD step", "step + reward only")
+    assert {(r["method"], r["every"]) for r in over} == {(m, e) for m in loops for e in (1, 2)}
     for r in over:
         assert r["B"] == 64 and r["K"] == 16
         # bookkeeping = run time minus the timed step and reward calls nested inside it: never negative
         assert r["total_s"] > 0 and r["bookkeeping_s"] >= 0 and 0 <= r["fraction"] < 1, r
+        assert 0 <= r["net_s"] <= r["bookkeeping_s"], r
         assert all(math.isfinite(r[k]) for k in ("total_s", "step_s", "reward_s", "per_resample_us")), r
 
     again = fk_digits.main(["--smoke", "--cache", str(cache)])  # loads the weights instead of training

@@ -1,6 +1,9 @@
 // C++ CPU kernels of the resample family: one pass per group, groups spread over threads with
 // at::parallel_for. Numerics come from fusedlab/resample.h, shared with the CUDA kernels.
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Dispatch.h>
+#include <ATen/EmptyTensor.h>
+#include <ATen/core/DistributionsHelper.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -12,6 +15,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <tuple>
 #include <vector>
 
@@ -303,35 +307,37 @@ void check_ancestor_range(const at::Tensor& anc) {
                 " at flat index ", i);
 }
 
+// The B groups of one call, spread over threads: resampled, then (when dst is given) their states moved.
+// Raw pointers, so that fk_step can run it on its own buffers without allocating tensors.
+template <typename scalar_t>
+void resample_groups(const scalar_t* x, const double* u, int64_t U, int32_t method, double ess_threshold, int64_t B,
+                     int64_t K, int64_t* anc, scalar_t* lw_out, double* ess_out, double* log_norm_out,
+                     uint8_t* status, const char* src, char* dst, int64_t row_bytes) {
+  at::parallel_for(0, B, grain_for(K * 8 + row_bytes / 8), [&](int64_t b0, int64_t b1) {
+    Scratch s;
+    for (int64_t b = b0; b < b1; ++b)
+      status[b] = resample_group<scalar_t>(x + b * K, u + b * U, method, ess_threshold, K, anc + b * K,
+                                           lw_out + b * K, ess_out + b, log_norm_out + b, s);
+    // The same thread then moves its groups' states: interleaving the copies with the resampling per group
+    // measured slower (the copy evicts the next group's inputs).
+    if (dst)
+      for (int64_t b = b0; b < b1; ++b)
+        gather_group(src + b * K * row_bytes, dst + b * K * row_bytes, anc + b * K, K, row_bytes);
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> resample_impl(
     const at::Tensor& log_weights, const at::Tensor& uniforms, const std::string& method_name,
-    double ess_threshold, const at::Tensor* state, const at::Tensor* lw_into = nullptr) {
-  const ResampleCall c = prepare_resample(log_weights, uniforms, method_name, ess_threshold, state, lw_into);
-  const at::Tensor &lw = c.lw, &u = c.u, &anc = c.anc, &lw_out = c.lw_out, &ess_t = c.ess, &ln_t = c.log_norm,
-                   &status = c.status, &st = c.st, &st_out = c.st_out;
-  const int32_t method = c.method;
-  const int64_t B = lw.size(0), K = lw.size(1), U = u.size(1), row_bytes = c.row_bytes;
+    double ess_threshold, const at::Tensor* state) {
+  const ResampleCall c = prepare_resample(log_weights, uniforms, method_name, ess_threshold, state);
+  const at::Tensor& lw = c.lw;
+  const int64_t B = lw.size(0), K = lw.size(1);
   AT_DISPATCH_FLOATING_TYPES(lw.scalar_type(), "fusedlab_resample_cpu", [&] {
-    const scalar_t* x = lw.data_ptr<scalar_t>();
-    const double* up = u.data_ptr<double>();
-    int64_t* ap = anc.data_ptr<int64_t>();
-    scalar_t* lo = lw_out.data_ptr<scalar_t>();
-    double* ep = ess_t.data_ptr<double>();
-    double* np_ = ln_t.data_ptr<double>();
-    uint8_t* sp = status.data_ptr<uint8_t>();
-    const char* src = state ? static_cast<const char*>(st.data_ptr()) : nullptr;
-    char* dst = state ? static_cast<char*>(st_out.data_ptr()) : nullptr;
-    at::parallel_for(0, B, grain_for(K * 8 + row_bytes / 8), [&](int64_t b0, int64_t b1) {
-      Scratch s;
-      for (int64_t b = b0; b < b1; ++b)
-        sp[b] = resample_group<scalar_t>(x + b * K, up + b * U, method, ess_threshold, K, ap + b * K, lo + b * K,
-                                         ep + b, np_ + b, s);
-      // The same thread then moves its groups' states: interleaving the copies with the resampling per group
-      // measured slower (the copy evicts the next group's inputs).
-      if (dst)
-        for (int64_t b = b0; b < b1; ++b)
-          gather_group(src + b * K * row_bytes, dst + b * K * row_bytes, ap + b * K, K, row_bytes);
-    });
+    resample_groups<scalar_t>(lw.data_ptr<scalar_t>(), c.u.data_ptr<double>(), c.u.size(1), c.method, ess_threshold,
+                              B, K, c.anc.data_ptr<int64_t>(), c.lw_out.data_ptr<scalar_t>(), c.ess.data_ptr<double>(),
+                              c.log_norm.data_ptr<double>(), c.status.data_ptr<uint8_t>(),
+                              state ? static_cast<const char*>(c.st.data_ptr()) : nullptr,
+                              state ? static_cast<char*>(c.st_out.data_ptr()) : nullptr, c.row_bytes);
   });
   return c.outputs();
 }
@@ -392,6 +398,17 @@ void gather_inplace_cpu(at::Tensor& state, const at::Tensor& ancestors) {
 // potential from this step's rewards, the log-weight update, resampling with the latents moved, and the
 // per-particle reward bookkeeping moved by the same ancestors, in one call and one pass per particle.
 
+// U[0, 1) doubles from the generator (the default CPU generator when none): the values
+// torch.rand(..., dtype=torch.float64, generator=) draws, one random64() each, under the generator's lock.
+std::vector<double> draw_uniforms(const std::optional<at::Generator>& generator, int64_t count) {
+  auto* g = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
+  const std::lock_guard<std::mutex> lock(g->mutex_);
+  const at::uniform_real_distribution<double> uniform(0.0, 1.0);
+  std::vector<double> u(count);
+  for (double& x : u) x = uniform(g);
+  return u;
+}
+
 enum Potential : int32_t { kDiff = 0, kMax = 1, kAdd = 2, kRt = 3 };
 
 int32_t parse_potential(c10::string_view name) {
@@ -402,9 +419,9 @@ int32_t parse_potential(c10::string_view name) {
   return kRt;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fk_step_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fk_step_cpu(
     at::Tensor& log_weights, const at::Tensor& rewards, at::Tensor& r_state, at::Tensor& applied, at::Tensor& log_norm,
-    const at::Tensor& state, const std::optional<at::Tensor>& uniforms_opt, std::optional<at::Generator> generator,
+    at::Tensor& ess_history, at::Tensor& resampled_history, int64_t row, const at::Tensor& state, const std::optional<at::Tensor>& uniforms_opt, std::optional<at::Generator> generator,
     c10::string_view potential, double lam, bool first, bool last, c10::string_view method, double ess_threshold,
     bool raise_degenerate) {
   const int32_t pot = parse_potential(potential);
@@ -422,9 +439,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fk_step_c
   FL_CHECK(log_norm.dim() == 1 && log_norm.numel() == B && log_norm.scalar_type() == at::kDouble &&
                   log_norm.is_contiguous(),
            "fusedlab.fk_step: log_norm must be contiguous float64 of B = ", B, " elements");
-  // the latents come in the FK layout [B*K, ...] and are viewed per group here
+  FL_CHECK(ess_history.dim() == 2 && ess_history.size(1) == B && ess_history.scalar_type() == at::kDouble &&
+                  ess_history.is_contiguous() && resampled_history.sizes() == ess_history.sizes() &&
+                  resampled_history.scalar_type() == at::kBool && resampled_history.is_contiguous(),
+           "fusedlab.fk_step: ess_history and resampled_history must be contiguous [S, B = ", B,
+           "] float64 and bool, got ", ess_history.sizes(), " ", ess_history.scalar_type(), " and ",
+           resampled_history.sizes(), " ", resampled_history.scalar_type());
+  FL_CHECK(row >= 0 && row < ess_history.size(0), "fusedlab.fk_step: row must lie in [0, ", ess_history.size(0),
+           "), got ", row);
   FL_CHECK(state.dim() >= 1 && state.size(0) == n, "fusedlab.fk_step: state must have B * K = ", n,
            " rows, got shape ", state.sizes());
+  // every check before the bookkeeping is touched; the uniforms, when not given, drawn from the generator
+  const int32_t m = parse_resample_method(std::string(method));
+  check_resample_log_weights(log_weights, ess_threshold);
+  const int64_t U = m == kSystematic ? 1 : K;
+  at::Tensor u_given;
+  std::vector<double> u_drawn;
+  if (uniforms_opt.has_value()) {
+    check_resample_uniforms(log_weights, *uniforms_opt, m);
+    u_given = uniforms_opt->contiguous();
+  } else {
+    u_drawn = draw_uniforms(generator, B * U);
+  }
+  const double* u = u_given.defined() ? u_given.data_ptr<double>() : u_drawn.data();
   const at::Tensor r_in = rewards.contiguous();
   const bool r_double = r_in.scalar_type() == at::kDouble;
   const double* r64 = r_double ? r_in.data_ptr<double>() : nullptr;
@@ -451,22 +488,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fk_step_c
       if (std::isnan(g) || ri == -inf) g = -inf;      // dead whatever the potential and the sign of lam
       else if (g == inf) g = std::numeric_limits<double>::max();  // as torch.nan_to_num: the largest finite
       rs[i] = st;
-      ap[i] += g;
+      if (pot != kDiff) ap[i] += g;  // "diff" telescopes: its final step reads no applied potentials
       w[i] += g;
     }
   }
-  std::vector<int64_t> grouped{B, K};
-  for (int64_t d = 1; d < state.dim(); ++d) grouped.push_back(state.size(d));
-  const at::Tensor grouped_state = state.contiguous().view(grouped);
-  // no uniforms given: drawn here from the generator, the same stream torch.rand(..., generator=) gives
-  const int64_t n_uniforms = parse_resample_method(std::string(method)) == kSystematic ? 1 : K;
-  const at::Tensor uniforms = uniforms_opt.has_value()
-                                  ? *uniforms_opt
-                                  : at::rand({B, n_uniforms}, generator, log_weights.options().dtype(at::kDouble));
+  // The latents in the FK layout [B*K, ...]: contiguous, they are already the groups' rows.
+  const at::Tensor st = state.contiguous();
+  const int64_t row_bytes = n > 0 ? st.numel() / n * static_cast<int64_t>(st.element_size()) : 0;
+  // Outputs straight from the CPU allocator (after the model's forward every dispatched call starts from
+  // cold caches, so a step is cheaper the fewer it makes), the step's internal results in plain buffers.
+  at::Tensor anc = at::detail::empty_cpu({B, K}, at::kLong);
+  at::Tensor st_out = at::detail::empty_cpu(st.sizes(), st.scalar_type());
+  at::Tensor r_out = at::detail::empty_cpu({last ? n : 0}, at::kDouble);
+  std::vector<double> step_ln(B);
+  std::vector<uint8_t> status(B);
+  int64_t* a = anc.data_ptr<int64_t>();
   // carried log-weights written over the inputs (each group reads all of its own before writing)
-  auto out = resample_impl(log_weights, uniforms, std::string(method), ess_threshold, &grouped_state, &log_weights);
-  const at::Tensor& anc = std::get<1>(out);
-  const uint8_t* status = std::get<4>(out).data_ptr<uint8_t>();
+  double* w = log_weights.data_ptr<double>();
+  double* ess = ess_history.data_ptr<double>() + row * B;
+  resample_groups<double>(w, u, U, m, ess_threshold, B, K, a, w, ess, step_ln.data(), status.data(),
+                          static_cast<const char*>(st.data_ptr()), static_cast<char*>(st_out.data_ptr()), row_bytes);
   if (raise_degenerate) {  // the message of fusedlab.smc.resample's on_degenerate="raise"
     std::vector<int64_t> dead;
     for (int64_t b = 0; b < B; ++b)
@@ -479,12 +520,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fk_step_c
                      "or +inf); pass on_degenerate='uniform' to resample them uniformly instead");
     }
   }
-  // the run's log-normalizer and "was this group resampled" for the trace
-  at::Tensor resampled = at::empty({B}, log_weights.options().dtype(at::kBool));
-  {
-    const double* step_ln = std::get<3>(out).data_ptr<double>();
+  {  // the run's log-normalizer and "was this group resampled" for the trace
     double* ln = log_norm.data_ptr<double>();
-    bool* o = resampled.data_ptr<bool>();
+    bool* o = resampled_history.data_ptr<bool>() + row * B;
     for (int64_t b = 0; b < B; ++b) {
       ln[b] += step_ln[b];
       o[b] = (status[b] & kResampled) != 0;
@@ -492,9 +530,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fk_step_c
   }
   // r_state and applied reordered by the ancestors in place (the identity where a group was not resampled),
   // and at the last step the rewards moved with them (an empty tensor before)
-  at::Tensor r_out = at::empty({last ? n : 0}, r_state.options());
   {
-    const int64_t* a = anc.data_ptr<int64_t>();
     double* rs = r_state.data_ptr<double>();
     double* ap = applied.data_ptr<double>();
     double* ro = last ? r_out.data_ptr<double>() : nullptr;
@@ -506,16 +542,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fk_step_c
         continue;
       }
       std::copy(rs + b * K, rs + (b + 1) * K, tmp.begin());
-      std::copy(ap + b * K, ap + (b + 1) * K, tmp.begin() + K);
+      if (pot != kDiff) std::copy(ap + b * K, ap + (b + 1) * K, tmp.begin() + K);
       for (int64_t i = 0; i < K; ++i) {
         const int64_t src = a[b * K + i];
         rs[b * K + i] = tmp[src];
-        ap[b * K + i] = tmp[K + src];
+        if (pot != kDiff) ap[b * K + i] = tmp[K + src];
         if (ro) ro[b * K + i] = reward(b * K + src);
       }
     }
   }
-  return {anc, std::get<2>(out), resampled, std::get<5>(out).view(state.sizes()), r_out};
+  return {anc, st_out, r_out};
 }
 
 }  // namespace

@@ -26,12 +26,15 @@ inline int32_t parse_resample_method(const std::string& method) {
            "', got '", method, "'");
 }
 
-inline void check_resample_args(const at::Tensor& lw, const at::Tensor& u, int32_t method,
-                                double ess_threshold) {
+inline void check_resample_log_weights(const at::Tensor& lw, double ess_threshold) {
   FL_CHECK(lw.dim() == 2, "fusedlab.resample: log_weights must be 2-D [B, K], got shape ", lw.sizes());
   FL_CHECK(lw.size(1) > 0, "fusedlab.resample: log_weights must have K >= 1 particles, got shape ", lw.sizes());
   FL_CHECK(lw.scalar_type() == at::kFloat || lw.scalar_type() == at::kDouble,
            "fusedlab.resample: log_weights must be float32 or float64, got ", lw.scalar_type());
+  FL_CHECK(ess_threshold >= 0.0, "fusedlab.resample: ess_threshold must be >= 0, got ", ess_threshold);
+}
+
+inline void check_resample_uniforms(const at::Tensor& lw, const at::Tensor& u, int32_t method) {
   FL_CHECK(u.scalar_type() == at::kDouble, "fusedlab.resample: uniforms must be float64, got ",
            u.scalar_type());
   const int64_t need = method == resample::kSystematic ? 1 : lw.size(1);
@@ -40,7 +43,12 @@ inline void check_resample_args(const at::Tensor& lw, const at::Tensor& u, int32
            resample::kMethodNames[method], "', got ", u.sizes());
   FL_CHECK(u.device() == lw.device(), "fusedlab.resample: uniforms must be on ", lw.device(), " like log_weights, got ",
            u.device());
-  FL_CHECK(ess_threshold >= 0.0, "fusedlab.resample: ess_threshold must be >= 0, got ", ess_threshold);
+}
+
+inline void check_resample_args(const at::Tensor& lw, const at::Tensor& u, int32_t method,
+                                double ess_threshold) {
+  check_resample_log_weights(lw, ess_threshold);
+  check_resample_uniforms(lw, u, method);
 }
 
 // `anc` is the ancestors argument (gather) or the ancestors the op will compute (resample_gather, whose
@@ -93,11 +101,8 @@ struct ResampleCall {
   }
 };
 
-// `lw_out`, when given, receives the carried log-weights instead of a fresh tensor: it may be the (contiguous)
-// log_weights themselves, since each group reads all its inputs before writing.
 inline ResampleCall prepare_resample(const at::Tensor& log_weights, const at::Tensor& uniforms,
-                                     const std::string& method_name, double ess_threshold, const at::Tensor* state,
-                                     const at::Tensor* lw_out = nullptr) {
+                                     const std::string& method_name, double ess_threshold, const at::Tensor* state) {
   ResampleCall c;
   c.method = parse_resample_method(method_name);
   check_resample_args(log_weights, uniforms, c.method, ess_threshold);
@@ -105,7 +110,7 @@ inline ResampleCall prepare_resample(const at::Tensor& log_weights, const at::Te
   c.u = uniforms.contiguous();
   const int64_t B = c.lw.size(0), K = c.lw.size(1);
   c.anc = at::empty({B, K}, c.lw.options().dtype(at::kLong));
-  c.lw_out = lw_out != nullptr ? *lw_out : at::empty_like(c.lw);
+  c.lw_out = at::empty_like(c.lw);
   c.ess = at::empty({B}, c.lw.options().dtype(at::kDouble));
   c.log_norm = at::empty({B}, c.lw.options().dtype(at::kDouble));
   c.status = at::empty({B}, c.lw.options().dtype(at::kByte));

@@ -143,11 +143,11 @@ class _ReferenceResample(torch.autograd.Function):
 
 
 @torch.library.register_fake("fusedlab::fk_step")
-def _fake_fk_step(log_weights, rewards, r_state, applied, log_norm, state, uniforms, generator, potential, lam, first,
-                  last, method, ess_threshold, raise_degenerate):
-    _, anc, ess, _, status = _fake_resample(log_weights, uniforms, method, ess_threshold)
+def _fake_fk_step(log_weights, rewards, r_state, applied, log_norm, ess_history, resampled_history, row, state,
+                  uniforms, generator, potential, lam, first, last, method, ess_threshold, raise_degenerate):
+    anc = log_weights.new_empty(log_weights.shape, dtype=torch.int64)
     state_out = torch.empty_like(state, memory_format=torch.contiguous_format)
-    return anc, ess, status.to(torch.bool), state_out, r_state.new_empty((r_state.numel() if last else 0,))
+    return anc, state_out, r_state.new_empty((r_state.numel() if last else 0,))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -103,31 +103,18 @@ class FKSteering:
         self.method, self.ess_threshold, self.on_degenerate = method, ess_threshold, on_degenerate
         self.generator, self.backend, self.progress = generator, backend, progress
 
-    def _rewards(self, x0: torch.Tensor, clean: bool = True) -> torch.Tensor:
-        """The reward of each particle, float64 with NaN read as -inf; with ``clean=False`` (the fused CPU
-        step, which does both itself) float32 rewards stay float32 and NaN stays NaN."""
-        r = self.reward_fn(x0)
-        if not isinstance(r, torch.Tensor) or r.shape != (x0.shape[0],):
-            raise ValueError(f"reward_fn must return a tensor of shape [{x0.shape[0]}] (one reward per particle), "
-                             f"got {getattr(r, 'shape', type(r).__name__)}")
-        if r.requires_grad:
-            r = r.detach()
-        if not clean:
-            return r if r.dtype in (torch.float64, torch.float32) else r.to(torch.float64)
+    def _rewards(self, x0: torch.Tensor) -> torch.Tensor:
+        """The reward of each particle, float64 with NaN read as -inf."""
+        r = self._check_rewards(self.reward_fn(x0), x0.shape[0])
         r = r if r.dtype == torch.float64 else r.to(torch.float64)
         return r.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)  # NaN: dead
 
-    def _fused_step(self, x, lw, log_norm, r, r_state, applied, first, last, i, trace):
-        """One scheduled step through the fused CPU op; the same arithmetic and draws as the generic loop.
-        One torch call per step, in place on the run's own lw, log_norm, r_state and applied: at these sizes
-        the cost is mostly per-call and per-allocation, so the op also draws the uniforms from the generator
-        and takes the latents in their [B*K, ...] layout and float32 rewards as they come."""
-        with torch._C._AutoDispatchBelowAutograd():
-            anc, ess, resampled, x, moved_r = torch.ops.fusedlab.fk_step.default(
-                lw, r, r_state, applied, log_norm, x, None, self.generator, self.potential, self.lmbda, first, last,
-                self.method, float(self.ess_threshold), self.on_degenerate == "raise")
-        trace.append((i, ess, resampled))
-        return x, anc, moved_r
+    @staticmethod
+    def _check_rewards(r, n: int) -> torch.Tensor:
+        if not isinstance(r, torch.Tensor) or r.shape != (n,):
+            raise ValueError(f"reward_fn must return a tensor of shape [{n}] (one reward per particle), "
+                             f"got {getattr(r, 'shape', type(r).__name__)}")
+        return r.detach() if r.requires_grad else r
 
     def run(self, step_fn: Callable[[torch.Tensor, int], tuple], x: torch.Tensor, num_steps: int,
             states: Optional[dict] = None) -> FKResult:
@@ -138,39 +125,82 @@ class FKSteering:
             raise ValueError(f"x must have B*K rows with K = num_particles = {K}, got {x.shape[0]} rows")
         B = x.shape[0] // K
         dev = x.device
-        lw = torch.zeros(B, K, dtype=torch.float64, device=dev)
-        log_norm = torch.zeros(B, dtype=torch.float64, device=dev)
-        r_state = torch.zeros(B * K, dtype=torch.float64, device=dev)  # previous r, running max or running sum
-        applied = torch.zeros(B * K, dtype=torch.float64, device=dev)  # sum of log-potentials applied so far
+        book = dict(lw=torch.zeros(B, K, dtype=torch.float64, device=dev),
+                    log_norm=torch.zeros(B, dtype=torch.float64, device=dev),
+                    # previous r, running max or running sum; and the sum of log-potentials applied so far
+                    r_state=torch.zeros(B * K, dtype=torch.float64, device=dev),
+                    applied=torch.zeros(B * K, dtype=torch.float64, device=dev))
         states = dict(states or {})
         steps = set(schedule(num_steps, self.start, self.end, self.every))
-        trace = []
-        first = True
         it = range(num_steps)
         if self.progress:
             from tqdm import tqdm
 
             it = tqdm(it, desc="FK steering", leave=False)
-        rewards = None
         # CPU tensors take the fused C++ step (torch.ops.fusedlab.fk_step): the potential, the weights, the
         # resampling and the moves of the latents and of the reward bookkeeping in one call per step
-        fused = x.device.type == "cpu" and self.backend in ("auto", "cpu")
+        # the trace's ESS and resampled flags, one row per scheduled step, in buffers made before the first
+        # step: on CPU, small tensors kept alive from inside the loop changed the heap's layout enough to slow
+        # the model's own steps by more than the whole of FK's bookkeeping
+        book.update(ess_history=torch.empty(len(steps), B, dtype=torch.float64, device=dev),
+                    resampled_history=torch.empty(len(steps), B, dtype=torch.bool, device=dev))
+        loop = self._loop_fused if dev.type == "cpu" and self.backend in ("auto", "cpu") else self._loop
+        x, rewards = loop(step_fn, x, num_steps, steps, states, it, B, **book)
+        trace = [(s, book["ess_history"][j], book["resampled_history"][j]) for j, s in enumerate(sorted(steps))]
+        if rewards is None:
+            rewards = self._rewards(x)
+        result = FKResult(x, rewards, book["lw"], book["log_norm"], trace)
+        result.states = states
+        return result
+
+    def _loop_fused(self, step_fn, x, num_steps, steps, states, it, B, lw, log_norm, r_state, applied, ess_history,
+                    resampled_history):
+        """The run on CPU tensors: one torch.ops.fusedlab.fk_step call per scheduled step, in place on the
+        run's lw, log_norm, r_state and applied, with the uniforms drawn inside from the generator, the
+        latents taken in their [B*K, ...] layout and float32 rewards as they come. Right after the model's
+        forward every call starts from cold caches and costs tens of microseconds whatever it does, so the
+        loop makes as few as it can: the same arithmetic and draws as :meth:`_loop`, in one call."""
+        op = torch.ops.fusedlab.fk_step.default
+        K, n, reward_fn, gen, pot, lam = self.K, x.shape[0], self.reward_fn, self.generator, self.potential, self.lmbda
+        method, thr, raise_dead = self.method, float(self.ess_threshold), self.on_degenerate == "raise"
+        rewards, first, last_step, row = None, True, num_steps - 1, 0
+        for i in it:
+            x, x0 = step_fn(x, i)
+            if i not in steps:
+                continue
+            last = i == last_step
+            r = reward_fn(x if last else x0)
+            args = (lw, r, r_state, applied, log_norm, ess_history, resampled_history, row, x, None, gen, pot, lam,
+                    first, last, method, thr, raise_dead)
+            try:  # the op reads float32 and float64 rewards, NaN as -inf
+                out = op(*args)
+            except (RuntimeError, TypeError):
+                # the op checks its arguments before it touches the bookkeeping or draws: rewards of the wrong
+                # type or shape are reported here and other dtypes converted, off the per-step path
+                out = None
+            if out is None:
+                r = self._check_rewards(r, n).to(torch.float64)
+                out = op(lw, r, *args[2:])
+            anc, x, moved_r = out
+            first, row = False, row + 1
+            if last:
+                rewards = r_state if pot == "diff" else moved_r
+            for k, v in states.items():
+                states[k] = gather(v.reshape(B, K, *v.shape[1:]), anc, backend=self.backend).view(v.shape)
+        return x, rewards
+
+    def _loop(self, step_fn, x, num_steps, steps, states, it, B, lw, log_norm, r_state, applied, ess_history,
+              resampled_history):
+        """The run op by op (any device and backend): potential, weights, one fused resample call that also
+        moves the latents, then the per-particle scalars gathered by the same ancestors."""
+        K, lam = self.K, self.lmbda
+        rewards, first, row = None, True, 0
         for i in it:
             x, x0 = step_fn(x, i)
             if i not in steps:
                 continue
             last = i == num_steps - 1
-            if fused:  # the op reads a NaN reward as -inf itself
-                r = self._rewards(x if last else x0, clean=False)
-                x, anc, moved_r = self._fused_step(x, lw, log_norm, r, r_state, applied, first, last, i, trace)
-                first = False
-                if last:
-                    rewards = r_state if self.potential == "diff" else moved_r
-                for k, v in states.items():
-                    states[k] = gather(v.reshape(B, K, *v.shape[1:]), anc, backend=self.backend).view(v.shape)
-                continue
             r = self._rewards(x if last else x0)
-            lam = self.lmbda
             if self.potential == "diff":
                 log_g = lam * (r - r_state)
                 r_state = r
@@ -188,15 +218,17 @@ class FKSteering:
             # a dead reward (NaN or -inf) kills the particle whatever the potential and the sign of lambda
             log_g = torch.where(torch.isneginf(r), torch.full_like(log_g, -math.inf), log_g.nan_to_num(nan=-math.inf))
             applied = applied + log_g
-            lw = lw + log_g.view(B, K)
+            lw.add_(log_g.view(B, K))
             # one fused call: weights, ESS, decision, ancestors, and the latents moved by them
             res = resample(lw, self.method, self.ess_threshold, generator=self.generator,
                            on_degenerate=self.on_degenerate, state=x.reshape(B, K, *x.shape[1:]),
                            backend=self.backend)
-            log_norm = log_norm + res.log_norm
-            lw = res.log_weights
+            log_norm.add_(res.log_norm)
+            lw.copy_(res.log_weights)
             x = res.state.view(x.shape)
-            trace.append((i, res.ess, res.resampled))
+            ess_history[row].copy_(res.ess)
+            resampled_history[row].copy_(res.resampled)
+            row += 1
             anc = res.ancestors  # the identity for groups that were not resampled
             # move only the per-particle scalars this potential still needs (one small gather each)
             move = lambda v: torch.gather(v.view(B, K), 1, anc).view(B * K)  # noqa: E731
@@ -206,8 +238,4 @@ class FKSteering:
                 rewards = r_state if self.potential == "diff" else move(r)
             for k, v in states.items():
                 states[k] = gather(v.reshape(B, K, *v.shape[1:]), anc, backend=self.backend).view(v.shape)
-        if rewards is None:
-            rewards = self._rewards(x)
-        result = FKResult(x, rewards, lw, log_norm, trace)
-        result.states = states
-        return result
+        return x, rewards
