@@ -76,6 +76,25 @@ def test_cpu_matches_reference_around_vector_widths(K, dtype, gen):
                         rtol=1e-12 if dtype == torch.float64 else 1e-6)
 
 
+@pytest.mark.parametrize("K", [1, 2, 4, 16, 64, 1024])
+def test_systematic_grid_ties_power_of_two(K, gen):
+    """Systematic resampling with K a power of two computes its grid points arithmetically: weights whose
+    CDF lands exactly on grid points (equal and dyadic weights), with u at 0, 1/2, just below 1 and tiny,
+    give the reference's ancestors exactly."""
+    dyadic = torch.tensor([float(2 ** (j % 5)) for j in range(K)], dtype=torch.float64)
+    rows = [torch.zeros(K, dtype=torch.float64), dyadic.log(), torch.randn(K, generator=gen, dtype=torch.float64)]
+    if K > 2:
+        half = torch.zeros(K, dtype=torch.float64)
+        half[K // 2:] = -math.inf  # the CDF reaches 1 at the middle particle
+        rows.append(half)
+    lw = torch.stack(rows)
+    B = lw.shape[0]
+    for u0 in (0.0, 0.5, 1.0 - 2.0 ** -53, 2.0 ** -60):
+        u = torch.full((B,), u0, dtype=torch.float64)
+        assert_same(fusedlab.smc.resample(lw, "systematic", 1.0, uniforms=u, backend="cpu"),
+                    fusedlab.smc.resample(lw, "systematic", 1.0, uniforms=u, backend="reference"))
+
+
 def test_log_norm_ess_and_carried_weights(gen):
     lw = torch.randn(5, 9, generator=gen, dtype=torch.float64)
     r = fusedlab.smc.resample(lw, ess_threshold=0.0)

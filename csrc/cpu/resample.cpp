@@ -188,6 +188,52 @@ void grid_counts(const double* cdf, double total, int64_t n, int64_t K, const do
 }
 #endif
 
+// Systematic resampling with K a power of two: the grid point p_i = (i + u) / K equals (i + u) * (1 / K)
+// exactly (both are the correctly rounded value of the same real number), so the three candidate points
+// grid_counts compares come from arithmetic instead of gathers from a table. Same counts, bit for bit.
+FL_TARGET_CLONES
+void grid_counts_systematic_pow2(const double* __restrict cdf, double total, int64_t n, int64_t K, double u0,
+                                 int32_t* __restrict count) {
+  const double kd = static_cast<double>(K), inv_k = 1.0 / kd;
+  const int32_t k32 = static_cast<int32_t>(K);
+  for (int64_t j = 0; j < n; ++j) {
+    const double c = cdf[j] / total;
+    int32_t s = static_cast<int32_t>(c * kd);
+    s = s > k32 ? k32 : s;
+    const double i = static_cast<double>(s);  // candidates s - 1, s, s + 1; points outside [0, K) are +inf
+    count[j] = (s > 1 ? s - 1 : 0) + (s >= 1 && (i - 1.0 + u0) * inv_k < c) + (s < k32 && (i + u0) * inv_k < c) +
+               (s + 1 < k32 && (i + 1.0 + u0) * inv_k < c);
+  }
+}
+
+// anc[i] = max(mark[0..i]) (marks are >= 0): a running maximum, eight lanes at a time. The scalar loop is
+// one dependent compare-and-move per particle; here each vector takes a log-step maximum over shifted
+// copies of itself (three shuffles) and one maximum with the previous vector's last lane.
+typedef int64_t i64x8 __attribute__((vector_size(64)));
+FL_TARGET_CLONES
+void running_max(const int64_t* __restrict mark, int64_t* __restrict anc, int64_t K) {
+  const i64x8 zero = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t a = 0, i = 0;
+  for (; i + 8 <= K; i += 8) {
+    i64x8 v, t;
+    std::memcpy(&v, mark + i, sizeof v);
+    t = __builtin_shuffle(zero, v, (i64x8){0, 8, 9, 10, 11, 12, 13, 14});  // lane l: v[l - 1], 0 first
+    v = v > t ? v : t;
+    t = __builtin_shuffle(zero, v, (i64x8){0, 1, 8, 9, 10, 11, 12, 13});
+    v = v > t ? v : t;
+    t = __builtin_shuffle(zero, v, (i64x8){0, 1, 2, 3, 8, 9, 10, 11});
+    v = v > t ? v : t;
+    const i64x8 carry = {a, a, a, a, a, a, a, a};
+    v = v > carry ? v : carry;
+    std::memcpy(anc + i, &v, sizeof v);
+    a = v[7];
+  }
+  for (; i < K; ++i) {
+    a = mark[i] > a ? mark[i] : a;
+    anc[i] = a;
+  }
+}
+
 // Resample one group of K log-weights. Writes K ancestors and K log-weights; returns the status bits.
 template <typename scalar_t>
 uint8_t resample_group(const scalar_t* x_in, const double* u, int32_t method, double ess_threshold, int64_t K,
@@ -242,27 +288,30 @@ uint8_t resample_group(const scalar_t* x_in, const double* u, int32_t method, do
     // The counts are non-decreasing in j, so marking slot count_j with j + 1 (later j overwrite) and taking
     // a running max gives exactly that number, with plain stores instead of a histogram's read-modify-write
     // chain; no branch depends on the data.
-    s.points.resize(K + 3);
-    s.points[0] = s.points[K + 1] = s.points[K + 2] = INFINITY;
-    if (static_cast<int64_t>(s.iota.size()) < K) {
-      s.iota.resize(K);
-      for (int64_t i = 0; i < K; ++i) s.iota[i] = static_cast<double>(i);
+    const bool pow2 = method == kSystematic && (K & (K - 1)) == 0 && K < INT32_MAX - 3;
+    if (!pow2) {
+      s.points.resize(K + 3);
+      s.points[0] = s.points[K + 1] = s.points[K + 2] = INFINITY;
+      if (static_cast<int64_t>(s.iota.size()) < K) {
+        s.iota.resize(K);
+        for (int64_t i = 0; i < K; ++i) s.iota[i] = static_cast<double>(i);
+      }
+      grid_points(s.points.data() + 1, s.iota.data(), u, method == kStratified, K);
     }
-    grid_points(s.points.data() + 1, s.iota.data(), u, method == kStratified, K);
     s.mark.assign(K + 1, 0);
     int64_t* mark = s.mark.data();
-    if (K < INT32_MAX - 3) {
+    if (pow2) {
+      s.count.resize(last);
+      grid_counts_systematic_pow2(s.cdf.data(), total, last, K, u[0], s.count.data());
+      for (int64_t j = 0; j < last; ++j) mark[s.count[j]] = j + 1;
+    } else if (K < INT32_MAX - 3) {
       s.count.resize(last);
       grid_counts(s.cdf.data(), total, last, K, s.points.data(), s.count.data());
       for (int64_t j = 0; j < last; ++j) mark[s.count[j]] = j + 1;
     } else {
       for (int64_t j = 0; j < last; ++j) mark[grid_count_below(s.cdf[j] / total, K, s.points.data())] = j + 1;
     }
-    int64_t a = 0;
-    for (int64_t i = 0; i < K; ++i) {
-      a = mark[i] > a ? mark[i] : a;
-      anc[i] = a;
-    }
+    running_max(mark, anc, K);
     return status;
   }
   normalize_cdf(s.cdf.data(), last, K, total);
