@@ -470,7 +470,8 @@ int32_t parse_potential(c10::string_view name) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fk_step_cpu(
     at::Tensor& log_weights, const at::Tensor& rewards, at::Tensor& r_state, at::Tensor& applied, at::Tensor& log_norm,
-    at::Tensor& ess_history, at::Tensor& resampled_history, int64_t row, const at::Tensor& state, const std::optional<at::Tensor>& uniforms_opt, std::optional<at::Generator> generator,
+    at::Tensor& ess_history, at::Tensor& resampled_history, int64_t row, const at::Tensor& state,
+    const std::optional<at::Tensor>& uniforms_opt, std::optional<at::Generator> generator,
     c10::string_view potential, double lam, bool first, bool last, c10::string_view method, double ess_threshold,
     bool raise_degenerate) {
   const int32_t pot = parse_potential(potential);
