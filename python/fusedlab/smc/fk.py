@@ -139,30 +139,29 @@ class FKSteering:
             it = tqdm(it, desc="FK steering", leave=False)
         # CPU tensors take the fused C++ step (torch.ops.fusedlab.fk_step): the potential, the weights, the
         # resampling and the moves of the latents and of the reward bookkeeping in one call per step
-        # the trace's ESS and resampled flags, one row per scheduled step, in buffers made before the first
-        # step: on CPU, small tensors kept alive from inside the loop changed the heap's layout enough to slow
-        # the model's own steps by more than the whole of FK's bookkeeping
-        book.update(ess_history=torch.empty(len(steps), B, dtype=torch.float64, device=dev),
-                    resampled_history=torch.empty(len(steps), B, dtype=torch.bool, device=dev))
         loop = self._loop_fused if dev.type == "cpu" and self.backend in ("auto", "cpu") else self._loop
-        x, rewards = loop(step_fn, x, num_steps, steps, states, it, B, **book)
-        trace = [(s, book["ess_history"][j], book["resampled_history"][j]) for j, s in enumerate(sorted(steps))]
+        x, rewards, lw, log_norm, trace = loop(step_fn, x, num_steps, steps, states, it, B, **book)
         if rewards is None:
             rewards = self._rewards(x)
-        result = FKResult(x, rewards, book["lw"], book["log_norm"], trace)
+        result = FKResult(x, rewards, lw, log_norm, trace)
         result.states = states
         return result
 
-    def _loop_fused(self, step_fn, x, num_steps, steps, states, it, B, lw, log_norm, r_state, applied, ess_history,
-                    resampled_history):
+    def _loop_fused(self, step_fn, x, num_steps, steps, states, it, B, lw, log_norm, r_state, applied):
         """The run on CPU tensors: one torch.ops.fusedlab.fk_step call per scheduled step, in place on the
         run's lw, log_norm, r_state and applied, with the uniforms drawn inside from the generator, the
         latents taken in their [B*K, ...] layout and float32 rewards as they come. Right after the model's
         forward every call starts from cold caches and costs tens of microseconds whatever it does, so the
-        loop makes as few as it can: the same arithmetic and draws as :meth:`_loop`, in one call."""
+        loop makes as few as it can: the same arithmetic and draws as :meth:`_loop`, in one call.
+
+        The trace's ESS and resampled flags go into two buffers made before the first step, one row per
+        scheduled step: small tensors kept alive from inside the loop changed the heap's layout enough to
+        slow the model's own steps by more than the whole of FK's bookkeeping."""
         op = torch.ops.fusedlab.fk_step.default
         K, n, reward_fn, gen, pot, lam = self.K, x.shape[0], self.reward_fn, self.generator, self.potential, self.lmbda
         method, thr, raise_dead = self.method, float(self.ess_threshold), self.on_degenerate == "raise"
+        ess_history = torch.empty(len(steps), B, dtype=torch.float64)
+        resampled_history = torch.empty(len(steps), B, dtype=torch.bool)
         rewards, first, last_step, row = None, True, num_steps - 1, 0
         for i in it:
             x, x0 = step_fn(x, i)
@@ -187,14 +186,14 @@ class FKSteering:
                 rewards = r_state if pot == "diff" else moved_r
             for k, v in states.items():
                 states[k] = gather(v.reshape(B, K, *v.shape[1:]), anc, backend=self.backend).view(v.shape)
-        return x, rewards
+        trace = [(s, ess_history[j], resampled_history[j]) for j, s in enumerate(sorted(steps))]
+        return x, rewards, lw, log_norm, trace
 
-    def _loop(self, step_fn, x, num_steps, steps, states, it, B, lw, log_norm, r_state, applied, ess_history,
-              resampled_history):
+    def _loop(self, step_fn, x, num_steps, steps, states, it, B, lw, log_norm, r_state, applied):
         """The run op by op (any device and backend): potential, weights, one fused resample call that also
         moves the latents, then the per-particle scalars gathered by the same ancestors."""
         K, lam = self.K, self.lmbda
-        rewards, first, row = None, True, 0
+        trace, rewards, first = [], None, True
         for i in it:
             x, x0 = step_fn(x, i)
             if i not in steps:
@@ -218,17 +217,15 @@ class FKSteering:
             # a dead reward (NaN or -inf) kills the particle whatever the potential and the sign of lambda
             log_g = torch.where(torch.isneginf(r), torch.full_like(log_g, -math.inf), log_g.nan_to_num(nan=-math.inf))
             applied = applied + log_g
-            lw.add_(log_g.view(B, K))
+            lw = lw + log_g.view(B, K)
             # one fused call: weights, ESS, decision, ancestors, and the latents moved by them
             res = resample(lw, self.method, self.ess_threshold, generator=self.generator,
                            on_degenerate=self.on_degenerate, state=x.reshape(B, K, *x.shape[1:]),
                            backend=self.backend)
-            log_norm.add_(res.log_norm)
-            lw.copy_(res.log_weights)
+            log_norm = log_norm + res.log_norm
+            lw = res.log_weights
             x = res.state.view(x.shape)
-            ess_history[row].copy_(res.ess)
-            resampled_history[row].copy_(res.resampled)
-            row += 1
+            trace.append((i, res.ess, res.resampled))
             anc = res.ancestors  # the identity for groups that were not resampled
             # move only the per-particle scalars this potential still needs (one small gather each)
             move = lambda v: torch.gather(v.view(B, K), 1, anc).view(B * K)  # noqa: E731
@@ -238,4 +235,4 @@ class FKSteering:
                 rewards = r_state if self.potential == "diff" else move(r)
             for k, v in states.items():
                 states[k] = gather(v.reshape(B, K, *v.shape[1:]), anc, backend=self.backend).view(v.shape)
-        return x, rewards
+        return x, rewards, lw, log_norm, trace
