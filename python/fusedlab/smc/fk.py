@@ -186,7 +186,8 @@ class FKSteering:
                 rewards = r_state if pot == "diff" else moved_r
             for k, v in states.items():
                 states[k] = gather(v.reshape(B, K, *v.shape[1:]), anc, backend=self.backend).view(v.shape)
-        trace = [(s, ess_history[j], resampled_history[j]) for j, s in enumerate(sorted(steps))]
+        # two calls for all the rows' views (indexing row by row would cost two dispatched calls per step)
+        trace = list(zip(sorted(steps), ess_history.unbind(0), resampled_history.unbind(0)))
         return x, rewards, lw, log_norm, trace
 
     def _loop(self, step_fn, x, num_steps, steps, states, it, B, lw, log_norm, r_state, applied):
