@@ -175,6 +175,32 @@ def test_schedule_and_errors():
         fk.run(lambda x, i: (x, x), torch.zeros(7, 2), 2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_cpu_loop_converts_other_reward_dtypes(dtype):
+    """The CPU loop hands float32 and float64 rewards to fk_step as they come; other dtypes, and rewards that
+    require grad, take the checked path (converted, detached) with the result of float64 rewards of equal
+    value."""
+    def run(cast, grad=False):
+        g, noise = torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)
+
+        def step(x, i):
+            x = 0.7 * x + 0.4 * torch.randn(x.shape, generator=noise)
+            return x, x
+
+        def reward(x0):
+            r = x0[:, 0].to(dtype)
+            r = r.to(torch.float64) if cast else r  # the same values either way
+            return r.requires_grad_() if grad else r
+
+        fk = fusedlab.smc.FKSteering(reward, lmbda=3.0, num_particles=8, every=2, generator=g, progress=False)
+        return fk.run(step, torch.randn(5 * 8, 2, generator=noise), 7)
+
+    a, b, c = run(cast=False), run(cast=True), run(cast=True, grad=True)
+    for other in (a, c):
+        assert torch.equal(other.samples, b.samples) and torch.equal(other.log_weights, b.log_weights)
+        assert torch.equal(other.rewards, b.rewards) and not other.rewards.requires_grad
+
+
 # ------------------------------------------------------------------------------------------------ diffusers
 diffusers = pytest.importorskip("diffusers")
 
