@@ -313,7 +313,7 @@ def measure_overhead(eps_model, reward_fn, sched, args, B, K, every, repeats):
     steps = set(fusedlab.smc.schedule(sched.T, start, None, every))
     res = {"fusedlab FKSteering": [], "softmax + multinomial": [], "reference FKD step": [],
            "step + reward only": []}
-    for rep in range(-1, repeats):  # rep -1: an untimed warm-up of both loops
+    for rep in range(-1, repeats):  # rep -1: an untimed warm-up of every loop
         for name in res:
             gen = torch.Generator().manual_seed(args.seed + 100 + rep)
             step = Timed(ddpm_step_fn(eps_model, sched, gen))
