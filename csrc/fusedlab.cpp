@@ -11,7 +11,8 @@ PyMODINIT_FUNC PyInit__C(void) {
 
 TORCH_LIBRARY(fusedlab, m) {
   // ---- resample: batched particle resampling (python/fusedlab/reference/resample.py defines the semantics).
-  // The floating-point output comes first: opcheck's autograd test sums the outputs in order.
+  // The floating-point output comes first: opcheck's autograd test sums the outputs in order. status is
+  // [B, 2] uint8, 0 or 1: the resampled and degenerate flags, which the wrapper views as bool.
   m.def("resample(Tensor log_weights, Tensor uniforms, str method, float ess_threshold) -> "
         "(Tensor log_weights_out, Tensor ancestors, Tensor ess, Tensor log_norm, Tensor status)");
   // resample, then reorder a per-particle state [B, K, ...] by the ancestors, in one pass per group.

@@ -95,6 +95,23 @@ def test_systematic_grid_ties_power_of_two(K, gen):
                     fusedlab.smc.resample(lw, "systematic", 1.0, uniforms=u, backend="reference"))
 
 
+def test_flags_are_views_of_the_op_status(gen):
+    """The op writes the resampled and degenerate flags as 0/1 bytes [B, 2]; the wrapper views them as bool
+    instead of launching comparisons, so both flags share the op's status buffer."""
+    lw = torch.randn(5, 6, generator=gen, dtype=torch.float64)
+    lw[0] = 0.0  # ESS = K: carried
+    lw[1] = -math.inf  # degenerate
+    lw[2] = torch.tensor([0.0, -50.0, -50.0, -50.0, -50.0, -50.0])  # ESS near 1: resampled at threshold 0.5
+    u = torch.rand(5, dtype=torch.float64, generator=gen)
+    for backend in ("cpu", "reference"):
+        r = fusedlab.smc.resample(lw, ess_threshold=0.5, uniforms=u, on_degenerate="uniform", backend=backend)
+        assert r.resampled.dtype == torch.bool and r.degenerate.dtype == torch.bool
+        assert r.resampled.shape == (5,) and r.degenerate.shape == (5,)
+        assert r.resampled.untyped_storage().data_ptr() == r.degenerate.untyped_storage().data_ptr()
+        assert r.degenerate.tolist() == [False, True, False, False, False]
+        assert r.resampled[1] and r.resampled[2] and not r.resampled[0]
+
+
 def test_log_norm_ess_and_carried_weights(gen):
     lw = torch.randn(5, 9, generator=gen, dtype=torch.float64)
     r = fusedlab.smc.resample(lw, ess_threshold=0.0)

@@ -65,7 +65,7 @@ def _resample(sim, tmp_path, lw, u, method, thr, grid, shared, state=None):
 
     out = dict(lw=load("lw_out.bin", np.float32 if lw.dtype == torch.float32 else np.float64, (B, K)),
                anc=load("anc.bin", np.int64, (B, K)), ess=load("ess.bin", np.float64, (B,)),
-               log_norm=load("log_norm.bin", np.float64, (B,)), status=load("status.bin", np.uint8, (B,)))
+               log_norm=load("log_norm.bin", np.float64, (B,)), status=load("status.bin", np.uint8, (B, 2)))
     if state is not None:
         raw = np.fromfile(tmp_path / "state_out.bin", dtype=np.uint8)
         out["state"] = torch.from_numpy(raw).view(state.dtype).reshape(state.shape)

@@ -172,7 +172,9 @@ def _resample_kernel(lw_ptr, u_ptr, anc_ptr, lw_out_ptr, ess_ptr, log_norm_ptr, 
         tl.store(ess_ptr + b, ess)
         tl.store(log_norm_ptr + b, tl.where(degenerate, NEG_INF, m + log_s - log_k))
         do_resample = degenerate | (ess_threshold >= 1.0) | (ess < ess_threshold * K)
-        tl.store(status_ptr + b, (tl.where(do_resample, 1, 0) | tl.where(degenerate, 2, 0)).to(tl.uint8))  # ref.STATUS_*
+        # the flags as 0/1 bytes [B, 2]: resampled, degenerate (ref.FLAG_*)
+        tl.store(status_ptr + 2 * b, do_resample.to(tl.uint8))
+        tl.store(status_ptr + 2 * b + 1, degenerate.to(tl.uint8))
 
         if do_resample:
             for c0 in range(0, K, CHUNK):
@@ -404,7 +406,8 @@ def resample(log_weights: torch.Tensor, uniforms: torch.Tensor, method: str, ess
     """Resample B groups of K particles in one launch (semantics: python/fusedlab/reference/resample.py).
 
     Returns (ancestors int64 [B, K], log_weights [B, K] in the input dtype, ess float64 [B], log_norm float64 [B],
-    status uint8 [B], ``state`` reordered by the ancestors or None when ``state`` is None).
+    status uint8 [B, 2] (the resampled and degenerate flags), ``state`` reordered by the ancestors or None when
+    ``state`` is None).
     """
     if method not in METHOD_IDS:
         raise ValueError(f"method must be one of {tuple(METHOD_IDS)}, got {method!r}")
@@ -444,7 +447,7 @@ def resample(log_weights: torch.Tensor, uniforms: torch.Tensor, method: str, ess
     lw_out = _out((B, K), lw.dtype, dev)
     ess = _out((B,), torch.float64, dev)
     log_norm = _out((B,), torch.float64, dev)
-    status = _out((B,), torch.uint8, dev)
+    status = _out((B, 2), torch.uint8, dev)
     state_out = None
     D = 0
     src = dst = anc  # stand-ins when there is no state: never touched

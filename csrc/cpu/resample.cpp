@@ -357,16 +357,20 @@ void check_ancestor_range(const at::Tensor& anc) {
 }
 
 // The B groups of one call, spread over threads: resampled, then (when dst is given) their states moved.
-// Raw pointers, so that fk_step can run it on its own buffers without allocating tensors.
+// `flags` [B, 2] receives 0/1 bytes, resampled and degenerate, which the wrapper views as bool. Raw
+// pointers, so that fk_step can run it on its own buffers without allocating tensors.
 template <typename scalar_t>
 void resample_groups(const scalar_t* x, const double* u, int64_t U, int32_t method, double ess_threshold, int64_t B,
                      int64_t K, int64_t* anc, scalar_t* lw_out, double* ess_out, double* log_norm_out,
-                     uint8_t* status, const char* src, char* dst, int64_t row_bytes) {
+                     uint8_t* flags, const char* src, char* dst, int64_t row_bytes) {
   at::parallel_for(0, B, grain_for(K * 8 + row_bytes / 8), [&](int64_t b0, int64_t b1) {
     Scratch s;
-    for (int64_t b = b0; b < b1; ++b)
-      status[b] = resample_group<scalar_t>(x + b * K, u + b * U, method, ess_threshold, K, anc + b * K,
-                                           lw_out + b * K, ess_out + b, log_norm_out + b, s);
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint8_t bits = resample_group<scalar_t>(x + b * K, u + b * U, method, ess_threshold, K, anc + b * K,
+                                                    lw_out + b * K, ess_out + b, log_norm_out + b, s);
+      flags[2 * b] = (bits & kResampled) != 0;
+      flags[2 * b + 1] = (bits & kDegenerate) != 0;
+    }
     // The same thread then moves its groups' states: interleaving the copies with the resampling per group
     // measured slower (the copy evicts the next group's inputs).
     if (dst)
@@ -551,17 +555,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fk_step_cpu(
   at::Tensor st_out = at::detail::empty_cpu(st.sizes(), st.scalar_type());
   at::Tensor r_out = at::detail::empty_cpu({last ? n : 0}, at::kDouble);
   std::vector<double> step_ln(B);
-  std::vector<uint8_t> status(B);
+  std::vector<uint8_t> flags(2 * B);  // per group: resampled, degenerate
   int64_t* a = anc.data_ptr<int64_t>();
   // carried log-weights written over the inputs (each group reads all of its own before writing)
   double* w = log_weights.data_ptr<double>();
   double* ess = ess_history.data_ptr<double>() + row * B;
-  resample_groups<double>(w, u, U, m, ess_threshold, B, K, a, w, ess, step_ln.data(), status.data(),
+  resample_groups<double>(w, u, U, m, ess_threshold, B, K, a, w, ess, step_ln.data(), flags.data(),
                           static_cast<const char*>(st.data_ptr()), static_cast<char*>(st_out.data_ptr()), row_bytes);
   if (raise_degenerate) {  // the message of fusedlab.smc.resample's on_degenerate="raise"
     std::vector<int64_t> dead;
     for (int64_t b = 0; b < B; ++b)
-      if (status[b] & kDegenerate) dead.push_back(b);
+      if (flags[2 * b + 1]) dead.push_back(b);
     if (!dead.empty()) {
       std::string groups;
       for (size_t k = 0; k < std::min<size_t>(dead.size(), 10); ++k) groups += (k ? ", " : "") + std::to_string(dead[k]);
@@ -575,7 +579,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fk_step_cpu(
     bool* o = resampled_history.data_ptr<bool>() + row * B;
     for (int64_t b = 0; b < B; ++b) {
       ln[b] += step_ln[b];
-      o[b] = (status[b] & kResampled) != 0;
+      o[b] = flags[2 * b] != 0;
     }
   }
   // r_state and applied reordered by the ancestors in place (the identity where a group was not resampled),
@@ -586,7 +590,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fk_step_cpu(
     double* ro = last ? r_out.data_ptr<double>() : nullptr;
     std::vector<double> tmp(2 * K);
     for (int64_t b = 0; b < B; ++b) {
-      if (!(status[b] & kResampled)) {
+      if (!flags[2 * b]) {
         if (ro)
           for (int64_t i = 0; i < K; ++i) ro[b * K + i] = reward(b * K + i);
         continue;

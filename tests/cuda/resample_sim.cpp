@@ -25,7 +25,7 @@ static int run_resample(const std::string& dir, int64_t B, int K, int method, do
   std::vector<T> lw_out(B * K, std::numeric_limits<T>::quiet_NaN());
   std::vector<int64_t> anc(B * K, -7);
   std::vector<double> ess(B, std::numeric_limits<double>::quiet_NaN()), ln(B, std::numeric_limits<double>::quiet_NaN());
-  std::vector<uint8_t> status(B, 0xff);
+  std::vector<uint8_t> status(2 * B, 0xff);  // [B, 2] flags: resampled, degenerate
   const frc::ResamplePlan plan = frc::plan_resample(B, K, method, 132);
   std::vector<double> ws_cdf(shared ? 0 : grid * static_cast<size_t>(K), 12345.0);
   std::vector<int> ws_count(shared ? 0 : grid * static_cast<size_t>(K), 777);

@@ -113,7 +113,7 @@ inline ResampleCall prepare_resample(const at::Tensor& log_weights, const at::Te
   c.lw_out = at::empty_like(c.lw);
   c.ess = at::empty({B}, c.lw.options().dtype(at::kDouble));
   c.log_norm = at::empty({B}, c.lw.options().dtype(at::kDouble));
-  c.status = at::empty({B}, c.lw.options().dtype(at::kByte));
+  c.status = at::empty({B, 2}, c.lw.options().dtype(at::kByte));  // flags: resampled, degenerate
   if (state != nullptr) {
     check_gather_args(*state, c.anc, "resample_gather");
     c.st = state->contiguous();

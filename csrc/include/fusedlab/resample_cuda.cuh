@@ -57,7 +57,7 @@ struct ResampleParams {
   int64_t* anc;         // [B, K]
   double* ess;          // [B]
   double* log_norm;     // [B]
-  uint8_t* status;      // [B]
+  uint8_t* status;      // [B, 2]: the resampled and degenerate flags as 0/1 bytes
   double* ws_cdf;       // [gridDim.x, K] when K > kSharedMaxK, else null
   int* ws_count;        // [gridDim.x, K] likewise (multinomial and residual only)
   int64_t B;
@@ -212,7 +212,8 @@ __device__ FL_INLINE void resample_group(const ResampleParams<scalar_t>& p, int6
   if (tid == 0) {
     p.ess[b] = e;
     p.log_norm[b] = degenerate ? -INFINITY : log_norm(m, sw, K);
-    p.status[b] = static_cast<uint8_t>((res ? kResampled : 0) | (degenerate ? kDegenerate : 0));
+    p.status[2 * b] = res ? 1 : 0;
+    p.status[2 * b + 1] = degenerate ? 1 : 0;
   }
   if (!res) {  // uniform over the block: every thread returns here
     const double log_total = m + log(sw), log_k = log(static_cast<double>(K));

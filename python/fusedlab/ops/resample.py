@@ -27,7 +27,7 @@ class ResampleResult(NamedTuple):
     log_weights: torch.Tensor  #: [B, K] after the step: 0 where resampled, normalized to mean 1 where carried
     ess: torch.Tensor  #: [B] float64 effective sample size before the step (0 for a degenerate group)
     log_norm: torch.Tensor  #: [B] float64 log mean weight, logsumexp(lw) - log K (-inf when degenerate)
-    resampled: torch.Tensor  #: [B] bool
+    resampled: torch.Tensor  #: [B] bool (a strided view: both flags come from one [B, 2] buffer)
     degenerate: torch.Tensor  #: [B] bool, groups with no finite log-weight (resampled uniformly)
     state: Optional[torch.Tensor] = None  #: the ``state=`` argument reordered by the ancestors, when given
 
@@ -44,7 +44,7 @@ def _fake_resample(log_weights, uniforms, method, ess_threshold):
         log_weights.new_empty((B, K), dtype=torch.int64),
         torch.empty((B,), **f64),
         torch.empty((B,), **f64),
-        log_weights.new_empty((B,), dtype=torch.uint8),
+        log_weights.new_empty((B, 2), dtype=torch.uint8),
     )
 
 
@@ -69,12 +69,12 @@ def _grad_log_weights(log_weights, status, g_lw, g_ess, g_norm):
     with p = softmax(x). Resampled groups have lw_out = 0. NaN and -inf inputs get zero gradient.
     """
     x = torch.nan_to_num(log_weights.detach().double(), nan=-math.inf)
-    alive = ((status & ref.STATUS_DEGENERATE) == 0).unsqueeze(-1)  # degenerate groups: constant outputs
+    alive = (status[:, ref.FLAG_DEGENERATE] == 0).unsqueeze(-1)  # degenerate groups: constant outputs
     p = torch.where(alive, torch.softmax(torch.where(alive, x, torch.zeros_like(x)), -1), torch.zeros_like(x))
     p = torch.where(torch.isfinite(x), p, torch.zeros_like(p))
     grad = torch.zeros_like(x)
     if g_lw is not None:
-        carried = ((status & ref.STATUS_RESAMPLED) == 0).unsqueeze(-1)
+        carried = (status[:, ref.FLAG_RESAMPLED] == 0).unsqueeze(-1)
         g = g_lw.double()
         grad = grad + torch.where(carried & torch.isfinite(x), g - p * g.sum(-1, keepdim=True), torch.zeros_like(g))
     if g_norm is not None:
@@ -324,11 +324,12 @@ def resample(log_weights: torch.Tensor, method: str = "systematic", ess_threshol
         out = _call_below_autograd(op, args) if _no_grad_needed(log_weights, state) else op(*args)
         lw_out, anc, ess, log_norm, status = out[:5]
         state_out = out[5] if state is not None else None
-    # status is 0 (carried), 1 (resampled) or 3 (degenerate, hence resampled): one comparison per flag
-    degenerate = status > ref.STATUS_RESAMPLED
+    # status holds the two flags as 0/1 bytes [B, 2]: viewed as bool, both are views (no further kernels)
+    flags = status.view(torch.bool)
+    degenerate = flags[:, ref.FLAG_DEGENERATE]
     if on_degenerate == "raise":
         _raise_if_degenerate(degenerate)
-    return ResampleResult(anc, lw_out, ess, log_norm, status.bool(), degenerate, state_out)
+    return ResampleResult(anc, lw_out, ess, log_norm, flags[:, ref.FLAG_RESAMPLED], degenerate, state_out)
 
 
 def _no_grad_needed(*tensors) -> bool:

@@ -14,7 +14,8 @@ per group b of K log-weights x (NaN counts as -inf):
   residual: n_j = floor(K w_j / S) deterministic copies in particle order, then R = K - sum n_j draws by the
   multinomial rule on the residual weights K w_j / S - n_j with points sort(U[:R]).
   log_weights after: 0 where resampled, x - (m + log S) + log K where carried (mean weight stays 1).
-status bits: 1 = resampled, 2 = degenerate.
+status: [B, 2] uint8 flags, 0 or 1: column 0 resampled, column 1 degenerate (so status.view(torch.bool)
+gives both flags as views, without another op).
 """
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ import torch
 
 METHODS = ("multinomial", "stratified", "systematic", "residual")
 
-STATUS_RESAMPLED = 1
-STATUS_DEGENERATE = 2
+# the columns of status
+FLAG_RESAMPLED = 0
+FLAG_DEGENERATE = 1
 
 
 def _inverse_cdf(cdf: torch.Tensor, points: torch.Tensor, last: int) -> torch.Tensor:
@@ -50,7 +52,7 @@ def _group(x: torch.Tensor, u: torch.Tensor, method: str, ess_threshold: float):
         ess = s * s / (w * w).sum()
         log_norm = m + torch.log(s) - math.log(K)
         resample = ess_threshold >= 1.0 or bool(ess < ess_threshold * K)
-    status = (STATUS_RESAMPLED if resample else 0) | (STATUS_DEGENERATE if degenerate else 0)
+    status = (int(resample), int(degenerate))
     if not resample:
         lw_out = x - (m + torch.log(w.sum())) + math.log(K)
         return torch.arange(K), lw_out, ess, log_norm, status
@@ -89,7 +91,7 @@ def resample(log_weights: torch.Tensor, uniforms: torch.Tensor, method: str, ess
     """Reference of ``torch.ops.fusedlab.resample``: a Python loop over groups, float64 throughout.
 
     ``uniforms`` is [B, 1] for systematic and [B, K] otherwise. Returns (log_weights [B, K] in the input
-    dtype, ancestors int64 [B, K], ess float64 [B], log_norm float64 [B], status uint8 [B]).
+    dtype, ancestors int64 [B, K], ess float64 [B], log_norm float64 [B], status uint8 [B, 2]).
     """
     B, K = log_weights.shape
     dev, dt = log_weights.device, log_weights.dtype
@@ -99,10 +101,11 @@ def resample(log_weights: torch.Tensor, uniforms: torch.Tensor, method: str, ess
     lw_out = torch.empty(B, K, dtype=torch.float64)
     ess = torch.empty(B, dtype=torch.float64)
     log_norm = torch.empty(B, dtype=torch.float64)
-    status = torch.empty(B, dtype=torch.uint8)
+    status = torch.empty(B, 2, dtype=torch.uint8)
     for b in range(B):
         a, l, e, z, s = _group(lw[b], u[b], method, ess_threshold)
-        anc[b], lw_out[b], ess[b], log_norm[b], status[b] = a, l, e, z, s
+        anc[b], lw_out[b], ess[b], log_norm[b] = a, l, e, z
+        status[b, FLAG_RESAMPLED], status[b, FLAG_DEGENERATE] = s
     return (lw_out.to(device=dev, dtype=dt), anc.to(dev), ess.to(dev), log_norm.to(dev), status.to(dev))
 
 
