@@ -86,7 +86,8 @@ void exp_shifted(double* w, int64_t K, double m) {
 // running sum is one dependent add per particle; here eight segments run as independent chains and each
 // segment's offset is added afterwards. Only the rounding order differs, and the result stays
 // non-decreasing with cdf[K - 1] equal to the returned total (each offset is the previous segment's last
-// value), which the grid counts rely on.
+// value), which the grid counts rely on. The offsets come from the chains' registers, not from the stored
+// CDF: reading back values just stored made each segment wait for the previous one's stores.
 FL_TARGET_CLONES
 double running_sum(const double* __restrict w, double* __restrict cdf, int64_t K, double* sum_sq) {
   constexpr int64_t kChains = 8;
@@ -99,11 +100,13 @@ double running_sum(const double* __restrict w, double* __restrict cdf, int64_t K
       sq[c] += x * x;
       cdf[c * len + t] = acc[c];
     }
-  double offset = acc[0], sq_total = 0.0;
-  for (int64_t c = 1; c < kChains; ++c) {
-    for (int64_t t = 0; t < len; ++t) cdf[c * len + t] += offset;
-    offset = len ? cdf[c * len + len - 1] : 0.0;
+  double offsets[kChains], offset = acc[0], sq_total = 0.0;
+  for (int64_t c = 1; c < kChains; ++c) {  // segment c's last value, as the loop below will store it
+    offsets[c] = offset;
+    offset = len ? acc[c] + offset : 0.0;
   }
+  for (int64_t c = 1; c < kChains; ++c)
+    for (int64_t t = 0; t < len; ++t) cdf[c * len + t] += offsets[c];
   for (int64_t c = 0; c < kChains; ++c) sq_total += sq[c];
   for (int64_t j = kChains * len; j < K; ++j) {  // the tail, sequentially
     offset += w[j];
