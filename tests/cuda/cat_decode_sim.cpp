@@ -12,31 +12,10 @@
 #include <iterator>
 #include <string>
 
-// bfloat16 stand-in for the host: the bits of a float's upper half, rounded to nearest even on store.
-struct SimBf16 {
-  uint16_t bits;
-};
-
+#include "sim_bf16.h"
 #include "fusedlab/cat_decode.cuh"
 
 namespace fcd = fusedlab::cat::cuda;
-
-template <>
-struct fusedlab::cat::cuda::Elem<SimBf16> {
-  static float load(SimBf16 x) {
-    const uint32_t u = static_cast<uint32_t>(x.bits) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-  }
-  static SimBf16 store(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    if (std::isnan(f)) return SimBf16{0x7fc0};
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return SimBf16{static_cast<uint16_t>(u >> 16)};
-  }
-};
 
 // Inputs are copied into 16-byte aligned buffers, as the glue guarantees on the device.
 struct Aligned {

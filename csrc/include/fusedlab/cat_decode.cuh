@@ -21,29 +21,7 @@
 // emulates is used: __syncthreads, __shfl_xor_sync over whole warps, static shared memory, 1-D grids.
 #pragma once
 
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-
-#if defined(__CUDACC__)
-#include <cassert>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#endif
-
-#include "fusedlab/macros.h"
-
-// Loop unrolling for nvcc; host compilers (the simulation) just run the loop.
-#if defined(__CUDACC__)
-#define FL_UNROLL _Pragma("unroll")
-#else
-#define FL_UNROLL
-#endif
-
-// Device-side check of the user-supplied fills; the torch glue maps it to CUDA_KERNEL_ASSERT.
-#ifndef FL_KERNEL_ASSERT
-#define FL_KERNEL_ASSERT(cond) assert(cond)
-#endif
+#include "fusedlab/cat_cuda_common.cuh"
 
 namespace fusedlab {
 namespace cat {
@@ -61,32 +39,6 @@ constexpr int64_t kMinKeysPerSplit = 64;
 constexpr int kMaxSplits = 64;
 // Every K/V/q row and lane offset is read with 16-byte vectors: the glue passes 16-byte aligned bases.
 constexpr int kAlignBytes = 16;
-
-// ------------------------------------------------------------------------------------------------ elements
-
-// fp32 view of a stored element, and back. The host simulation adds its own bfloat16 stand-in.
-template <typename T>
-struct Elem;
-
-template <>
-struct Elem<float> {
-  static FL_HD FL_INLINE float load(float x) { return x; }
-  static FL_HD FL_INLINE float store(float x) { return x; }
-};
-
-#if defined(__CUDACC__)
-template <>
-struct Elem<__half> {
-  static __device__ FL_INLINE float load(__half x) { return __half2float(x); }
-  static __device__ FL_INLINE __half store(float x) { return __float2half_rn(x); }
-};
-
-template <>
-struct Elem<__nv_bfloat16> {
-  static __device__ FL_INLINE float load(__nv_bfloat16 x) { return __bfloat162float(x); }
-  static __device__ FL_INLINE __nv_bfloat16 store(float x) { return __float2bfloat16_rn(x); }
-};
-#endif
 
 // How a row of D elements of T is spread over a warp.
 template <typename T, int D>
@@ -134,18 +86,6 @@ FL_UNROLL
 FL_UNROLL
   for (int e = 0; e < E; ++e) out[e] = Elem<T>::load(x[e]);
 }
-
-FL_HD FL_INLINE float exp2_f32(float x) {
-#if defined(__CUDA_ARCH__)
-  return exp2f(x);
-#else
-  return std::exp2(x);
-#endif
-}
-
-// Weight of an online-softmax state with running max m in a merge whose max is mx; a state that saw no key
-// (m = -inf) weighs 0, also when mx is -inf too (exp2(-inf - -inf) would be NaN).
-FL_HD FL_INLINE float state_weight(float m, float mx) { return m == -INFINITY ? 0.0f : exp2_f32(m - mx); }
 
 // Sum over the LANES consecutive lanes of a lane group (LANES a power of two dividing 32).
 template <int LANES>
