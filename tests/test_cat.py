@@ -160,9 +160,9 @@ def test_autocast_casts_inputs(gen):
     assert torch.equal(o, want)
 
 
-def test_triton_refuses_float64_and_cuda_is_decode_only(gen):
+def test_triton_refuses_float64_and_cuda_needs_cuda_tensors(gen):
     q, k, v, kc, vc, _ = draw(gen, 1, 1, 1, 4, 1, 4, qc=False)
-    with pytest.raises(NotImplementedError, match="CUDA kernel covers cat_decode only"):
+    with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
         fusedlab.ops.cat_attention(q, k, v, kc, vc, 4, backend="cuda")
     if "triton" in fusedlab.backends():
         with pytest.raises(TypeError, match="float64 runs on backend='reference'"):

@@ -1,4 +1,4 @@
-"""Triton backend of the cat family on a CUDA device, at training sizes, and the CUDA decode kernel.
+"""The Triton and CUDA backends of the cat family on a CUDA device, at training sizes, and the CUDA decode kernel.
 
 fp32 runs exact products (input_precision="ieee") and stays within 1e-5 of the float64 reference. fp16 and
 bf16 follow the tolerance rule: against float64, the kernel's output and gradients err at most twice as
@@ -57,10 +57,19 @@ def sdpa_dense(q, k, v, kc, vc, l):
     return F.scaled_dot_product_attention(q, keys, vals, attn_mask=ref.raw_mask(L, Nc, l, q.device))
 
 
+def needs_cuda_kernel(backend, d=64):
+    if backend == "cuda" and "cuda" not in fusedlab.backends():
+        pytest.skip("fusedlab._C_cuda not built")
+    if backend == "cuda" and d not in (64, 128):
+        pytest.skip("the CUDA kernel is instantiated for head dims 64 and 128")
+
+
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("B,H,Hkv,L,l,d,with_qc", [(2, 4, 4, 1000, 16, 64, True), (1, 8, 2, 777, 33, 128, True),
                                                    (2, 2, 1, 300, 4, 64, False), (1, 2, 2, 129, 1, 32, True)])
-def test_float32_matches_reference(B, H, Hkv, L, l, d, with_qc, gen):
+def test_float32_matches_reference(B, H, Hkv, L, l, d, with_qc, backend, gen):
+    needs_cuda_kernel(backend, d)
     Nc = -(-L // l) + 1
     inputs = draw(gen, B, H, Hkv, L, Nc, d, with_qc)
     gouts = [torch.randn(B, H, L, d, generator=gen, dtype=torch.float64).to(DEV)]
@@ -68,7 +77,7 @@ def test_float32_matches_reference(B, H, Hkv, L, l, d, with_qc, gen):
         gouts.append(torch.randn(B, H, Nc, d, generator=gen, dtype=torch.float64).to(DEV))
     call = lambda backend: (lambda q, k, v, kc, vc, qc=None: fusedlab.ops.cat_attention(  # noqa: E731
         q, k, v, kc, vc, l, qc=qc, backend=backend))
-    got = outputs_and_grads(call("triton"), [None if t is None else t.float() for t in inputs], gouts)
+    got = outputs_and_grads(call(backend), [None if t is None else t.float() for t in inputs], gouts)
     want = outputs_and_grads(call("reference"), inputs, gouts)
     for a, b in zip(got, want):
         assert rel(a, b) < 1e-5
@@ -77,13 +86,15 @@ def test_float32_matches_reference(B, H, Hkv, L, l, d, with_qc, gen):
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("l,d,Hkv", [(16, 64, 4), (4, 128, 2), (32, 64, 1)])
-def test_half_within_twice_torch(dtype, l, d, Hkv, gen):
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_half_within_twice_torch(dtype, l, d, Hkv, backend, gen):
+    needs_cuda_kernel(backend, d)
     B, H, L = 2, 4, 1024
     Nc = L // l + 1
     inputs = draw(gen, B, H, Hkv, L, Nc, d, False)[:5]
     gouts = [torch.randn(B, H, L, d, generator=gen, dtype=torch.float64).to(DEV)]
     half = [t.to(dtype) for t in inputs]
-    got = outputs_and_grads(lambda *a: fusedlab.ops.cat_attention(*a, l, backend="triton"), half, gouts)
+    got = outputs_and_grads(lambda *a: fusedlab.ops.cat_attention(*a, l, backend=backend), half, gouts)
     theirs = outputs_and_grads(lambda *a: sdpa_dense(*a, l), half, gouts)
     exact = outputs_and_grads(lambda *a: fusedlab.ops.cat_attention(*a, l, backend="reference"), inputs, gouts)
     for name, a, b, e in zip(["o", "dq", "dk", "dv", "dkc", "dvc"], got, theirs, exact):
@@ -94,6 +105,19 @@ def test_half_within_twice_torch(dtype, l, d, Hkv, gen):
 def test_opcheck_cuda(gen):
     q, k, v, kc, vc, qc = [t.float().requires_grad_() for t in draw(gen, 1, 4, 2, 100, 8, 64, True)]
     torch.library.opcheck(torch.ops.fusedlab.cat_attention_triton.default, (q, k, v, kc, vc, qc, 16, 0.125))
+
+
+@pytest.mark.timeout(300)
+def test_opcheck_cuda_kernel_and_its_errors(gen):
+    needs_cuda_kernel("cuda")
+    q, k, v, kc, vc, qc = [t.float().requires_grad_() for t in draw(gen, 1, 4, 2, 100, 8, 64, True)]
+    torch.library.opcheck(torch.ops.fusedlab.cat_attention.default, (q, k, v, kc, vc, qc, 16, 0.125))
+    o, oc = fusedlab.ops.cat_attention(q, k, v, kc, vc, 16, qc=qc, backend="cuda")
+    (o.sum() + oc.sum()).backward()  # the saved tensors and the two backward launches on the device
+    with pytest.raises(ValueError, match="head dims"):
+        fusedlab.ops.cat_attention(*(t.detach()[..., :32] for t in (q, k, v, kc, vc)), 16, backend="cuda")
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
+        fusedlab.ops.cat_attention(*(t.detach().double() for t in (q, k, v, kc, vc)), 16, backend="cuda")
 
 
 @pytest.mark.timeout(300)

@@ -1,6 +1,7 @@
-// CUDA glue of the cat family: fusedlab::cat_decode, CAT's generation step. Argument checks shared with the
-// CPU kernel (fusedlab/checks.h) plus the CUDA kernel's own limits, then the launch plan and the kernels of
-// fusedlab/cat_decode.cuh on the current stream.
+// CUDA glue of the cat family: fusedlab::cat_attention and cat_attention_backward (the kernels of
+// fusedlab/cat_attention.cuh) and fusedlab::cat_decode, CAT's generation step (fusedlab/cat_decode.cuh).
+// Argument checks shared with the CPU kernels (fusedlab/checks.h) plus the CUDA kernels' own limits, then
+// the launches on the current stream.
 //
 // The fills n_slots / n_raw stay on the device (reading them would sync every step): out-of-range values are
 // caught by a device assert (CUDA_KERNEL_ASSERT, as in resample.cu) and clamped, so nothing outside the
@@ -15,8 +16,13 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+#include <vector>
 
 #define FL_KERNEL_ASSERT(cond) CUDA_KERNEL_ASSERT(cond)
+#include "fusedlab/cat_attention.cuh"
 #include "fusedlab/cat_decode.cuh"
 #include "fusedlab/checks.h"
 #include "fusedlab/cuda_glue.h"
@@ -97,8 +103,176 @@ at::Tensor cat_decode_cuda(const at::Tensor& q_in, const at::Tensor& kc_in, cons
   return out;
 }
 
+// ------------------------------------------------------------------------------------------ cat_attention
+
+// The attention kernels' own limits (after check_cat_attention_args): positions and block counts in 32 bits.
+void check_cat_attention_cuda_limits(const at::Tensor& q, const CatAttentionShapes& s, const char* op) {
+  const auto dt = q.scalar_type();
+  FL_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, "fusedlab.", op,
+           ": the CUDA kernel takes float32, float16 or bfloat16, got ", dt,
+           " (float64 runs on the CPU kernel or the reference)");
+  FL_CHECK(s.d == 64 || s.d == 128, "fusedlab.", op, ": the CUDA kernel takes head dims 64 and 128, got ", s.d,
+           " (the Triton kernel takes any up to 128)");
+  constexpr int64_t kMax = std::numeric_limits<int32_t>::max() / 2;
+  FL_CHECK(s.L <= kMax && s.Nc <= kMax && s.l <= kMax && s.H <= kMax, "fusedlab.", op,
+           ": the CUDA kernel takes L, Nc, chunk_size and heads up to ", kMax, ", got L = ", s.L, ", Nc = ", s.Nc,
+           ", chunk_size = ", s.l, ", H = ", s.H);
+  const int64_t tiles = (s.L + 15) / 16 + (s.Nc + 15) / 16;  // the most tiles per head (16-row tiles)
+  FL_CHECK(s.B * s.H * tiles < (int64_t(1) << 31), "fusedlab.", op, ": ", s.B * s.H * tiles,
+           " blocks exceed the CUDA grid limit (B * H too large for L and Nc)");
+}
+
+template <typename T>
+fcd::AttnParams<T> attn_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kc,
+                               const at::Tensor& vc, const at::Tensor* qc, const CatAttentionShapes& s,
+                               double scale) {
+  fcd::AttnParams<T> p{};
+  auto in = [](const at::Tensor& t) { return reinterpret_cast<const T*>(t.data_ptr()); };
+  p.q = in(q);
+  p.k = in(k);
+  p.v = in(v);
+  p.kc = in(kc);
+  p.vc = in(vc);
+  p.qc = qc != nullptr ? in(*qc) : nullptr;
+  p.B = s.B;
+  p.H = static_cast<int>(s.H);
+  p.Hkv = static_cast<int>(s.Hkv);
+  p.L = static_cast<int>(s.L);
+  p.Nc = static_cast<int>(s.Nc);
+  p.l = static_cast<int>(s.l);
+  p.qk_scale = static_cast<float>(scale * 1.4426950408889634);  // log2(e): the kernels use exp2
+  p.scale = static_cast<float>(scale);
+  return p;
+}
+
+template <typename T>
+T* out_ptr(at::Tensor& t) {
+  return reinterpret_cast<T*>(t.data_ptr());
+}
+
+template <typename F>
+void dispatch_attn(at::ScalarType dt, int64_t d, F&& f) {
+  auto by_dim = [&](auto tag) {
+    using T = decltype(tag);
+    if (d == 64)
+      f(T{}, std::integral_constant<int, 64>{});
+    else
+      f(T{}, std::integral_constant<int, 128>{});
+  };
+  switch (dt) {
+    case at::kFloat: by_dim(float{}); break;
+    case at::kHalf: by_dim(__half{}); break;
+    default: by_dim(__nv_bfloat16{}); break;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cat_attention_cuda(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& kc_in,
+    const at::Tensor& vc_in, const c10::optional<at::Tensor>& qc_in, int64_t chunk_size, double scale) {
+  const CatAttentionShapes s = check_cat_attention_args(q_in, k_in, v_in, kc_in, vc_in, qc_in, chunk_size,
+                                                        "cat_attention");
+  check_cat_attention_cuda_limits(q_in, s, "cat_attention");
+  FL_CHECK(std::isfinite(scale), "fusedlab.cat_attention: scale must be a finite number, got ", scale);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(), kc = kc_in.contiguous(),
+                   vc = vc_in.contiguous();
+  const at::Tensor qc = qc_in.has_value() ? qc_in->contiguous() : at::Tensor();
+  const int64_t Nq = qc_in.has_value() ? s.Nc : 0;
+  at::Tensor o = at::empty_like(q), lse = at::empty({s.B, s.H, s.L}, q.options().dtype(at::kFloat));
+  at::Tensor oc = at::empty({s.B, s.H, Nq, s.d}, q.options()), lse_c = at::empty({s.B, s.H, Nq}, lse.options());
+  dispatch_attn(q.scalar_type(), s.d, [&](auto tag, auto dim) {
+    using T = decltype(tag);
+    fcd::AttnParams<T> p = attn_params<T>(q, k, v, kc, vc, qc_in.has_value() ? &qc : nullptr, s, scale);
+    p.out_o = out_ptr<T>(o);
+    p.out_oc = Nq ? out_ptr<T>(oc) : nullptr;
+    p.lse = lse.data_ptr<float>();
+    p.lse_c = Nq ? lse_c.data_ptr<float>() : nullptr;
+    C10_CUDA_CHECK((fcd::launch_attn_forward<T, decltype(dim)::value>(p, c10::cuda::getCurrentCUDAStream())));
+  });
+  return {o, lse, oc, lse_c};
+}
+
+std::vector<at::Tensor> cat_attention_backward_cuda(
+    const at::Tensor& do_in, const c10::optional<at::Tensor>& doc_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& kc_in, const at::Tensor& vc_in, const c10::optional<at::Tensor>& qc_in,
+    const at::Tensor& o_in, const at::Tensor& lse_in, const at::Tensor& oc_in, const at::Tensor& lse_c_in,
+    int64_t chunk_size, double scale) {
+  const char* op = "cat_attention_backward";
+  const CatAttentionShapes s = check_cat_attention_args(q_in, k_in, v_in, kc_in, vc_in, qc_in, chunk_size, op);
+  check_cat_attention_cuda_limits(q_in, s, op);
+  FL_CHECK(qc_in.has_value() == doc_in.has_value(), "fusedlab.cat_attention_backward: doc must be given "
+           "exactly when qc is");
+  FL_CHECK(do_in.sizes() == q_in.sizes() && o_in.sizes() == q_in.sizes(), "fusedlab.", op,
+           ": grad_o and o must have q's shape ", q_in.sizes(), ", got ", do_in.sizes(), " and ", o_in.sizes());
+  FL_CHECK(lse_in.dim() == 3 && lse_in.size(0) == s.B && lse_in.size(1) == s.H && lse_in.size(2) == s.L &&
+               lse_in.scalar_type() == at::kFloat,
+           "fusedlab.", op, ": lse must be float32 [B, H, L] = [", s.B, ", ", s.H, ", ", s.L, "], got ",
+           lse_in.scalar_type(), " ", lse_in.sizes());
+  for (const at::Tensor* t : {&do_in, &o_in, &lse_in, &oc_in, &lse_c_in})
+    FL_CHECK(t->device() == q_in.device(), "fusedlab.", op, ": every tensor must be on ", q_in.device(),
+             ", got one on ", t->device());
+  const bool has_qc = qc_in.has_value();
+  if (has_qc) {
+    FL_CHECK(doc_in->sizes() == qc_in->sizes() && oc_in.sizes() == qc_in->sizes(), "fusedlab.", op,
+             ": grad_oc and oc must have qc's shape ", qc_in->sizes(), ", got ", doc_in->sizes(), " and ",
+             oc_in.sizes());
+    FL_CHECK(doc_in->device() == q_in.device(), "fusedlab.", op, ": grad_oc must be on ", q_in.device());
+    FL_CHECK(lse_c_in.dim() == 3 && lse_c_in.size(2) == s.Nc && lse_c_in.scalar_type() == at::kFloat, "fusedlab.",
+             op, ": lse_c must be float32 [B, H, Nc], got ", lse_c_in.scalar_type(), " ", lse_c_in.sizes());
+  }
+  const auto dt = q_in.scalar_type();
+  for (const at::Tensor* t : {&do_in, &o_in})
+    FL_CHECK(t->scalar_type() == dt, "fusedlab.", op, ": grad_o and o must have q's dtype ", dt, ", got ",
+             t->scalar_type());
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(), kc = kc_in.contiguous(),
+                   vc = vc_in.contiguous(), o = o_in.contiguous(), d_o = do_in.to(dt).contiguous(),
+                   lse = lse_in.contiguous();
+  at::Tensor qc, oc, d_oc, lse_c;
+  if (has_qc) {
+    qc = qc_in->contiguous();
+    oc = oc_in.to(dt).contiguous();
+    d_oc = doc_in->to(dt).contiguous();
+    lse_c = lse_c_in.contiguous();
+  }
+  // every row of every gradient is written by exactly one block
+  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v), dkc = at::empty_like(kc),
+             dvc = at::empty_like(vc);
+  at::Tensor dqc = has_qc ? at::empty_like(qc) : at::Tensor();
+  at::Tensor delta = at::empty({s.B, s.H, s.L}, q.options().dtype(at::kFloat));
+  at::Tensor delta_c = at::empty({s.B, s.H, has_qc ? s.Nc : 0}, delta.options());
+  dispatch_attn(dt, s.d, [&](auto tag, auto dim) {
+    using T = decltype(tag);
+    fcd::AttnParams<T> p = attn_params<T>(q, k, v, kc, vc, has_qc ? &qc : nullptr, s, scale);
+    p.o = reinterpret_cast<const T*>(o.data_ptr());
+    p.d_o = reinterpret_cast<const T*>(d_o.data_ptr());
+    p.lse = const_cast<float*>(lse.data_ptr<float>());  // read only by the backward's kernels
+    p.out_o = out_ptr<T>(dq);
+    p.dk = out_ptr<T>(dk);
+    p.dv = out_ptr<T>(dv);
+    p.dkc = out_ptr<T>(dkc);
+    p.dvc = out_ptr<T>(dvc);
+    p.delta = delta.data_ptr<float>();
+    if (has_qc) {
+      p.oc = reinterpret_cast<const T*>(oc.data_ptr());
+      p.d_oc = reinterpret_cast<const T*>(d_oc.data_ptr());
+      p.lse_c = const_cast<float*>(lse_c.data_ptr<float>());
+      p.out_oc = out_ptr<T>(dqc);
+      p.delta_c = delta_c.data_ptr<float>();
+    }
+    C10_CUDA_CHECK((fcd::launch_attn_backward<T, decltype(dim)::value>(p, c10::cuda::getCurrentCUDAStream())));
+  });
+  std::vector<at::Tensor> out = {dq, dk, dv, dkc, dvc};
+  if (has_qc) out.push_back(dqc);
+  return out;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fusedlab, CUDA, m) { m.impl("cat_decode", &cat_decode_cuda); }
+TORCH_LIBRARY_IMPL(fusedlab, CUDA, m) {
+  m.impl("cat_attention", &cat_attention_cuda);
+  m.impl("cat_attention_backward", &cat_attention_backward_cuda);
+  m.impl("cat_decode", &cat_decode_cuda);
+}
 
 }  // namespace fusedlab

@@ -13,7 +13,8 @@ BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
 # (bench/results/gpu/): resample's CUDA kernel ran 1.3-4.5x faster than its Triton kernel at every benchmark
 # point on both cards. newton_schulz and symile refine this per shape in their wrappers (ops/newton_schulz.py
 # auto_cuda_choice; ops/symile.py GEMM_MIN_N/D; ops/cat.py cat_decode, whose CUDA kernel ran 1.15x the
-# Triton one). cat_attention has no CUDA kernel, so the family's preference stays Triton.
+# Triton one). cat_attention's CUDA kernel runs on CUDA cores (no tensor cores) and was never timed against the
+# Triton one on a GPU, so the family's preference stays Triton.
 AUTO_GPU_PREFERENCE = {"resample": ("cuda", "triton"), "newton_schulz": ("cuda", "triton"), "cat": ("triton",),
                        "symile": ("triton",)}
 
@@ -22,7 +23,7 @@ FAMILY_BACKENDS = {
     "resample": ("cuda", "triton", "cpu", "reference"),
     "newton_schulz": ("cuda", "triton", "cpu", "reference"),
     "symile": ("cuda", "triton", "cpu", "reference"),  # "cuda": library GEMM tiles (ops/symile_gemm.py)
-    "cat": ("cuda", "triton", "cpu", "reference"),  # "cuda": cat_decode only (cat_attention refuses it)
+    "cat": ("cuda", "triton", "cpu", "reference"),
 }
 
 

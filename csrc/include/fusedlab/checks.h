@@ -125,6 +125,50 @@ inline ResampleCall prepare_resample(const at::Tensor& log_weights, const at::Te
   return c;
 }
 
+// cat_attention and its backward (CPU and CUDA): q [B, H, L, d]; k, v [B, Hkv, L, d]; kc, vc [B, Hkv, Nc, d]
+// with Nc >= ceil(L / l); qc, when given, [B, H, Nc, d]; one floating dtype and device for all.
+struct CatAttentionShapes {
+  int64_t B, H, Hkv, G, L, Nc, d, l;
+};
+
+inline CatAttentionShapes check_cat_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                   const at::Tensor& kc, const at::Tensor& vc,
+                                                   const c10::optional<at::Tensor>& qc, int64_t l, const char* op) {
+  FL_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && kc.dim() == 4 && vc.dim() == 4,
+           "fusedlab.", op, ": q, k, v, kc, vc must be 4-D [B, heads, length, head_dim], got q ", q.sizes(),
+           ", k ", k.sizes(), ", kc ", kc.sizes());
+  FL_CHECK(l >= 1, "fusedlab.", op, ": chunk_size must be >= 1, got ", l);
+  const auto dt = q.scalar_type();
+  for (const at::Tensor* t : {&k, &v, &kc, &vc})
+    FL_CHECK(t->scalar_type() == dt && t->device() == q.device(), "fusedlab.", op,
+             ": k, v, kc, vc must have q's dtype ", dt, " and device ", q.device(), ", got ", t->scalar_type(),
+             " on ", t->device());
+  FL_CHECK(at::isFloatingType(dt), "fusedlab.", op, ": q must be floating point, got ", dt);
+  CatAttentionShapes s;
+  s.B = q.size(0); s.H = q.size(1); s.L = q.size(2); s.d = q.size(3);
+  s.Hkv = k.size(1); s.Nc = kc.size(2); s.l = l;
+  FL_CHECK(s.Hkv >= 1 && s.H % s.Hkv == 0, "fusedlab.", op, ": q's heads (", s.H,
+           ") must be a multiple of k's (", s.Hkv, ")");
+  s.G = s.H / s.Hkv;
+  FL_CHECK(k.sizes() == v.sizes() && k.size(0) == s.B && k.size(2) == s.L && k.size(3) == s.d, "fusedlab.", op,
+           ": k and v must be [B, Hkv, L, d] matching q ", q.sizes(), ", got k ", k.sizes(), ", v ", v.sizes());
+  FL_CHECK(kc.sizes() == vc.sizes() && kc.size(0) == s.B && kc.size(1) == s.Hkv && kc.size(3) == s.d,
+           "fusedlab.", op, ": kc and vc must be [B, Hkv, Nc, d] matching k ", k.sizes(), ", got kc ", kc.sizes(),
+           ", vc ", vc.sizes());
+  FL_CHECK(s.Nc >= (s.L + l - 1) / l, "fusedlab.", op, ": kc needs Nc >= ceil(L / chunk_size) = ",
+           (s.L + l - 1) / l, " slots, got ", s.Nc);
+  if (qc.has_value()) {
+    FL_CHECK(qc->scalar_type() == dt && qc->device() == q.device(), "fusedlab.", op,
+             ": qc must have q's dtype ", dt, " and device ", q.device(), ", got ", qc->scalar_type(), " on ",
+             qc->device());
+    FL_CHECK(qc->dim() == 4 && qc->size(0) == s.B && qc->size(1) == s.H && qc->size(2) == s.Nc &&
+                    qc->size(3) == s.d,
+             "fusedlab.", op, ": qc must be [B, H, Nc, d] = [", s.B, ", ", s.H, ", ", s.Nc, ", ", s.d, "], got ",
+             qc->sizes());
+  }
+  return s;
+}
+
 // cat_decode (CPU and CUDA): q [B, H, d]; kc, vc [B, Hkv, S, d]; k, v [B, Hkv, R, d]; n_slots, n_raw [B]
 // integer fills, on q's device like every other tensor. The fills' values are checked where they live (the
 // CPU kernel reads them; the CUDA kernel asserts on the device).

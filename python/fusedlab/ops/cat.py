@@ -9,6 +9,9 @@ Semantics: python/fusedlab/reference/cat.py (a dense boolean-mask oracle). Imple
 * "cpu" (csrc/cpu/cat.cpp, ``torch.ops.fusedlab.cat_attention`` and ``cat_attention_backward``): blocks of
   whole chunks, each one [rows x slots] product and one batch of [l x l] chunk products, never an L x L or
   L x Nc score matrix; the same saved log-sum-exp and recomputing backward.
+* "cuda" (csrc/include/fusedlab/cat_attention.cuh, the same C++ ops on CUDA tensors): flash-style tiles of
+  each stream's queries over exactly the keys they see, fp32 on CUDA cores; the backward is a dq launch
+  and a dk/dv launch, no atomics.
 * "reference": the dense oracle, any device, float64.
 
 ``cat_decode`` (generation: one new query per sequence against a compressed cache) has a Triton kernel
@@ -27,6 +30,7 @@ from fusedlab import _backend
 from fusedlab.reference import cat as ref
 
 _FAMILY = "cat"
+_CUDA_DIMS = (64, 128)  # head dims the CUDA kernels are instantiated for
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -122,7 +126,8 @@ def _cat_triton_backward_eager(do, doc, q, k, v, kc, vc, qc, o, lse, oc, lse_c, 
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the C++ CPU op (schemas in csrc/fusedlab.cpp, kernels in csrc/cpu/cat.cpp): fakes and the same autograd
+# the C++ op (schemas in csrc/fusedlab.cpp, kernels in csrc/cpu/cat.cpp and csrc/cuda/cat.cu): fakes and the
+# same autograd
 
 
 @torch.library.register_fake("fusedlab::cat_attention")
@@ -219,8 +224,8 @@ def cat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.T
         qc: optional [B, H, Nc, d] compressed queries.
         scale: score scale, default 1 / sqrt(d).
         return_lse: also return the log-sum-exp of each query's scaled scores (float32; float64 for float64).
-        backend: "auto" (CUDA tensors: "triton"; CPU tensors: "cpu"), "triton", "cpu" or "reference" ("cuda"
-            is a NotImplementedError: the family's CUDA kernel covers ``cat_decode`` only so far).
+        backend: "auto" (CUDA tensors: "triton"; CPU tensors: "cpu"), "cuda" (head dims 64 and 128; fp32
+            arithmetic on CUDA cores, no tensor cores yet), "triton", "cpu" or "reference".
 
     All inputs share one dtype (float16, bfloat16, float32; float64 on "cpu" and "reference") and device; under
     torch.autocast they are cast to the autocast dtype first. Differentiable in every input.
@@ -248,11 +253,12 @@ def cat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.T
         q, k, v, kc, vc, qc = [t.to(cast) if isinstance(t, torch.Tensor) else t for t in (q, k, v, kc, vc, qc)]
         with torch.autocast(q.device.type, enabled=False):
             return cat_attention(q, k, v, kc, vc, chunk_size, qc, scale, return_lse, backend)
-    if backend == "cuda":
-        raise NotImplementedError("backend='cuda': the cat family's CUDA kernel covers cat_decode only so far; "
-                                  "cat_attention runs on 'triton' (CUDA tensors), 'cpu' or 'reference'")
     scale = _check_inputs(q, k, v, kc, vc, qc, chunk_size, scale)
     which = _backend.resolve(backend, _FAMILY, q.device)
+    if which == "cuda" and (q.dtype == torch.float64 or q.shape[-1] not in _CUDA_DIMS):
+        raise ValueError(f"backend='cuda' computes float16, bfloat16 or float32 with head dims {_CUDA_DIMS}, got "
+                         f"{q.dtype} with head dim {q.shape[-1]}; use backend='triton' (head dims up to 128) "
+                         "or 'reference'")
     if which == "triton":
         if q.dtype == torch.float64:
             raise TypeError("backend='triton' computes in float16, bfloat16 or float32; float64 runs on "
@@ -265,7 +271,7 @@ def cat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.T
             o, lse, oc, lse_c = torch.ops.fusedlab.cat_attention_triton(*args, chunk_size, scale)
         else:
             o, lse, oc, lse_c = _EagerCATTriton.apply(*args, chunk_size, scale)
-    elif which == "cpu":
+    elif which in ("cpu", "cuda"):  # one C++ op, a kernel per device
         o, lse, oc, lse_c = torch.ops.fusedlab.cat_attention(q, k, v, kc, vc, qc, chunk_size, scale)
     else:
         out = ref.cat_attention(q, k, v, kc, vc, chunk_size, qc, scale)
@@ -305,9 +311,6 @@ def _cat_decode_no_backward(ctx, grad):
 # registered so a backward through the op is a clear error rather than torch's silent fallback
 torch.library.register_autograd("fusedlab::cat_decode", _cat_decode_no_backward,
                                 setup_context=lambda ctx, inputs, output: None)
-
-#: head dims the CUDA decode kernel is compiled for
-_CUDA_DECODE_DIMS = (64, 128)
 
 
 def cat_decode(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, n_slots: torch.Tensor, k: torch.Tensor,
@@ -370,7 +373,7 @@ def cat_decode(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, n_slots: tor
     if backend == "auto" and which == "cpu" and torch.is_grad_enabled() and \
             any(t.requires_grad for t in (q, kc, vc, k, v)):
         which = "reference"  # the C++ loop has no backward; the reference does
-    if backend == "auto" and which == "triton" and "cuda" in _backend.backends() and d in _CUDA_DECODE_DIMS \
+    if backend == "auto" and which == "triton" and "cuda" in _backend.backends() and d in _CUDA_DIMS \
             and q.dtype != torch.float64:
         which = "cuda"  # the split-K kernel: 0.066 against 0.076 ms (H100, B = 256, L = 4096, l = 16, bf16)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
@@ -381,9 +384,9 @@ def cat_decode(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, n_slots: tor
             [t.contiguous() for t in (k, v)] + [n_raw.to(q.device, torch.int64).contiguous()]
         return torch.ops.fusedlab.cat_decode_triton(*args, scale)
     if which == "cuda":
-        if q.dtype == torch.float64 or d not in _CUDA_DECODE_DIMS:
+        if q.dtype == torch.float64 or d not in _CUDA_DIMS:
             raise ValueError(f"backend='cuda' decodes float16, bfloat16 or float32 with head dims "
-                             f"{' or '.join(map(str, _CUDA_DECODE_DIMS))}, got {q.dtype} with head dim {d}; "
+                             f"{' or '.join(map(str, _CUDA_DIMS))}, got {q.dtype} with head dim {d}; "
                              "backend='triton' or 'reference' cover the rest")
         return torch.ops.fusedlab.cat_decode(q, kc, vc, n_slots.to(q.device, torch.int64), k, v,
                                              n_raw.to(q.device, torch.int64), scale)

@@ -79,6 +79,10 @@ def rows(device, points=GPU_POINTS, B=2, H=8, d=64, dtype=torch.bfloat16, min_ru
                    B=B, H=H, L=L, l=l, d=d, dtype=str(dtype).replace("torch.", ""), ms=ours.median_ms,
                    fwd_ms=ours_fwd.median_ms, sdpa_ms=dense.median_ms, vs_sdpa=dense.median_ms / ours.median_ms,
                    tflops=flops / ours.median_ms / 1e9)
+        if q.is_cuda and "cuda" in fusedlab.backends():  # the CUDA-core kernel beside the default (Triton)
+            t = measure(lambda: _fwd_bwd(lambda *a: fusedlab.ops.cat_attention(*a, l, backend="cuda"),
+                                         (q, k, v, kc, vc), grad), min_run_time)
+            row.update(cuda_kernel_ms=t.median_ms, cuda_kernel_vs_auto=ours.median_ms / t.median_ms)
         if flex and (L, l) in FLEX_POINTS:
             try:
                 if q.is_cuda:
