@@ -49,15 +49,20 @@ def _log_weights(B, K, gen, dtype):
     return lw.to(dtype)
 
 
-def _resample(sim, tmp_path, lw, u, method, thr, grid, shared, state=None):
+def _resample(sim, tmp_path, lw, u, method, thr, grid, shared, state=None, philox=None):
+    """Runs the resample kernel on u, or with ``philox=(seed, offset)`` on the uniforms it draws itself."""
     B, K = lw.shape
     row_bytes = 0 if state is None else state[0, 0].numel() * state.element_size()
     lw.contiguous().numpy().tofile(tmp_path / "lw.bin")
-    u.contiguous().numpy().tofile(tmp_path / "u.bin")
+    if philox is None:
+        u.contiguous().numpy().tofile(tmp_path / "u.bin")
+    elif (tmp_path / "u.bin").exists():
+        (tmp_path / "u.bin").unlink()  # the kernel must not need them
     if state is not None:
         state.contiguous().view(torch.uint8).numpy().tofile(tmp_path / "state.bin")
+    rng = "" if philox is None else f" {philox[0]} {philox[1]}"
     (tmp_path / "params.txt").write_text(
-        f"{B} {K} {METHOD_ID[method]} {thr!r} {lw.element_size()} {grid} {int(shared)} {row_bytes}\n")
+        f"{B} {K} {METHOD_ID[method]} {thr!r} {lw.element_size()} {grid} {int(shared)} {row_bytes}{rng}\n")
     _run(sim, "resample", tmp_path)
 
     def load(name, dtype, shape):
@@ -162,3 +167,36 @@ def test_fused_resample_gather_kernel(sim, tmp_path, gen, method):
 
 def test_fastdiv(sim):
     assert "fastdiv ok" in _run(sim, "fastdiv")
+
+
+# Random123's known-answer vectors for Philox4x32-10: (counter, key) -> output block
+PHILOX_KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+@pytest.mark.parametrize("ctr,key,want", PHILOX_KAT)
+def test_philox_known_answers(sim, ctr, key, want):
+    """The device header's Philox and the reference's numpy port both give the published blocks."""
+    out = _run(sim, "philox", *(f"{x:x}" for x in ctr + key)).split()
+    assert tuple(int(w, 16) for w in out) == want
+    assert tuple(int(w) for w in ref.philox4x32_10(np.array(ctr, dtype=np.uint32), key)) == want
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("method", METHODS)
+def test_kernel_draws_its_uniforms_from_philox(sim, tmp_path, gen, method):
+    """Without uniforms the kernel draws them itself (no launch of their own): the stream of
+    reference.philox_uniforms for the call's seed and offset, so its ancestors are the reference's on those."""
+    for (B, K, grid, shared), (seed, offset) in zip(CASES[1:], [(0, 0), (2**40 + 7, 12), (99, 4 * 10**9), (5, 8)]):
+        lw = _log_weights(B, K, gen, torch.float64)
+        u = ref.philox_uniforms(seed, offset, B, 1 if method == "systematic" else K)
+        got = _resample(sim, tmp_path, lw, None, method, 1.0, grid, shared, philox=(seed, offset))
+        _check(got, lw, u, method, 1.0)
+    # a different offset is a different draw
+    a = _resample(sim, tmp_path, lw, None, "multinomial", 1.0, 1, True, philox=(5, 8))["anc"]
+    b = _resample(sim, tmp_path, lw, None, "multinomial", 1.0, 1, True, philox=(5, 16))["anc"]
+    assert not torch.equal(a[0], b[0])

@@ -249,3 +249,74 @@ def test_torch_compile_fullgraph_cuda(backend, gen):
     torch.testing.assert_close(got[0], want.log_weights)
     torch.testing.assert_close(got[1], want.log_norm)
     torch.testing.assert_close(got[2], want.state)
+
+
+def philox_u(seed, offset, B, cols):
+    """The uniforms the CUDA kernel draws for this seed and offset, shaped as the wrapper takes them."""
+    u = ref.philox_uniforms(seed, offset, B, cols).to(DEV)
+    return u[:, 0] if cols == 1 else u
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("method", METHODS)
+def test_cuda_kernel_draws_its_own_philox_uniforms(method, gen):
+    """Without uniforms the CUDA kernel draws them from the generator's Philox seed and offset: the stream
+    of reference.philox_uniforms (offset 0 after manual_seed, then advanced by each call's increment)."""
+    need("cuda")
+    B, K = 37, 300
+    lw = log_weights(B, K, gen, torch.float64)
+    state = torch.randn(B, K, 3, generator=gen).to(DEV)
+    cols = 1 if method == "systematic" else K
+    step = (2 * cols + 3) // 4 * 4  # words per call: two per uniform, whole Philox blocks
+    g = torch.Generator(DEV).manual_seed(1234)
+    for call in range(2):
+        got = fusedlab.smc.resample(lw, method, generator=g, state=state, on_degenerate="uniform", backend="cuda")
+        want = fusedlab.smc.resample(lw, method, uniforms=philox_u(1234, call * step, B, cols), state=state,
+                                     on_degenerate="uniform", backend="reference")
+        assert_matches_reference(got, want, torch.float64)
+        assert torch.equal(got.state, want.state)
+    again = fusedlab.smc.resample(lw, method, generator=torch.Generator(DEV).manual_seed(1234), state=state,
+                                  on_degenerate="uniform", backend="cuda")
+    first = fusedlab.smc.resample(lw, method, uniforms=philox_u(1234, 0, B, cols), on_degenerate="uniform",
+                                  backend="reference")
+    assert torch.equal(again.ancestors, first.ancestors)
+
+
+@pytest.mark.timeout(300)
+def test_resample_gather_is_one_launch():
+    """Issue target: resample + gather in a single launch where B*K*D allows (the uniforms drawn inside)."""
+    need("cuda")
+    from fusedlab.perf.timing import cuda_launches
+
+    lw = torch.randn(1024, 16, device=DEV)
+    state = torch.randn(1024, 16, 16, device=DEV)
+    g = torch.Generator(DEV).manual_seed(0)
+    n = cuda_launches(lambda: fusedlab.smc.resample(lw, "systematic", state=state, generator=g,
+                                                    on_degenerate="uniform", backend="cuda"))
+    assert n == 1, n
+
+
+@pytest.mark.timeout(300)
+def test_philox_draws_advance_under_cuda_graph_replay():
+    """Captured in a CUDA graph, the kernel reads the graph's seed and offset slots: each replay draws anew
+    (graph-safe RNG), and every draw is a valid resampling."""
+    need("cuda")
+    B, K = 64, 256
+    lw = torch.zeros(B, K, device=DEV)  # equal weights: every particle's ancestor is uniform over K
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up outside the capture
+        fusedlab.smc.resample(lw, "multinomial", on_degenerate="uniform", backend="cuda")
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fusedlab.smc.resample(lw, "multinomial", on_degenerate="uniform", backend="cuda").ancestors
+    draws = []
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        draws.append(out.clone())
+    for a in draws:
+        assert bool(((a >= 0) & (a < K)).all())
+        assert bool((a[:, 1:] >= a[:, :-1]).all())  # multinomial ancestors come out sorted per group
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])

@@ -382,14 +382,28 @@ void resample_groups(const scalar_t* x, const double* u, int64_t U, int32_t meth
   });
 }
 
+// U[0, 1) doubles from the generator (the default CPU generator when none): the values
+// torch.rand(..., dtype=torch.float64, generator=) draws, one random64() each, under the generator's lock.
+std::vector<double> draw_uniforms(const std::optional<at::Generator>& generator, int64_t count) {
+  auto* g = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
+  const std::lock_guard<std::mutex> lock(g->mutex_);
+  const at::uniform_real_distribution<double> uniform(0.0, 1.0);
+  std::vector<double> u(count);
+  for (double& x : u) x = uniform(g);
+  return u;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> resample_impl(
-    const at::Tensor& log_weights, const at::Tensor& uniforms, const std::string& method_name,
-    double ess_threshold, const at::Tensor* state) {
+    const at::Tensor& log_weights, const std::optional<at::Tensor>& uniforms, const std::string& method_name,
+    double ess_threshold, const at::Tensor* state, const std::optional<at::Generator>& generator) {
   const ResampleCall c = prepare_resample(log_weights, uniforms, method_name, ess_threshold, state);
   const at::Tensor& lw = c.lw;
   const int64_t B = lw.size(0), K = lw.size(1);
+  std::vector<double> drawn;  // without uniforms: torch.rand's values, drawn here (no dispatch of their own)
+  if (!c.u.defined()) drawn = draw_uniforms(generator, B * c.u_cols);
+  const double* u = c.u.defined() ? c.u.data_ptr<double>() : drawn.data();
   AT_DISPATCH_FLOATING_TYPES(lw.scalar_type(), "fusedlab_resample_cpu", [&] {
-    resample_groups<scalar_t>(lw.data_ptr<scalar_t>(), c.u.data_ptr<double>(), c.u.size(1), c.method, ess_threshold,
+    resample_groups<scalar_t>(lw.data_ptr<scalar_t>(), u, c.u_cols, c.method, ess_threshold,
                               B, K, c.anc.data_ptr<int64_t>(), c.lw_out.data_ptr<scalar_t>(), c.ess.data_ptr<double>(),
                               c.log_norm.data_ptr<double>(), c.status.data_ptr<uint8_t>(),
                               state ? static_cast<const char*>(c.st.data_ptr()) : nullptr,
@@ -399,15 +413,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> resample_cpu(
-    const at::Tensor& log_weights, const at::Tensor& uniforms, c10::string_view method, double ess_threshold) {
-  auto r = resample_impl(log_weights, uniforms, std::string(method), ess_threshold, nullptr);
+    const at::Tensor& log_weights, const std::optional<at::Tensor>& uniforms, c10::string_view method,
+    double ess_threshold, std::optional<at::Generator> generator) {
+  auto r = resample_impl(log_weights, uniforms, std::string(method), ess_threshold, nullptr, generator);
   return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r), std::get<4>(r)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> resample_gather_cpu(
-    const at::Tensor& log_weights, const at::Tensor& uniforms, c10::string_view method, double ess_threshold,
-    const at::Tensor& state) {
-  return resample_impl(log_weights, uniforms, std::string(method), ess_threshold, &state);
+    const at::Tensor& log_weights, const std::optional<at::Tensor>& uniforms, c10::string_view method,
+    double ess_threshold, const at::Tensor& state, std::optional<at::Generator> generator) {
+  return resample_impl(log_weights, uniforms, std::string(method), ess_threshold, &state, generator);
 }
 
 at::Tensor gather_cpu(const at::Tensor& state, const at::Tensor& ancestors) {
@@ -453,17 +468,6 @@ void gather_inplace_cpu(at::Tensor& state, const at::Tensor& ancestors) {
 // ---- one Feynman-Kac steering step (python/fusedlab/smc/fk.py, FKSteering.run, is the semantics): the
 // potential from this step's rewards, the log-weight update, resampling with the latents moved, and the
 // per-particle reward bookkeeping moved by the same ancestors, in one call and one pass per particle.
-
-// U[0, 1) doubles from the generator (the default CPU generator when none): the values
-// torch.rand(..., dtype=torch.float64, generator=) draws, one random64() each, under the generator's lock.
-std::vector<double> draw_uniforms(const std::optional<at::Generator>& generator, int64_t count) {
-  auto* g = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
-  const std::lock_guard<std::mutex> lock(g->mutex_);
-  const at::uniform_real_distribution<double> uniform(0.0, 1.0);
-  std::vector<double> u(count);
-  for (double& x : u) x = uniform(g);
-  return u;
-}
 
 enum Potential : int32_t { kDiff = 0, kMax = 1, kAdd = 2, kRt = 3 };
 

@@ -6,6 +6,7 @@
 // rather than by a host check, which would need a device-to-host copy and a sync on every call.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
@@ -14,6 +15,8 @@
 #include <c10/macros/Macros.h>
 #include <torch/library.h>
 
+#include <mutex>
+#include <optional>
 #include <string>
 #include <tuple>
 
@@ -34,9 +37,32 @@ void check_group_size(int64_t K, const char* op) {
 }
 
 
+// Reserves this call's share of the generator's Philox stream (the device's default generator when none) and
+// describes it to the kernel: values outside CUDA graph capture, the graph's seed and offset slots inside it.
+PhiloxArgs philox_args(const std::optional<at::Generator>& generator, int64_t uniforms_per_group) {
+  auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(generator,
+                                                                  at::cuda::detail::getDefaultCUDAGenerator());
+  at::PhiloxCudaState st;
+  {
+    const std::lock_guard<std::mutex> lock(gen->mutex_);
+    st = gen->philox_cuda_state(philox_increment(uniforms_per_group));
+  }
+  PhiloxArgs a;
+  a.captured = st.captured_;
+  if (st.captured_) {
+    a.seed_ptr = st.seed_.ptr;
+    a.offset_ptr = st.offset_.ptr;
+    a.offset_intragraph = st.offset_intragraph_;
+  } else {
+    a.seed = st.seed_.val;
+    a.offset = st.offset_.val;
+  }
+  return a;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> resample_impl(
-    const at::Tensor& log_weights, const at::Tensor& uniforms, const std::string& method_name,
-    double ess_threshold, const at::Tensor* state) {
+    const at::Tensor& log_weights, const std::optional<at::Tensor>& uniforms, const std::string& method_name,
+    double ess_threshold, const at::Tensor* state, const std::optional<at::Generator>& generator) {
   check_group_size(log_weights.size(1), "resample");
   const c10::cuda::CUDAGuard guard(log_weights.device());
   const ResampleCall c = prepare_resample(log_weights, uniforms, method_name, ess_threshold, state);
@@ -45,6 +71,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int32_t method = c.method;
   const int64_t B = lw.size(0), K = lw.size(1), row_bytes = c.row_bytes;
   if (B == 0) return c.outputs();
+  // without uniforms the kernel draws them (one launch instead of torch.rand's and its own)
+  const PhiloxArgs rng = u.defined() ? PhiloxArgs{} : philox_args(generator, c.u_cols);
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int sms = sm_count(lw.device().index());
@@ -59,7 +87,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   AT_DISPATCH_FLOATING_TYPES(lw.scalar_type(), "fusedlab_resample_cuda", [&] {
     rc::ResampleParams<scalar_t> p;
     p.lw = lw.data_ptr<scalar_t>();
-    p.u = u.data_ptr<double>();
+    p.u = u.defined() ? u.data_ptr<double>() : nullptr;
+    p.rng = rng;
     p.lw_out = lw_out.data_ptr<scalar_t>();
     p.anc = anc.data_ptr<int64_t>();
     p.ess = ess_t.data_ptr<double>();
@@ -69,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     p.ws_count = plan.shared || !plan.counts ? nullptr : ws_count.data_ptr<int>();
     p.B = B;
     p.K = static_cast<int>(K);
-    p.u_cols = static_cast<int>(u.size(1));
+    p.u_cols = static_cast<int>(c.u_cols);
     p.method = method;
     p.ess_threshold = ess_threshold;
     rc::RowsParams g{};
@@ -89,15 +118,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> resample_cuda(
-    const at::Tensor& log_weights, const at::Tensor& uniforms, c10::string_view method, double ess_threshold) {
-  auto r = resample_impl(log_weights, uniforms, std::string(method), ess_threshold, nullptr);
+    const at::Tensor& log_weights, const std::optional<at::Tensor>& uniforms, c10::string_view method,
+    double ess_threshold, std::optional<at::Generator> generator) {
+  auto r = resample_impl(log_weights, uniforms, std::string(method), ess_threshold, nullptr, generator);
   return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r), std::get<4>(r)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> resample_gather_cuda(
-    const at::Tensor& log_weights, const at::Tensor& uniforms, c10::string_view method, double ess_threshold,
-    const at::Tensor& state) {
-  return resample_impl(log_weights, uniforms, std::string(method), ess_threshold, &state);
+    const at::Tensor& log_weights, const std::optional<at::Tensor>& uniforms, c10::string_view method,
+    double ess_threshold, const at::Tensor& state, std::optional<at::Generator> generator) {
+  return resample_impl(log_weights, uniforms, std::string(method), ess_threshold, &state, generator);
 }
 
 at::Tensor gather_cuda(const at::Tensor& state, const at::Tensor& ancestors) {

@@ -1,6 +1,8 @@
 // Host run of the CUDA resample kernels (tests/test_resample_cuda_sim.py drives it).
 //   resample_sim resample DIR   DIR/params.txt: B K method ess_threshold elem_bytes grid shared row_bytes
+//                               [seed offset: the kernel draws its uniforms (Philox) instead of reading u.bin]
 //                               inputs lw.bin u.bin [state.bin]; outputs lw_out anc ess log_norm status [state_out]
+//   resample_sim philox C0 C1 C2 C3 K0 K1   prints the Philox4x32-10 block of that counter and key (hex words)
 //   resample_sim gather DIR     DIR/params.txt: B K row_bytes grid; inputs state.bin anc.bin;
 //                               outputs out.bin (out of place), out_wide.bin (64-bit index path), inplace.bin
 #include "host_sim.h"
@@ -18,9 +20,9 @@ namespace frc = fusedlab::resample::cuda;
 
 template <typename T>
 static int run_resample(const std::string& dir, int64_t B, int K, int method, double thr, unsigned grid, bool shared,
-                        int64_t row_bytes) {
+                        int64_t row_bytes, const fusedlab::PhiloxArgs* rng) {
   auto lw = read_file(dir + "/lw.bin");
-  auto u = read_file(dir + "/u.bin");
+  auto u = rng ? std::vector<unsigned char>() : read_file(dir + "/u.bin");
   // NaN-poisoned: 0 is a valid value of lw_out (resampled) and ess (degenerate), so a missed write must show
   std::vector<T> lw_out(B * K, std::numeric_limits<T>::quiet_NaN());
   std::vector<int64_t> anc(B * K, -7);
@@ -31,7 +33,8 @@ static int run_resample(const std::string& dir, int64_t B, int K, int method, do
   std::vector<int> ws_count(shared ? 0 : grid * static_cast<size_t>(K), 777);
   frc::ResampleParams<T> p;
   p.lw = reinterpret_cast<const T*>(lw.data());
-  p.u = reinterpret_cast<const double*>(u.data());
+  p.u = rng ? nullptr : reinterpret_cast<const double*>(u.data());
+  if (rng) p.rng = *rng;
   p.lw_out = lw_out.data();
   p.anc = anc.data();
   p.ess = ess.data();
@@ -135,6 +138,14 @@ int main(int argc, char** argv) {
   if (argc < 2) return 2;
   const std::string mode = argv[1];
   if (mode == "fastdiv") return check_fastdiv();
+  if (mode == "philox" && argc == 8) {
+    uint32_t ctr[4];
+    for (int i = 0; i < 4; ++i) ctr[i] = static_cast<uint32_t>(std::stoul(argv[2 + i], nullptr, 16));
+    fusedlab::philox4x32_10(ctr, static_cast<uint32_t>(std::stoul(argv[6], nullptr, 16)),
+                            static_cast<uint32_t>(std::stoul(argv[7], nullptr, 16)));
+    std::printf("%08x %08x %08x %08x\n", ctr[0], ctr[1], ctr[2], ctr[3]);
+    return 0;
+  }
   if (argc < 3) return 2;
   const std::string dir = argv[2];
   std::ifstream pf(dir + "/params.txt");
@@ -144,8 +155,11 @@ int main(int argc, char** argv) {
     unsigned grid;
     double thr;
     pf >> B >> K >> method >> thr >> elem >> grid >> shared >> row_bytes;
-    return elem == 4 ? run_resample<float>(dir, B, K, method, thr, grid, shared, row_bytes)
-                     : run_resample<double>(dir, B, K, method, thr, grid, shared, row_bytes);
+    fusedlab::PhiloxArgs rng;
+    const bool draw = static_cast<bool>(pf >> rng.seed >> rng.offset);
+    const fusedlab::PhiloxArgs* r = draw ? &rng : nullptr;
+    return elem == 4 ? run_resample<float>(dir, B, K, method, thr, grid, shared, row_bytes, r)
+                     : run_resample<double>(dir, B, K, method, thr, grid, shared, row_bytes, r);
   }
   if (mode == "gather") {
     int64_t B, row_bytes;

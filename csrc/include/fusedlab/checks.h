@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -43,12 +44,6 @@ inline void check_resample_uniforms(const at::Tensor& lw, const at::Tensor& u, i
            resample::kMethodNames[method], "', got ", u.sizes());
   FL_CHECK(u.device() == lw.device(), "fusedlab.resample: uniforms must be on ", lw.device(), " like log_weights, got ",
            u.device());
-}
-
-inline void check_resample_args(const at::Tensor& lw, const at::Tensor& u, int32_t method,
-                                double ess_threshold) {
-  check_resample_log_weights(lw, ess_threshold);
-  check_resample_uniforms(lw, u, method);
 }
 
 // `anc` is the ancestors argument (gather) or the ancestors the op will compute (resample_gather, whose
@@ -93,22 +88,27 @@ inline int64_t row_bytes_of(const at::Tensor& state, int64_t B, int64_t K) {
 // contiguous, outputs allocated on the inputs' device (an empty state_out when there is no state).
 struct ResampleCall {
   int32_t method = 0;
-  at::Tensor lw, u, anc, lw_out, ess, log_norm, status, st, st_out;
+  at::Tensor lw, u, anc, lw_out, ess, log_norm, status, st, st_out;  // u undefined: the op draws them
   int64_t row_bytes = 0;
+  int64_t u_cols = 0;  // uniforms per group: 1 (systematic) or K
 
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> outputs() const {
     return {lw_out, anc, ess, log_norm, status, st_out};
   }
 };
 
-inline ResampleCall prepare_resample(const at::Tensor& log_weights, const at::Tensor& uniforms,
+inline ResampleCall prepare_resample(const at::Tensor& log_weights, const std::optional<at::Tensor>& uniforms,
                                      const std::string& method_name, double ess_threshold, const at::Tensor* state) {
   ResampleCall c;
   c.method = parse_resample_method(method_name);
-  check_resample_args(log_weights, uniforms, c.method, ess_threshold);
+  check_resample_log_weights(log_weights, ess_threshold);
+  if (uniforms.has_value()) {
+    check_resample_uniforms(log_weights, *uniforms, c.method);
+    c.u = uniforms->contiguous();
+  }
   c.lw = log_weights.contiguous();
-  c.u = uniforms.contiguous();
   const int64_t B = c.lw.size(0), K = c.lw.size(1);
+  c.u_cols = c.method == resample::kSystematic ? 1 : K;
   c.anc = at::empty({B, K}, c.lw.options().dtype(at::kLong));
   c.lw_out = at::empty_like(c.lw);
   c.ess = at::empty({B}, c.lw.options().dtype(at::kDouble));

@@ -23,6 +23,7 @@
 #endif
 
 #include "fusedlab/macros.h"
+#include "fusedlab/philox.h"
 #include "fusedlab/resample.h"
 
 // Device-side check of user-supplied ancestors; the torch glue maps it to CUDA_KERNEL_ASSERT.
@@ -52,7 +53,7 @@ constexpr int64_t kWorkspaceBudget = int64_t(512) << 20;
 template <typename scalar_t>
 struct ResampleParams {
   const scalar_t* lw;   // [B, K]
-  const double* u;      // [B, u_cols]
+  const double* u;      // [B, u_cols], or null: the kernel draws them from `rng` (fusedlab/philox.h)
   scalar_t* lw_out;     // [B, K]
   int64_t* anc;         // [B, K]
   double* ess;          // [B]
@@ -65,6 +66,7 @@ struct ResampleParams {
   int u_cols;
   int method;
   double ess_threshold;
+  PhiloxArgs rng;  // used when u is null
 };
 
 // Rows of `row_vecs` vectors of `vec_bytes` bytes; `lanes` = 1 << log2_lanes threads share a row.
@@ -177,7 +179,6 @@ __device__ FL_INLINE void resample_group(const ResampleParams<scalar_t>& p, int6
   const scalar_t* x = p.lw + b * K;
   scalar_t* lw_out = p.lw_out + b * K;
   int64_t* anc = p.anc + b * K;
-  const double* u = p.u + b * p.u_cols;
   const bool counting = p.method == kMultinomial || p.method == kResidual;
 
   __syncthreads();  // the previous group's scratch and broadcasts are free again
@@ -268,13 +269,18 @@ __device__ FL_INLINE void resample_group(const ResampleParams<scalar_t>& p, int6
     __syncthreads();
   }
 
+  // the group's uniforms: given, or drawn here from the call's Philox stream (no launch of their own)
+  const double* u = p.u != nullptr ? p.u + b * p.u_cols : nullptr;
+  uint64_t seed = 0, offset = 0;
+  if (u == nullptr) philox_seed_offset(p.rng, seed, offset);
+  auto uniform = [&](int i) { return u != nullptr ? u[i] : philox_uniform(seed, offset, b, i); };
   if (p.method == kSystematic || p.method == kStratified) {  // points already sorted: write in place
     const bool one = p.method == kSystematic;
-    for (int i = tid; i < K; i += kThreads)
-      anc[i] = search_cdf(cdf, lst, grid_point(i, one ? u[0] : u[i], K));
+    const double u0 = one ? uniform(0) : 0.0;
+    for (int i = tid; i < K; i += kThreads) anc[i] = search_cdf(cdf, lst, grid_point(i, one ? u0 : uniform(i), K));
     return;
   }
-  for (int i = tid; i < M; i += kThreads) atomicAdd(&cnt[search_cdf(cdf, lst, u[i])], 1);
+  for (int i = tid; i < M; i += kThreads) atomicAdd(&cnt[search_cdf(cdf, lst, uniform(i))], 1);
   __syncthreads();
   write_runs(cnt, K, anc + base, M, sh);
 }

@@ -36,7 +36,7 @@ class ResampleResult(NamedTuple):
 # fake kernels and autograd of the C++ ops (schemas in csrc/fusedlab.cpp)
 
 
-def _fake_resample(log_weights, uniforms, method, ess_threshold):
+def _fake_resample(log_weights, uniforms, method, ess_threshold, generator=None):
     B, K = log_weights.shape
     f64 = dict(dtype=torch.float64, device=log_weights.device)
     return (
@@ -48,7 +48,7 @@ def _fake_resample(log_weights, uniforms, method, ess_threshold):
     )
 
 
-def _fake_resample_gather(log_weights, uniforms, method, ess_threshold, state):
+def _fake_resample_gather(log_weights, uniforms, method, ess_threshold, state, generator=None):
     return _fake_resample(log_weights, uniforms, method, ess_threshold) + (
         torch.empty_like(state, memory_format=torch.contiguous_format),
     )
@@ -97,7 +97,10 @@ def _gather_backward(grad_out, ancestors, state_shape):
 
 def _setup_resample(ctx, inputs, output):
     ctx.save_for_backward(inputs[0], output[4], output[1])
-    ctx.state_shape = tuple(inputs[4].shape) if len(inputs) > 4 else None
+    # inputs: (log_weights, uniforms, method, ess_threshold[, state][, generator]) for the C++ and Triton ops
+    has_state = len(inputs) > 4 and isinstance(inputs[4], torch.Tensor)
+    ctx.state_shape = tuple(inputs[4].shape) if has_state else None
+    ctx.n_inputs = len(inputs)
 
 
 def _backward_resample(ctx, g_lw, g_anc, g_ess, g_norm, g_status, g_state=None):
@@ -105,7 +108,7 @@ def _backward_resample(ctx, g_lw, g_anc, g_ess, g_norm, g_status, g_state=None):
     grads = [_grad_log_weights(log_weights, status, g_lw, g_ess, g_norm), None, None, None]
     if ctx.state_shape is not None:
         grads.append(None if g_state is None else _gather_backward(g_state, ancestors, ctx.state_shape))
-    return tuple(grads)
+    return tuple(grads) + (None,) * (ctx.n_inputs - len(grads))  # the generator
 
 
 def _setup_gather(ctx, inputs, output):
@@ -278,7 +281,11 @@ def resample(log_weights: torch.Tensor, method: str = "systematic", ess_threshol
         ess_threshold: resample a group when its ESS < ess_threshold * K; >= 1 always resamples, 0 never.
         uniforms: optional explicit randomness in [0, 1): shape [B] for systematic, [B, K] otherwise.
             Given the same uniforms every backend returns the same ancestors.
-        generator: a torch.Generator for the uniforms when ``uniforms`` is None (eager only).
+        generator: a torch.Generator for the uniforms when ``uniforms`` is None (eager only). The "cpu"
+            kernel draws the values torch.rand would; the "cuda" kernel draws its own from the generator's
+            Philox seed and offset inside the launch (the stream of
+            ``fusedlab.reference.resample.philox_uniforms``), so one seed gives different ancestors there
+            than on "triton" (which draws with torch.rand). Seeded runs are reproducible on each.
         on_degenerate: "raise" (ValueError naming the groups with no finite weight; on a GPU this check
             synchronizes with the host) or "uniform" (resample those groups uniformly and flag them in
             ``degenerate``; no synchronization).
@@ -306,8 +313,12 @@ def resample(log_weights: torch.Tensor, method: str = "systematic", ess_threshol
     B, K = log_weights.shape
     if state is not None:
         check_state(state, B, K, log_weights.device)
-    u = _uniforms(log_weights, method, uniforms, generator)
     which = _backend.resolve(backend, _FAMILY, log_weights.device)
+    # the C++ ops draw their own uniforms (no torch.rand call; on CUDA inside the kernel, so the call is one
+    # launch); a compiled graph keeps the explicit torch.rand, which Inductor traces
+    draws_own = uniforms is None and which in ("cpu", "cuda") and not torch.compiler.is_compiling()
+    u = None if draws_own else _uniforms(log_weights, method, uniforms, generator)
+    gen = generator if draws_own else None
     thr = float(ess_threshold)
     state_out = None
     if which == "reference":
@@ -317,10 +328,10 @@ def resample(log_weights: torch.Tensor, method: str = "systematic", ess_threshol
     else:
         if state is None:
             op = torch.ops.fusedlab.resample_triton if which == "triton" else torch.ops.fusedlab.resample
-            args = (log_weights, u, method, thr)
+            args = (log_weights, u, method, thr) + (() if which == "triton" else (gen,))
         else:
             op = torch.ops.fusedlab.resample_gather_triton if which == "triton" else torch.ops.fusedlab.resample_gather
-            args = (log_weights, u, method, thr, state)
+            args = (log_weights, u, method, thr, state) + (() if which == "triton" else (gen,))
         out = _call_below_autograd(op, args) if _no_grad_needed(log_weights, state) else op(*args)
         lw_out, anc, ess, log_norm, status = out[:5]
         state_out = out[5] if state is not None else None

@@ -120,3 +120,50 @@ def offspring_counts(ancestors: torch.Tensor, K: int) -> torch.Tensor:
     """Number of children of each particle: [B, K] int64."""
     out = torch.zeros(ancestors.shape[0], K, dtype=torch.int64, device=ancestors.device)
     return out.scatter_add_(1, ancestors, torch.ones_like(ancestors))
+
+
+# Philox4x32-10 constants (multipliers and Weyl key increments)
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+_MASK32 = 0xFFFFFFFF
+
+
+def philox4x32_10(counter, key):
+    """Philox4x32-10 blocks: counter [..., 4] and key (k0, k1) as uint32 numpy arrays / ints -> [..., 4] uint32."""
+    import numpy as np
+
+    c = [np.asarray(counter[..., j], dtype=np.uint64) for j in range(4)]
+    k0, k1 = int(key[0]) & _MASK32, int(key[1]) & _MASK32
+    for r in range(10):
+        if r:
+            k0, k1 = (k0 + _PHILOX_W[0]) & _MASK32, (k1 + _PHILOX_W[1]) & _MASK32
+        p0, p1 = c[0] * np.uint64(_PHILOX_M[0]), c[2] * np.uint64(_PHILOX_M[1])
+        hi0, lo0 = p0 >> np.uint64(32), p0 & np.uint64(_MASK32)
+        hi1, lo1 = p1 >> np.uint64(32), p1 & np.uint64(_MASK32)
+        c = [hi1 ^ c[1] ^ np.uint64(k0), lo1, hi0 ^ c[3] ^ np.uint64(k1), lo0]
+    return np.stack(c, -1).astype(np.uint32)
+
+
+def philox_uniforms(seed: int, offset: int, B: int, n: int) -> torch.Tensor:
+    """The uniforms the CUDA resample kernels draw when no ``uniforms`` are given: [B, n] float64 in [0, 1).
+
+    Uniform i of group b is built from the 32-bit words 2i and 2i + 1 of the group's stream, whose block m is
+    Philox4x32-10 with key (seed low, seed high) and counter (m low, m high, b low, b high), the call's
+    ``offset`` (words, a multiple of 4, from torch's CUDA generator) skipping its first offset / 4 blocks: the
+    top 53 bits of (word 2i << 32 | word 2i + 1) times 2^-53. Same layout as csrc/include/fusedlab/philox.h.
+    """
+    import numpy as np
+
+    if offset % 4:
+        raise ValueError(f"offset must be a multiple of 4, got {offset}")
+    b = np.arange(B, dtype=np.uint64)[:, None]
+    i = np.arange(n, dtype=np.uint64)[None, :]
+    block = np.uint64(offset // 4) + i // np.uint64(2)
+    ctr = np.stack(np.broadcast_arrays(block & np.uint64(_MASK32), block >> np.uint64(32), b & np.uint64(_MASK32),
+                                       b >> np.uint64(32)), -1)
+    words = philox4x32_10(ctr, (seed & _MASK32, (seed >> 32) & _MASK32)).astype(np.uint64)
+    odd = (i % np.uint64(2)).astype(bool)
+    hi = np.where(odd, words[..., 2], words[..., 0])
+    lo = np.where(odd, words[..., 3], words[..., 1])
+    bits = (hi << np.uint64(32)) | lo
+    return torch.from_numpy((bits >> np.uint64(11)).astype(np.float64) * 2.0 ** -53)
