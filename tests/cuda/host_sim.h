@@ -5,12 +5,13 @@
 // __shfl_xor_sync over whole warps: each lane posts its value, the warp meets at a per-warp barrier, reads its
 // partner's, and meets again before the slots are reused (a lane that skips a shuffle its warp runs deadlocks,
 // which the tests' timeouts catch; on a GPU that would be undefined behaviour).
-// Only what fusedlab/resample_cuda.cuh and fusedlab/cat_decode.cuh use. Include this before the kernel
+// Only what the kernel headers under test use (resample, newton_schulz, cat, symile). Include this before the kernel
 // header; compile with g++ -std=c++20.
 #pragma once
 
 #define FL_HOST_SIM 1
 
+#include <atomic>
 #include <barrier>
 #include <cassert>
 #include <cmath>
@@ -44,6 +45,9 @@ struct uint4 {
 struct uint2 {
   uint32_t x, y;
 };
+struct float2 {
+  float x, y;
+};
 
 namespace fl_sim {
 inline std::barrier<>* block_barrier = nullptr;
@@ -75,6 +79,7 @@ inline T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) 
 }
 
 inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
+inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v, std::memory_order_relaxed); }
 
 namespace fusedlab {
 namespace resample {
