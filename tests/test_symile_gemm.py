@@ -1,6 +1,7 @@
-"""The symile "cuda" backend (ops/symile_gemm.py: "n_squared" as chunks of library GEMMs) vs the float64
-reference. Its ATen ops run on CPU tensors too, so the custom ops are checked here directly with tiny tiles
-(many chunks, chunk edges inside the tuple grid); the gpu tests run the backend through symile_loss."""
+"""The symile GEMM chunks (ops/symile_gemm.py: "n_squared" as chunks of library GEMMs, what "auto" takes on
+CUDA tensors at large N and d) vs the float64 reference. Their ATen ops run on CPU tensors too, so the custom
+ops are checked here directly with tiny tiles (many chunks, chunk edges inside the tuple grid); the gpu tests
+run them on the GPU."""
 import math
 
 import pytest
@@ -101,16 +102,15 @@ def test_cuda_backend_needs_cuda_tensors(gen):
 @pytest.mark.gpu
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_backend_matches_reference(dtype, gen):
-    if "cuda" not in fusedlab.backends():
-        pytest.skip("backend 'cuda' not available here (fusedlab._C_cuda not built)")
+def test_gemm_chunks_match_reference_on_gpu(dtype, gen):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
     for M, N, d in [(2, 70, 40), (3, 33, 64), (4, 9, 24)]:
         reps = make_reps(M, N, d, gen)
         scale = torch.tensor(20.0, dtype=F64)
         exact = loss_and_grads(ref.symile_loss_n_squared, reps, scale)
         low = [r.to("cuda", dtype) for r in reps]
-        ours = loss_and_grads(lambda r, s: fusedlab.ops.symile_loss(r, s, "n_squared", backend="cuda"), low,
-                              scale.to("cuda", dtype))
+        ours = loss_and_grads(gemm_op(symile_gemm.TILE_ELEMS), low, scale.to("cuda", dtype))
         plain = loss_and_grads(ref.symile_loss_n_squared, low, scale.to("cuda", dtype))
         errs = [rel(a, b) for a, b in zip(ours, exact)]
         assert sum(errs) <= 2 * sum(rel(a, b) for a, b in zip(plain, exact)), errs

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "fusedlab/message.h"
+#include "fusedlab/symile_glue.h"
 
 namespace fusedlab {
 namespace {
@@ -39,27 +40,9 @@ struct Prepared {
 };
 
 Prepared prepare(at::TensorList reps, const at::Tensor& logit_scale, int64_t chunk, const char* op) {
-  FL_CHECK(reps.size() >= 2, "fusedlab.", op, ": reps must hold at least 2 modalities, got ", reps.size());
-  const at::Tensor& r0 = reps[0];
-  for (size_t m = 0; m < reps.size(); ++m) {
-    const at::Tensor& r = reps[m];
-    FL_CHECK(r.dim() == 2, "fusedlab.", op, ": reps[", m, "] must be 2-D [N, d], got shape ", r.sizes());
-    FL_CHECK(at::isFloatingType(r.scalar_type()), "fusedlab.", op, ": reps[", m,
-             "] must be floating point, got ", r.scalar_type());
-    FL_CHECK(r.scalar_type() == r0.scalar_type(), "fusedlab.", op, ": reps[", m, "] must have dtype ",
-             r0.scalar_type(), " like reps[0], got ", r.scalar_type());
-    FL_CHECK(r.device() == r0.device(), "fusedlab.", op, ": reps[", m, "] must be on ", r0.device(),
-             " like reps[0], got ", r.device());
-    FL_CHECK(r.sizes() == r0.sizes(), "fusedlab.", op, ": reps[", m, "] must have shape [N, d] = ", r0.sizes(),
-             " like reps[0], got ", r.sizes());
-  }
-  FL_CHECK(r0.size(0) >= 1, "fusedlab.", op, ": reps must have N >= 1 rows, got shape ", r0.sizes());
-  FL_CHECK(logit_scale.numel() == 1, "fusedlab.", op, ": logit_scale must be a scalar (one element), got shape ",
-           logit_scale.sizes());
-  FL_CHECK(at::isFloatingType(logit_scale.scalar_type()), "fusedlab.", op,
-           ": logit_scale must be floating point, got ", logit_scale.scalar_type());
+  check_symile_args(reps, logit_scale, op);
   FL_CHECK(chunk >= 0, "fusedlab.", op, ": chunk must be >= 0 (0 picks the tile size), got ", chunk);
-
+  const at::Tensor& r0 = reps[0];
   Prepared p;
   p.M = static_cast<int64_t>(reps.size());
   p.N = r0.size(0);
@@ -147,23 +130,7 @@ std::tuple<at::Tensor, at::Tensor> symile_n_squared_cpu(at::TensorList reps, con
     lse1 = lse1.logaddexp(shifted_lse(S, {0, 1}, lead(tbuf, K)).view({N}));
     if (M > 2) tuple_lse.narrow(0, u0, K).copy_(row_lse.logsumexp({1}));
   }
-  at::Tensor lse = at::empty({M, N}, opts);
-  lse.select(0, 0).copy_(lse0);
-  lse.select(0, 1).copy_(lse1);
-  if (M > 2) {
-    // an outer anchor's log-sum-exp: over the tuples that hold its row, each already reduced over (i, j)
-    const at::Tensor t = tuple_lse.view(std::vector<int64_t>(M - 2, N));
-    for (int64_t m = 2; m < M; ++m) {
-      std::vector<int64_t> dims;
-      for (int64_t k = 0; k < M - 2; ++k)
-        if (k != m - 2) dims.push_back(k);
-      lse.select(0, m).copy_(dims.empty() ? t : t.logsumexp(dims));
-    }
-  }
-  at::Tensor positive = p.r[0];
-  for (int64_t m = 1; m < M; ++m) positive = positive.mul(p.r[m]);
-  const at::Tensor loss = lse.sum().div(static_cast<double>(M * N)).sub(positive.sum().mul(p.s).div(N));
-  return {loss.to(reps[0].scalar_type()), lse};
+  return symile_finish_forward(p.r, p.s, lse0, lse1, tuple_lse, reps[0].scalar_type());
 }
 
 std::tuple<std::vector<at::Tensor>, at::Tensor> symile_n_squared_backward_cpu(const at::Tensor& grad,
@@ -173,10 +140,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> symile_n_squared_backward_cpu(co
   const Prepared p = prepare(reps, logit_scale, chunk, "symile_n_squared_backward");
   const int64_t M = p.M, N = p.N, d = p.d;
   const auto opts = p.r[0].options();
-  FL_CHECK(lse.dim() == 2 && lse.size(0) == M && lse.size(1) == N,
-           "fusedlab.symile_n_squared_backward: lse must have shape [M, N] = [", M, ", ", N, "], got ", lse.sizes());
-  FL_CHECK(grad.numel() == 1, "fusedlab.symile_n_squared_backward: grad must be a scalar, got shape ",
-           grad.sizes());
+  check_symile_backward_args(grad, lse, M, N);
   const at::Tensor L = lse.to(opts.dtype()).contiguous();
   const at::Tensor l0 = L.select(0, 0).view({1, N, 1}), l1 = L.select(0, 1).view({1, 1, N});
   const at::Tensor r1s_t = p.r[1].mul(p.s).t();
@@ -226,23 +190,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> symile_n_squared_backward_cpu(co
     }
   }
 
-  const at::Tensor g = grad.to(opts.dtype()).reshape({});
-  const at::Tensor c = g.div(static_cast<double>(M * N)), gd = g.div(static_cast<double>(N));
-  // the aligned tuple's term: dL/dS[n, ..., n] gets -g / N, i.e. U_m[n] -= g / N prod_{o != m} r_o[n]
-  std::vector<at::Tensor> prefix(M + 1), suffix(M + 1);
-  prefix[0] = at::ones({N, d}, opts);
-  suffix[M] = prefix[0];
-  for (int64_t m = 0; m < M; ++m) prefix[m + 1] = prefix[m].mul(p.r[m]);
-  for (int64_t m = M - 1; m >= 0; --m) suffix[m] = suffix[m + 1].mul(p.r[m]);
-  std::vector<at::Tensor> grads;
-  at::Tensor grad_scale;
-  for (int64_t m = 0; m < M; ++m) {
-    const at::Tensor Um = U[m].mul(c).sub(prefix[m].mul(suffix[m + 1]).mul(gd));
-    // S is linear in r_0, so dL/ds = sum_n <r_0[n], dL/dr_0[n]> / s = <r_0, U_0>
-    if (m == 0) grad_scale = p.r[0].mul(Um).sum();
-    grads.push_back(Um.mul(p.s).to(reps[m].scalar_type()));
-  }
-  return {grads, grad_scale.to(logit_scale.scalar_type()).view(logit_scale.sizes())};
+  return symile_finish_backward(U, p.r, p.s, grad, reps, logit_scale);
 }
 
 }  // namespace

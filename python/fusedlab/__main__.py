@@ -313,7 +313,9 @@ def bench_symile(out_dir, min_run_time=0.5, quick=False, device="all"):
     rows, mem, cache = [], [], {}
     devices = list(_devices_and_backends(device))
     for dev, backends in devices:
-        ours = [b for b in backends if b in FAMILY_BACKENDS["symile"]]  # cpu; triton on CUDA where it loads
+        ours = [b for b in backends if b in FAMILY_BACKENDS["symile"]]  # cpu; cuda and triton where they load
+        if dev == "cuda":  # "auto" there: the GEMM chunks at large N and d, which have no backend name
+            ours = ["auto"] + ours
         grid = perf_symile.QUICK_GRID if quick else perf_symile.GRID
         with tqdm(total=len(grid), desc=f"symile on {dev}") as bar:
             rows += perf_symile.rows(dev, ours + ["reference"], grid, min_run_time=min(min_run_time, 0.2),

@@ -22,7 +22,7 @@ AUTO_GPU_PREFERENCE = {"resample": ("cuda", "triton"), "newton_schulz": ("cuda",
 FAMILY_BACKENDS = {
     "resample": ("cuda", "triton", "cpu", "reference"),
     "newton_schulz": ("cuda", "triton", "cpu", "reference"),
-    "symile": ("cuda", "triton", "cpu", "reference"),  # "cuda": library GEMM tiles (ops/symile_gemm.py)
+    "symile": ("cuda", "triton", "cpu", "reference"),
     "cat": ("cuda", "triton", "cpu", "reference"),
 }
 

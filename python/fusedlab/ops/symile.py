@@ -10,11 +10,16 @@ an online log-sum-exp per anchor, save only the [M, N] statistics and recompute 
   adds partial sums with atomics; under torch.use_deterministic_algorithms it stores per-program partial
   sums that torch adds in a fixed order (one more pass over the tiles for M >= 3).
 * "cpu" (csrc/cpu/symile.cpp, ``torch.ops.fusedlab.symile_n_squared`` and its backward op).
-* "cuda" (CUDA tensors; ops/symile_gemm.py, the custom ops ``fusedlab::symile_n_squared_gemm`` and its
-  backward): the same tiles as library GEMMs, one chunk of tuples at a time (fp32 logits from tensor-core
-  products), with the log-sum-exps and gradient weights as ATen element-wise ops. No custom CUDA kernel:
-  one chunk of 2^25 logits and a few buffers of its size are held at a time, and the products run at the
-  vendor GEMM's speed.
+* "cuda" (csrc/include/fusedlab/symile_cuda.cuh, the same C++ ops on CUDA tensors, M = 2..8): fused
+  kernels that form [32 x 32] tiles of the logits in fp32 on CUDA cores (no tensor cores yet) and keep
+  every anchor's online log-sum-exp as per-block partial pairs; the backward adds its gradient sums with
+  fp32 atomics (refused under torch.use_deterministic_algorithms). Memory: the partials and M fp32
+  [N, d] sums. Not yet run on a GPU, so "auto" does not take it.
+* the GEMM chunks (ops/symile_gemm.py, the custom ops ``fusedlab::symile_n_squared_gemm`` and its backward),
+  which "auto" takes on CUDA tensors where they measured faster (below): the same tiles as library GEMMs,
+  one chunk of tuples at a time (fp32 logits from tensor-core products), with the log-sum-exps and
+  gradient weights as ATen element-wise ops; one chunk of 2^25 logits and a few buffers of its size are
+  held at a time, and the products run at the vendor GEMM's speed.
 * "reference": builds the N^M tensor (the oracle).
 
 "n" is a CLIP-sized computation (M GEMMs of N x N x d) and runs as ATen ops on every backend.
@@ -31,12 +36,13 @@ from fusedlab.reference import symile as ref
 
 _FAMILY = "symile"
 STRATEGIES = ref.STRATEGIES
-#: "auto" on CUDA tensors takes the GEMM chunks (backend "cuda") from these sizes on and the Triton kernels
+#: "auto" on CUDA tensors takes the GEMM chunks from these sizes on and the Triton kernels
 #: below them: on an H100 (bf16, M = 3) the GEMM chunks ran 1.7x (N = 256), 2.5x (512) and 2.9x (1024) faster
 #: than the Triton kernels at d = 1024, and 0.6-0.9x at d = 256 (bench/results/gpu/h100-2/symile_gpu.json).
 #: float32 always takes the chunks: the Triton kernels' float32 gradients erred 7-10x torch's at logits in
 #: the thousands on the H100 (tests/test_symile_triton.py, large logits)
 GEMM_MIN_N, GEMM_MIN_D = 256, 512
+_CUDA_MAX_M = 8  # modalities the CUDA kernels take (fusedlab/symile_cuda.cuh, kMaxModalities)
 _TRITON_MIP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -117,7 +123,7 @@ torch.library.register_autograd("fusedlab::symile_n_squared_triton", _backward_n
                                 setup_context=_setup_n_squared_triton)
 
 
-# the "cuda" backend: tiles of vendor GEMMs (ops/symile_gemm.py), as custom ops like the kernels
+# the GEMM chunks "auto" takes on CUDA tensors (ops/symile_gemm.py), as custom ops like the kernels
 @torch.library.custom_op("fusedlab::symile_n_squared_gemm", mutates_args=())
 def _symile_gemm(reps: list[torch.Tensor], logit_scale: torch.Tensor,
                  tile_elems: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,10 +264,10 @@ def symile_loss(reps: Sequence[torch.Tensor], logit_scale, negative_sampling: st
             ``generator``, or from the global RNG (then seeding torch as for the package replays its draws).
         generator: "n" only: the torch.Generator the permutations are drawn from.
         backend: "auto" (CPU tensors: "cpu"; CUDA tensors: "triton" for float16/bfloat16 below N = 256
-            or d = 512, else the GEMM chunks of "cuda"), "cuda" (CUDA tensors: "n_squared" as chunks of
-            library GEMMs, any M and dtype), "triton" ("n_squared" with M = 2..4 in float32/float16/
-            bfloat16), "cpu" or "reference" ("n_squared" there builds the N^M tensor); "n" runs as ATen ops
-            on every backend.
+            or d = 512, else chunks of library GEMMs, any M and dtype), "cuda" (CUDA tensors: the fused
+            CUDA kernels, M = 2..8 in float32/float16/bfloat16, fp32 on CUDA cores), "triton" ("n_squared"
+            with M = 2..4 in float32/float16/bfloat16), "cpu" or "reference" ("n_squared" there builds the
+            N^M tensor); "n" runs as ATen ops on every backend.
         process_group: a torch.distributed group: each rank passes its own rows, the negatives come from
             every rank's rows (all-gathered with gradient, rank order), and every rank returns the loss of
             the global batch. The backward gives each rank's rows the gradient summed over the ranks'
@@ -299,15 +305,19 @@ def symile_loss(reps: Sequence[torch.Tensor], logit_scale, negative_sampling: st
         if which == "triton" and (reps[0].dtype == torch.float64 or M > 4):
             if backend != "auto":
                 raise ValueError(f"backend='triton' runs 'n_squared' for M = 2..4 in float32, float16 or bfloat16, "
-                                 f"got M = {M} and {reps[0].dtype}; use backend='cuda' or 'reference' (or 'cpu' "
-                                 "for CPU tensors)")
+                                 f"got M = {M} and {reps[0].dtype}; use backend='auto' (the GEMM chunks) or "
+                                 "'reference' (or 'cpu' for CPU tensors)")
             which = "gemm"  # what the Triton kernels do not cover: the GEMM chunks (any M and dtype)
         elif which == "triton" and backend == "auto" and (
                 reps[0].dtype == torch.float32 or (N >= GEMM_MIN_N and reps[0].shape[1] >= GEMM_MIN_D)):
             which = "gemm"
         if which == "reference":
             return ref.symile_loss_n_squared(reps, scale.reshape(()))
-        if which in ("cuda", "gemm"):  # "gemm": the same path as backend="cuda", which needs no _C_cuda
+        if which == "cuda" and (reps[0].dtype == torch.float64 or M > _CUDA_MAX_M):
+            raise ValueError(f"backend='cuda' runs 'n_squared' for M = 2..{_CUDA_MAX_M} in float32, float16 or "
+                             f"bfloat16, got M = {M} and {reps[0].dtype}; use backend='auto' (the GEMM chunks) or "
+                             "'reference'")
+        if which == "gemm":
             from fusedlab.ops.symile_gemm import TILE_ELEMS
 
             loss, _ = torch.ops.fusedlab.symile_n_squared_gemm(reps, scale, TILE_ELEMS)
@@ -315,7 +325,7 @@ def symile_loss(reps: Sequence[torch.Tensor], logit_scale, negative_sampling: st
         if which == "triton":
             loss, _ = torch.ops.fusedlab.symile_n_squared_triton(reps, scale)
             return loss
-        loss, _ = torch.ops.fusedlab.symile_n_squared(reps, scale, 0)
+        loss, _ = torch.ops.fusedlab.symile_n_squared(reps, scale, 0)  # the CPU or the CUDA kernel
         return loss
     if permutations is not None and generator is not None:
         raise ValueError("pass permutations or generator, not both")
