@@ -30,3 +30,12 @@ def build(tmp_dir, name, probe, extra_flags=()):
         r = compile_([])
     assert r.returncode == 0, r.stderr
     return out, r.stderr
+
+
+def build_strict(tmp_path_factory, name):
+    """Builds tests/cuda/<name>.cpp with -Wall -Wextra and no warning allowed; the probe runs it without
+    arguments, which a working build answers with its usage error (exit status 2)."""
+    probe = lambda out: subprocess.run([out], capture_output=True).returncode == 2  # noqa: E731
+    out, stderr = build(tmp_path_factory.mktemp("sim"), name, probe, ("-Wall", "-Wextra"))
+    assert "warning" not in stderr, stderr
+    return out

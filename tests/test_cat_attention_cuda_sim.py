@@ -23,10 +23,7 @@ LOG2E = 1.4426950408889634
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
-    probe = lambda out: subprocess.run([out], capture_output=True).returncode == 2  # noqa: E731  (usage error)
-    out, stderr = cuda_sim.build(tmp_path_factory.mktemp("sim"), "cat_attention_sim", probe, ("-Wall", "-Wextra"))
-    assert "warning" not in stderr, stderr
-    return out
+    return cuda_sim.build_strict(tmp_path_factory, "cat_attention_sim")
 
 
 def _write(tmp_path, name, t):

@@ -24,10 +24,7 @@ LN2 = math.log(2.0)
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
-    probe = lambda out: subprocess.run([out], capture_output=True).returncode == 2  # noqa: E731  (usage error)
-    out, stderr = cuda_sim.build(tmp_path_factory.mktemp("sim"), "symile_sim", probe, ("-Wall", "-Wextra"))
-    assert "warning" not in stderr, stderr
-    return out
+    return cuda_sim.build_strict(tmp_path_factory, "symile_sim")
 
 
 def _write(tmp_path, name, t):

@@ -182,6 +182,39 @@ __device__ FL_INLINE QueryTile query_tile(const AttnParams<T>& p) {
   return t;
 }
 
+// The kv head's two key streams.
+template <typename T>
+struct KeyStreams {
+  const T *kc, *vc, *k, *v;
+};
+
+template <int D, typename T>
+__device__ FL_INLINE KeyStreams<T> key_streams(const AttnParams<T>& p, const QueryTile& t) {
+  return KeyStreams<T>{p.kc + t.kvh * p.Nc * D, p.vc + t.kvh * p.Nc * D, p.k + t.kvh * p.L * D,
+                       p.v + t.kvh * p.L * D};
+}
+
+// Key tile kt of a query tile's range (slot tiles first, then raw-key tiles) into sk, sv: which stream and
+// which keys [k0, k1). Starts with a barrier (the previous tile's shared tiles are read) and ends with one.
+struct KeyTile {
+  bool raw;
+  int k0, k1;
+};
+
+template <typename T, int D, int BN>
+__device__ FL_INLINE KeyTile load_key_tile(const KeyStreams<T>& ks, const QueryTile& t, int kt, int slot_tiles,
+                                           float* sk, float* sv) {
+  KeyTile kt_;
+  kt_.raw = kt >= slot_tiles;
+  kt_.k0 = kt_.raw ? t.raw0 + (kt - slot_tiles) * BN : kt * BN;
+  kt_.k1 = imin(kt_.k0 + BN, kt_.raw ? t.raw1 : t.slot_end);
+  __syncthreads();
+  load_rows<T, D, BN>(sk, kt_.raw ? ks.k : ks.kc, kt_.k0, kt_.k1);
+  load_rows<T, D, BN>(sv, kt_.raw ? ks.v : ks.vc, kt_.k0, kt_.k1);
+  __syncthreads();
+  return kt_;
+}
+
 // Forward. Block index = (b * H + h) * query_tiles + tile.
 template <typename T, int D>
 __global__ void __launch_bounds__(kAttnThreads) attn_fwd_kernel(const AttnParams<T> p) {
@@ -195,10 +228,7 @@ __global__ void __launch_bounds__(kAttnThreads) attn_fwd_kernel(const AttnParams
   const QueryTile t = query_tile<D>(p);
   const int nq = t.comp ? p.Nc : p.L;
   load_rows<T, D, BM>(sq, (t.comp ? p.qc : p.q) + t.bh * nq * D, t.q0, t.q1);
-  const T* kc = p.kc + t.kvh * p.Nc * D;
-  const T* vc = p.vc + t.kvh * p.Nc * D;
-  const T* k = p.k + t.kvh * p.L * D;
-  const T* v = p.v + t.kvh * p.L * D;
+  const KeyStreams<T> ks = key_streams<D>(p, t);
 
   float m[RM], sum[RM], acc[RM][D / 8];
 FL_UNROLL
@@ -210,13 +240,9 @@ FL_UNROLL
   }
   const int slot_tiles = ceil_div(t.slot_end, BN), n_tiles = slot_tiles + ceil_div(t.raw1 - t.raw0, BN);
   for (int kt = 0; kt < n_tiles; ++kt) {
-    const bool raw = kt >= slot_tiles;
-    const int k0 = raw ? t.raw0 + (kt - slot_tiles) * BN : kt * BN;
-    const int k1 = imin(k0 + BN, raw ? t.raw1 : t.slot_end);
-    __syncthreads();  // the previous tile's sk, sv, sp are read
-    load_rows<T, D, BN>(sk, raw ? k : kc, k0, k1);
-    load_rows<T, D, BN>(sv, raw ? v : vc, k0, k1);
-    __syncthreads();
+    const KeyTile key = load_key_tile<T, D, BN>(ks, t, kt, slot_tiles, sk, sv);  // sp is free again too
+    const bool raw = key.raw;
+    const int k0 = key.k0, k1 = key.k1;
     float s[RM][RN];
     tile_dots<D, RM, RN>(sq, sk, ti, tj, s);
 FL_UNROLL
@@ -278,10 +304,7 @@ __global__ void __launch_bounds__(kAttnThreads) attn_bwd_dq_kernel(const AttnPar
   const T* o = (t.comp ? p.oc : p.o) + rows0 * D;
   const float* lse = (t.comp ? p.lse_c : p.lse) + rows0;
   float* delta = (t.comp ? p.delta_c : p.delta) + rows0;
-  const T* kc = p.kc + t.kvh * p.Nc * D;
-  const T* vc = p.vc + t.kvh * p.Nc * D;
-  const T* k = p.k + t.kvh * p.L * D;
-  const T* v = p.v + t.kvh * p.L * D;
+  const KeyStreams<T> ks = key_streams<D>(p, t);
   __syncthreads();
 
   // each row's log-sum-exp (log2 units) and delta = <dO, O>
@@ -304,13 +327,9 @@ FL_UNROLL
   }
   const int slot_tiles = ceil_div(t.slot_end, BN), n_tiles = slot_tiles + ceil_div(t.raw1 - t.raw0, BN);
   for (int kt = 0; kt < n_tiles; ++kt) {
-    const bool raw = kt >= slot_tiles;
-    const int k0 = raw ? t.raw0 + (kt - slot_tiles) * BN : kt * BN;
-    const int k1 = imin(k0 + BN, raw ? t.raw1 : t.slot_end);
-    __syncthreads();  // the previous tile's sk, sds are read
-    load_rows<T, D, BN>(sk, raw ? k : kc, k0, k1);
-    load_rows<T, D, BN>(sv, raw ? v : vc, k0, k1);
-    __syncthreads();
+    const KeyTile key = load_key_tile<T, D, BN>(ks, t, kt, slot_tiles, sk, sv);  // sds is free again too
+    const bool raw = key.raw;
+    const int k0 = key.k0, k1 = key.k1;
     float s[RM][RN], dp[RM][RN];
     tile_dots<D, RM, RN>(sq, sk, ti, tj, s);
     tile_dots<D, RM, RN>(sdo, sv, ti, tj, dp);
