@@ -56,6 +56,9 @@ TORCH_LIBRARY(fusedlab, m) {
   // Returns the loss (dtype of reps) and the [M, N] per-anchor log-sum-exps the backward reuses; `chunk` is
   // the number of outer-modality tuples per tile (0: sized automatically).
   m.def("symile_n_squared(Tensor[] reps, Tensor logit_scale, int chunk) -> (Tensor loss, Tensor lse)");
+  // MIP scores [B, C] of candidates [C, d] against the elementwise product of the queries ([B, d] or [d],
+  // candidates' dtype and device; B = 1 when every query is 1-D), accumulated in fp32 (float64 for float64).
+  m.def("mip(Tensor candidates, Tensor[] queries) -> Tensor");
   m.def("symile_n_squared_backward(Tensor grad, Tensor[] reps, Tensor logit_scale, Tensor lse, int chunk) -> "
         "(Tensor[] grad_reps, Tensor grad_logit_scale)");
 

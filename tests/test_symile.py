@@ -287,6 +287,37 @@ def test_mip_matches_package(gen):
     torch.testing.assert_close(fusedlab.ops.mip(c, [v, y]), (v * y) @ c.T)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_mip_cpu_op_matches_reference(dtype, gen):
+    """The C++ op: the query product and the GEMM accumulated in float32 (float64 for float64), against the
+    float64 reference on the same values; 1-D and 2-D queries, one to four query modalities, B = 1."""
+    C, d, B = 13, 9, 6
+    c = torch.randn(C, d, generator=gen, dtype=torch.float64)
+    q2 = [torch.randn(B, d, generator=gen, dtype=torch.float64) for _ in range(3)]
+    q1 = [torch.randn(d, generator=gen, dtype=torch.float64) for _ in range(2)]
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    for queries in ([q2[0]], [q2[0], q1[0]], [q1[0], q2[1], q2[2]], [q1[0], q1[1]], q2 + q1[:1]):
+        low = [q.to(dtype) for q in queries]
+        got = fusedlab.ops.mip(c.to(dtype), low, backend="cpu")
+        want = ref.mip(c.to(dtype).double(), [q.double() for q in low])
+        assert got.dtype == dtype and got.shape == want.shape
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
+def test_mip_cpu_op_gradcheck_opcheck_and_errors(gen):
+    c = torch.randn(5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(4, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda c, y, v: fusedlab.ops.mip(c, [y, v], backend="cpu"), (c, y, v))
+    torch.library.opcheck(torch.ops.fusedlab.mip.default, (c, [y, v]))
+    with pytest.raises(ValueError, match="one dtype and device"):
+        fusedlab.ops.mip(c.float(), [y, v], backend="cpu")
+    with pytest.raises(RuntimeError, match="rows like the other 2-D queries"):
+        torch.ops.fusedlab.mip(c, [y, y[:2]])
+    with pytest.raises(RuntimeError, match=r"queries\[1\] must be \[B, 4\]"):
+        torch.ops.fusedlab.mip(c, [y, v[:3]])
+
+
 @needs_package
 def test_drop_in_signatures():
     assert issubclass(SymileLoss, torch.nn.Module) and Symile is SymileLoss

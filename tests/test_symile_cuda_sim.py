@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from fusedlab.reference import symile as ref
+
 import cuda_sim
 
 LN2 = math.log(2.0)
@@ -143,3 +145,29 @@ def test_bfloat16_inputs(sim, tmp_path, gen):
     _run(sim, tmp_path, "backward", reps, 5.0, 132, lse=want)
     U2 = torch.from_numpy(np.fromfile(tmp_path / "U2.bin", dtype=np.float32)).double().view(N, d)
     torch.testing.assert_close(U2, _expected_sums(reps, 5.0, want.float().double())[2], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("B,C,d,two_d,dtype", [
+    (37, 45, 40, (1, 1), torch.float32),    # tiles cut at B, C and d
+    (1, 70, 33, (0, 0, 1), torch.float32),  # 1-D queries broadcast over the one row
+    (5, 9, 64, (1,), torch.float32),        # a single query modality
+    (20, 33, 48, (1, 0), torch.bfloat16),
+])
+def test_mip_kernel_matches_reference(sim, tmp_path, gen, B, C, d, two_d, dtype):
+    cand = torch.randn(C, d, generator=gen, dtype=torch.float64).to(dtype)
+    queries = [torch.randn(*((B, d) if t else (d,)), generator=gen, dtype=torch.float64).to(dtype) for t in two_d]
+    _write(tmp_path, "cand", cand)
+    for m, q in enumerate(queries):
+        _write(tmp_path, f"q{m}", q)
+    flags = " ".join(map(str, two_d))
+    (tmp_path / "params.txt").write_text(f"{len(queries)} {B} {C} {d} {cand.element_size()} {flags}\n")
+    r = subprocess.run([sim, "mip", str(tmp_path)], capture_output=True, text=True, timeout=280,
+                       env={**os.environ, "TSAN_OPTIONS": "halt_on_error=1 exitcode=66"})
+    assert r.returncode == 0, f"rc={r.returncode}\n{r.stderr[-4000:]}"
+    raw = np.fromfile(tmp_path / "out.bin", dtype=np.int16 if dtype == torch.bfloat16 else np.float32)
+    got = torch.from_numpy(raw).reshape(B, C)
+    got = (got.view(torch.bfloat16) if dtype == torch.bfloat16 else got).double()
+    want = ref.mip(cand.double(), [q.double() for q in queries])
+    tol = dict(rtol=2 ** -8, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, **tol)

@@ -144,9 +144,49 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> symile_n_squared_backward_cuda(c
   return symile_finish_backward(U, r32, scale.reshape({}), grad, reps, logit_scale);
 }
 
+at::Tensor mip_cuda(const at::Tensor& candidates, at::TensorList queries_in) {
+  const int64_t B = check_mip_args(candidates, queries_in);
+  const auto dt = candidates.scalar_type();
+  FL_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
+           "fusedlab.mip: the CUDA kernel takes float32, float16 or bfloat16, got ", dt,
+           " (float64 runs on the CPU kernel or the reference)");
+  const int64_t C = candidates.size(0), d = candidates.size(1);
+  constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
+  FL_CHECK(B <= kMax && C <= kMax && d <= kMax && B * C < (int64_t(1) << 62), "fusedlab.mip: B, C and d must be "
+           "below 2^31, got ", B, ", ", C, ", ", d);
+  FL_CHECK(fsc::mip_blocks(B, C) < (int64_t(1) << 31), "fusedlab.mip: B * C too large for the CUDA grid");
+  const c10::cuda::CUDAGuard guard(candidates.device());
+  // more queries than the kernel takes: the first ones multiplied together first
+  std::vector<at::Tensor> queries(queries_in.begin(), queries_in.end());
+  while (static_cast<int64_t>(queries.size()) > fsc::kMaxQueries) {
+    queries[1] = queries[0].mul(queries[1]);
+    queries.erase(queries.begin());
+  }
+  for (at::Tensor& q : queries) q = q.contiguous();
+  const at::Tensor cand = candidates.contiguous();
+  at::Tensor out = at::empty({B, C}, cand.options());
+  dispatch(dt, [&](auto tag) {
+    using T = decltype(tag);
+    fsc::MipParams<T> p{};
+    p.cand = reinterpret_cast<const T*>(cand.data_ptr());
+    for (size_t m = 0; m < queries.size(); ++m) {
+      p.queries[m] = reinterpret_cast<const T*>(queries[m].data_ptr());
+      p.q_stride[m] = queries[m].dim() == 2 ? d : 0;
+    }
+    p.out = reinterpret_cast<T*>(out.data_ptr());
+    p.nq = static_cast<int>(queries.size());
+    p.B = static_cast<int>(B);
+    p.C = static_cast<int>(C);
+    p.d = static_cast<int>(d);
+    C10_CUDA_CHECK(fsc::launch_mip<T>(p, c10::cuda::getCurrentCUDAStream()));
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedlab, CUDA, m) {
+  m.impl("mip", &mip_cuda);
   m.impl("symile_n_squared", &symile_n_squared_cuda);
   m.impl("symile_n_squared_backward", &symile_n_squared_backward_cuda);
 }

@@ -8,7 +8,9 @@ namespace fsc = fusedlab::symile::cuda;
   template __global__ void fsc::symile_fwd_kernel<T>(const fsc::SymileParams<T>);                        \
   template __global__ void fsc::symile_bwd_kernel<T>(const fsc::SymileParams<T>);                        \
   template cudaError_t fsc::launch_symile_forward<T>(const fsc::SymileParams<T>&, int64_t, cudaStream_t); \
-  template cudaError_t fsc::launch_symile_backward<T>(const fsc::SymileParams<T>&, int64_t, cudaStream_t);
+  template cudaError_t fsc::launch_symile_backward<T>(const fsc::SymileParams<T>&, int64_t, cudaStream_t); \
+  template __global__ void fsc::mip_kernel<T>(const fsc::MipParams<T>);                                  \
+  template cudaError_t fsc::launch_mip<T>(const fsc::MipParams<T>&, cudaStream_t);
 FL_SYMILE_KERNELS(float)
 FL_SYMILE_KERNELS(__half)
 FL_SYMILE_KERNELS(__nv_bfloat16)

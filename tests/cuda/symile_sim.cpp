@@ -4,6 +4,8 @@
 //                             (float32); outputs row_part, col_part, tuple_part ((max, sum) float32 pairs);
 //                             prints the plan (chunks=.. u_chunk=.. row_groups=.. tiles_per_group=..)
 //   symile_sim backward DIR   the same, plus lse.bin [M, N] float32; outputs U0.bin .. U{M-1}.bin (float32)
+//   symile_sim mip DIR        DIR/params.txt: nq B C d elem_bytes two_d_0 .. two_d_{nq-1} (1: query m is
+//                             [B, d], 0: [d]); inputs cand.bin, q0.bin ..; output out.bin [B, C] (elements)
 // Every output starts as a poison value, so an entry no block wrote shows up in the comparison.
 #include "host_sim.h"
 #include "sim_io.h"
@@ -69,11 +71,42 @@ static int run(const std::string& dir, bool backward, int M, int N, int d, int s
   return 0;
 }
 
+template <typename T>
+static int run_mip(const std::string& dir, std::ifstream& pf, T poison) {
+  fsc::MipParams<T> p{};
+  if (!(pf >> p.nq >> p.B >> p.C >> p.d) || p.nq < 1 || p.nq > fsc::kMaxQueries) return 2;
+  int elem;
+  pf >> elem;
+  const std::vector<T> cand = input<T>(dir + "/cand.bin");
+  std::vector<std::vector<T>> qs;
+  for (int m = 0; m < p.nq; ++m) qs.push_back(input<T>(dir + "/q" + std::to_string(m) + ".bin"));
+  for (int m = 0; m < p.nq; ++m) {
+    int two_d;
+    pf >> two_d;
+    p.queries[m] = qs[m].data();
+    p.q_stride[m] = two_d ? p.d : 0;
+  }
+  std::vector<T> out(static_cast<size_t>(p.B) * p.C, poison);
+  p.cand = cand.data();
+  p.out = out.data();
+  fl_sim::launch(static_cast<unsigned>(fsc::mip_blocks(p.B, p.C)), fsc::kThreads, 0, [&] { fsc::mip_kernel<T>(p); });
+  write_file(dir + "/out.bin", out.data(), out.size() * sizeof(T));
+  return 0;
+}
+
 int main(int argc, char** argv) {
   if (argc < 3) return 2;
   const std::string mode = argv[1], dir = argv[2];
-  if (mode != "forward" && mode != "backward") return 2;
   std::ifstream pf(dir + "/params.txt");
+  if (mode == "mip") {
+    int nq, B, C, d, elem;
+    std::ifstream peek(dir + "/params.txt");
+    if (!(peek >> nq >> B >> C >> d >> elem)) return 2;
+    if (elem == 4) return run_mip<float>(dir, pf, 1e30f);
+    if (elem == 2) return run_mip<SimBf16>(dir, pf, SimBf16{0x7f00});
+    return 2;
+  }
+  if (mode != "forward" && mode != "backward") return 2;
   int M, N, d, elem, sms;
   if (!(pf >> M >> N >> d >> elem >> sms) || M < 2 || M > fsc::kMaxModalities) return 2;
   const bool backward = mode == "backward";

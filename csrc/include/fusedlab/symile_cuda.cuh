@@ -1,5 +1,5 @@
 // CUDA kernels of the symile family: the "n_squared" Symile loss's log-sum-exps (forward) and its gradient
-// sums (backward), fused, without the N^M logits or any N^(M-1) x d product. Semantics:
+// sums (backward), fused, without the N^M logits or any N^(M-1) x d product; and mip scoring (below). Semantics:
 // python/fusedlab/reference/symile.py; csrc/cpu/symile.cpp is the same algorithm with library GEMMs.
 // Torch-free: csrc/cuda/symile.cu checks arguments, allocates, launches and finishes in ATen
 // (fusedlab/symile_glue.h, shared with the CPU kernel).
@@ -85,11 +85,11 @@ __device__ FL_INLINE BlockWork block_work(const SymileParams<T>& p) {
 
 // a[m] for a runtime m without indexing the kernel's parameter array dynamically (which would copy it to
 // local memory): a compare per entry.
-template <typename V>
-__device__ FL_INLINE V pick(const V (&a)[kMaxModalities], int m) {
+template <typename V, int N>
+__device__ FL_INLINE V pick(const V (&a)[N], int m) {
   V v = a[0];
 FL_UNROLL
-  for (int k = 1; k < kMaxModalities; ++k)
+  for (int k = 1; k < N; ++k)
     if (k == m) v = a[k];
   return v;
 }
@@ -380,6 +380,73 @@ FL_UNROLL
   }
 }
 
+// ------------------------------------------------------------------------------------------------ mip
+
+constexpr int kMaxQueries = 8;
+
+template <typename T>
+struct MipParams {
+  const T* cand;                  // [C, d]
+  const T* queries[kMaxQueries];  // [B, d] (row stride d) or [d] (row stride 0)
+  int64_t q_stride[kMaxQueries];
+  T* out;                         // [B, C]
+  int nq, B, C, d;
+};
+
+// One block per [BI x BJ] tile of the scores out[b, c] = sum_t (prod_m q_m[b, t]) cand[c, t]: the query
+// product of each d slice is formed while it is staged in shared memory and never stored; fp32 sums.
+// Block index = (b tile) * ceil(C / BJ) + c tile.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) mip_kernel(const MipParams<T> p) {
+  __shared__ float sa[BI * (BT + 1)];
+  __shared__ float sb[BJ * (BT + 1)];
+  const int tid = static_cast<int>(threadIdx.x), ti = tid / kColLanes, tj = tid % kColLanes;
+  const int c_tiles = (p.C + BJ - 1) / BJ;
+  const int b0 = static_cast<int>(blockIdx.x) / c_tiles * BI, c0 = static_cast<int>(blockIdx.x) % c_tiles * BJ;
+  float s[RM][RN];
+FL_UNROLL
+  for (int r = 0; r < RM; ++r)
+FL_UNROLL
+    for (int c = 0; c < RN; ++c) s[r][c] = 0.0f;
+  for (int t0 = 0; t0 < p.d; t0 += BT) {
+    __syncthreads();  // the previous slice is read
+    for (int idx = tid; idx < BI * BT; idx += kThreads) {
+      const int r = idx / BT, c = idx % BT, b = b0 + r, t = t0 + c;
+      float x = 0.0f;
+      if (b < p.B && t < p.d) {
+        x = 1.0f;
+        for (int m = 0; m < p.nq; ++m) x *= Elem<T>::load(pick(p.queries, m)[b * pick(p.q_stride, m) + t]);
+      }
+      sa[r * (BT + 1) + c] = x;
+    }
+    for (int idx = tid; idx < BJ * BT; idx += kThreads) {
+      const int r = idx / BT, c = idx % BT, cc = c0 + r, t = t0 + c;
+      sb[r * (BT + 1) + c] = cc < p.C && t < p.d ? Elem<T>::load(p.cand[static_cast<int64_t>(cc) * p.d + t]) : 0.0f;
+    }
+    __syncthreads();
+    for (int t = 0; t < BT; ++t) {
+      float x[RM], y[RN];
+FL_UNROLL
+      for (int r = 0; r < RM; ++r) x[r] = sa[(ti + kRowGroups * r) * (BT + 1) + t];
+FL_UNROLL
+      for (int c = 0; c < RN; ++c) y[c] = sb[(tj + kColLanes * c) * (BT + 1) + t];
+FL_UNROLL
+      for (int r = 0; r < RM; ++r)
+FL_UNROLL
+        for (int c = 0; c < RN; ++c) s[r][c] += x[r] * y[c];
+    }
+  }
+FL_UNROLL
+  for (int r = 0; r < RM; ++r)
+FL_UNROLL
+    for (int c = 0; c < RN; ++c) {
+      const int b = b0 + ti + kRowGroups * r, cc = c0 + tj + kColLanes * c;
+      if (b < p.B && cc < p.C) p.out[static_cast<int64_t>(b) * p.C + cc] = Elem<T>::store(s[r][c]);
+    }
+}
+
+FL_HD FL_INLINE int64_t mip_blocks(int64_t B, int64_t C) { return ((B + BI - 1) / BI) * ((C + BJ - 1) / BJ); }
+
 // ------------------------------------------------------------------------------------------------ launch plan
 
 struct SymilePlan {
@@ -417,6 +484,13 @@ cudaError_t launch_symile_forward(const SymileParams<T>& p, int64_t blocks, cuda
 template <typename T>
 cudaError_t launch_symile_backward(const SymileParams<T>& p, int64_t blocks, cudaStream_t stream) {
   if (blocks > 0) symile_bwd_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_mip(const MipParams<T>& p, cudaStream_t stream) {
+  const int64_t blocks = mip_blocks(p.B, p.C);
+  if (blocks > 0) mip_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 #endif

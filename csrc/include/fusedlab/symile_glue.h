@@ -38,6 +38,31 @@ inline void check_symile_args(at::TensorList reps, const at::Tensor& logit_scale
            ": logit_scale must be floating point, got ", logit_scale.scalar_type());
 }
 
+// mip: candidates [C, d]; queries, at least one, each [B, d] or [d] with the candidates' dtype and device (one B
+// across the 2-D ones). Returns B (1 when every query is 1-D).
+inline int64_t check_mip_args(const at::Tensor& candidates, at::TensorList queries) {
+  FL_CHECK(candidates.dim() == 2, "fusedlab.mip: candidates must be 2-D [C, d], got shape ", candidates.sizes());
+  FL_CHECK(at::isFloatingType(candidates.scalar_type()), "fusedlab.mip: candidates must be floating point, got ",
+           candidates.scalar_type());
+  FL_CHECK(!queries.empty(), "fusedlab.mip: queries must hold at least one tensor");
+  const int64_t d = candidates.size(1);
+  int64_t B = -1;
+  for (size_t m = 0; m < queries.size(); ++m) {
+    const at::Tensor& q = queries[m];
+    FL_CHECK((q.dim() == 1 || q.dim() == 2) && q.size(-1) == d, "fusedlab.mip: queries[", m, "] must be [B, ", d,
+             "] or [", d, "] like candidates [C, d], got shape ", q.sizes());
+    FL_CHECK(q.scalar_type() == candidates.scalar_type() && q.device() == candidates.device(), "fusedlab.mip: queries[",
+             m, "] must have the candidates' dtype ", candidates.scalar_type(), " and device ", candidates.device(),
+             ", got ", q.scalar_type(), " on ", q.device());
+    if (q.dim() == 2) {
+      FL_CHECK(B < 0 || q.size(0) == B, "fusedlab.mip: queries[", m, "] must have B = ", B,
+               " rows like the other 2-D queries, got ", q.size(0));
+      B = q.size(0);
+    }
+  }
+  return B < 0 ? 1 : B;
+}
+
 // The backward's lse and grad arguments.
 inline void check_symile_backward_args(const at::Tensor& grad, const at::Tensor& lse, int64_t M, int64_t N) {
   FL_CHECK(lse.dim() == 2 && lse.size(0) == M && lse.size(1) == N,

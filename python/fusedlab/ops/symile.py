@@ -44,6 +44,7 @@ STRATEGIES = ref.STRATEGIES
 GEMM_MIN_N, GEMM_MIN_D = 256, 512
 _CUDA_MAX_M = 8  # modalities the CUDA kernels take (fusedlab/symile_cuda.cuh, kMaxModalities)
 _TRITON_MIP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_CPP_MIP_DTYPES = {"cpu": _TRITON_MIP_DTYPES + (torch.float64,), "cuda": _TRITON_MIP_DTYPES}
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -191,6 +192,15 @@ def _backward_mip(ctx, grad):
 
 
 torch.library.register_autograd("fusedlab::mip_triton", _backward_mip, setup_context=_setup_mip)
+
+
+# the C++ op (csrc/fusedlab.cpp; CPU kernel in csrc/cpu/symile.cpp, CUDA kernel in csrc/cuda/symile.cu)
+@torch.library.register_fake("fusedlab::mip")
+def _fake_mip(candidates, queries):
+    return _fake_mip_triton(candidates, queries)
+
+
+torch.library.register_autograd("fusedlab::mip", _backward_mip, setup_context=_setup_mip)
 
 
 def _check_reps(reps, name: str = "reps") -> list[torch.Tensor]:
@@ -356,8 +366,10 @@ def mip(candidates: torch.Tensor, query_reps: Sequence[torch.Tensor], backend: s
     for every candidate c. The logit scale is not applied (multiply by it for logits).
 
     ``backend``: "auto" (CUDA tensors of one float16/bfloat16/float32 dtype: "triton", one fused pass that
-    forms the query product per tile and never stores it; anything else: the ATen product and GEMM, which
-    is what "cpu", "cuda" and "reference" run), "triton" or those. Differentiable on every backend.
+    forms the query product per tile and never stores it; CPU tensors of one dtype: "cpu"; anything else
+    "reference"), "triton", "cuda" (a fused pass like the Triton kernel's, fp32 on CUDA cores), "cpu" (the
+    query product in fp32, float64 for float64, then one BLAS GEMM) or "reference" (the ATen product and
+    GEMM in the inputs' dtypes). Differentiable on every backend.
 
     Example:
         >>> import torch, fusedlab
@@ -391,6 +403,11 @@ def mip(candidates: torch.Tensor, query_reps: Sequence[torch.Tensor], backend: s
             raise ValueError("backend='triton' scores float16, bfloat16 or float32 candidates and queries of one "
                              f"dtype and device, got {candidates.dtype} and {[q.dtype for q in queries]}")
         which = "reference"
+    if which in ("cpu", "cuda") and not (same and candidates.dtype in _CPP_MIP_DTYPES[which]):
+        if backend != "auto":
+            raise ValueError(f"backend={which!r} scores candidates and queries of one dtype and device among "
+                             f"{_CPP_MIP_DTYPES[which]}, got {candidates.dtype} and {[q.dtype for q in queries]}")
+        which = "reference"
     if which == "triton":
         if len(queries) > 3:  # the kernel takes three queries: fold the first ones, in the reference's order
             head = queries[0]
@@ -398,4 +415,6 @@ def mip(candidates: torch.Tensor, query_reps: Sequence[torch.Tensor], backend: s
                 head = head * q
             queries = [head] + queries[-2:]
         return torch.ops.fusedlab.mip_triton(candidates, queries)
+    if which in ("cpu", "cuda"):
+        return torch.ops.fusedlab.mip(candidates, queries)
     return ref.mip(candidates, queries)
