@@ -125,6 +125,21 @@ __device__ FL_INLINE void tuple_rows(const SymileParams<T>& p, int u, const T** 
   if (m >= 2 && m < p.M) outer[m] = pick(p.r, m) + static_cast<int64_t>(tuple_row(p, u, m)) * p.d;
 }
 
+// s[r][c] += sa[ti + 16 r] . sb[tj + 8 c] over one staged slice of BT columns ([*, BT + 1] tiles).
+__device__ FL_INLINE void slice_products(const float* sa, const float* sb, int ti, int tj, float (&s)[RM][RN]) {
+  for (int t = 0; t < BT; ++t) {
+    float x[RM], y[RN];
+FL_UNROLL
+    for (int r = 0; r < RM; ++r) x[r] = sa[(ti + kRowGroups * r) * (BT + 1) + t];
+FL_UNROLL
+    for (int c = 0; c < RN; ++c) y[c] = sb[(tj + kColLanes * c) * (BT + 1) + t];
+FL_UNROLL
+    for (int r = 0; r < RM; ++r)
+FL_UNROLL
+      for (int c = 0; c < RN; ++c) s[r][c] += x[r] * y[c];
+  }
+}
+
 // The scaled logits of tile (u, rows [i0, i0 + BI), columns [j0, j0 + BJ)) in log2 units: thread (ti, tj)
 // gets rows ti + 16 r and columns tj + 8 c; entries outside the N x N square are -inf.
 template <typename T>
@@ -140,17 +155,7 @@ FL_UNROLL
     load_slice<T, BI>(p, sa, p.r[0], i0, t0, p.M > 2 ? outer : nullptr);
     load_slice<T, BJ>(p, sb, p.r[1], j0, t0, nullptr);
     __syncthreads();
-    for (int t = 0; t < BT; ++t) {
-      float x[RM], y[RN];
-FL_UNROLL
-      for (int r = 0; r < RM; ++r) x[r] = sa[(ti + kRowGroups * r) * (BT + 1) + t];
-FL_UNROLL
-      for (int c = 0; c < RN; ++c) y[c] = sb[(tj + kColLanes * c) * (BT + 1) + t];
-FL_UNROLL
-      for (int r = 0; r < RM; ++r)
-FL_UNROLL
-        for (int c = 0; c < RN; ++c) s[r][c] += x[r] * y[c];
-    }
+    slice_products(sa, sb, ti, tj, s);
   }
 FL_UNROLL
   for (int r = 0; r < RM; ++r)
@@ -424,17 +429,7 @@ FL_UNROLL
       sb[r * (BT + 1) + c] = cc < p.C && t < p.d ? Elem<T>::load(p.cand[static_cast<int64_t>(cc) * p.d + t]) : 0.0f;
     }
     __syncthreads();
-    for (int t = 0; t < BT; ++t) {
-      float x[RM], y[RN];
-FL_UNROLL
-      for (int r = 0; r < RM; ++r) x[r] = sa[(ti + kRowGroups * r) * (BT + 1) + t];
-FL_UNROLL
-      for (int c = 0; c < RN; ++c) y[c] = sb[(tj + kColLanes * c) * (BT + 1) + t];
-FL_UNROLL
-      for (int r = 0; r < RM; ++r)
-FL_UNROLL
-        for (int c = 0; c < RN; ++c) s[r][c] += x[r] * y[c];
-    }
+    slice_products(sa, sb, ti, tj, s);
   }
 FL_UNROLL
   for (int r = 0; r < RM; ++r)
