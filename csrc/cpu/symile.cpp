@@ -193,15 +193,15 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> symile_n_squared_backward_cpu(co
   return symile_finish_backward(U, p.r, p.s, grad, reps, logit_scale);
 }
 
-// The query product is one query batch's size, so on a CPU one pass forms it (in the accumulation dtype)
-// and the BLAS GEMM against the candidates is the whole cost.
+// The query product is one query batch's size, so on a CPU one pass forms it (in float32, float64 for float64,
+// rounded once to the inputs' dtype) and the BLAS GEMM against the candidates, which accumulates in float32
+// for half types too (bf16 on the CPU's matrix units), is the whole cost.
 at::Tensor mip_cpu(const at::Tensor& candidates, at::TensorList queries) {
   const int64_t B = check_mip_args(candidates, queries);
-  const at::ScalarType acc = candidates.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType dt = candidates.scalar_type(), acc = dt == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor P = queries[0].to(acc);
   for (size_t m = 1; m < queries.size(); ++m) P = P.mul(queries[m].to(acc));
-  P = P.expand({B, candidates.size(1)});
-  return at::mm(P, candidates.to(acc).t()).to(candidates.scalar_type());
+  return at::mm(P.to(dt).expand({B, candidates.size(1)}), candidates.t());
 }
 
 }  // namespace

@@ -335,7 +335,7 @@ def bench_symile(out_dir, min_run_time=0.5, quick=False, device="all"):
     # mip scoring against the package's MIPSimilarity
     mips = []
     for dev, backends in devices:
-        mip_backends = [b for b in backends if b in ("triton", "cpu")] or ["reference"]
+        mip_backends = [b for b in backends if b in ("triton", "cuda", "cpu")] or ["reference"]
         mips += perf_symile.mip_rows(dev, mip_backends, quick=quick)
     shown_mip = [dict(r, ms=fmt(r["ms"]), peer_ms=fmt(r["peer_ms"]), speedup=fmt(r["speedup"], 2) +
                       ("x" if r["speedup"] else ""), max_err=f"{r['max_err']:.1e}") for r in mips]

@@ -366,10 +366,13 @@ def mip(candidates: torch.Tensor, query_reps: Sequence[torch.Tensor], backend: s
     for every candidate c. The logit scale is not applied (multiply by it for logits).
 
     ``backend``: "auto" (CUDA tensors of one float16/bfloat16/float32 dtype: "triton", one fused pass that
-    forms the query product per tile and never stores it; CPU tensors of one dtype: "cpu"; anything else
-    "reference"), "triton", "cuda" (a fused pass like the Triton kernel's, fp32 on CUDA cores), "cpu" (the
-    query product in fp32, float64 for float64, then one BLAS GEMM) or "reference" (the ATen product and
-    GEMM in the inputs' dtypes). Differentiable on every backend.
+    forms the query product per tile and never stores it; anything else "reference"), "triton", "cuda" (a
+    fused pass like the Triton kernel's, fp32 on CUDA cores), "cpu" (the C++ op: the query product in fp32,
+    float64 for float64, then one BLAS GEMM) or "reference" (the ATen product and GEMM in the inputs'
+    dtypes). "auto" leaves CPU tensors to "reference": the same GEMM without the op's dispatch layers, 0.44
+    against 0.47 ms at B = 256, C = 1024, d = 256 in float32 and 0.11 against 0.16 ms in bfloat16 on a
+    2-core CPU. Differentiable on every
+    backend.
 
     Example:
         >>> import torch, fusedlab
@@ -403,6 +406,8 @@ def mip(candidates: torch.Tensor, query_reps: Sequence[torch.Tensor], backend: s
             raise ValueError("backend='triton' scores float16, bfloat16 or float32 candidates and queries of one "
                              f"dtype and device, got {candidates.dtype} and {[q.dtype for q in queries]}")
         which = "reference"
+    if backend == "auto" and which == "cpu":
+        which = "reference"  # measured faster on CPU tensors (docstring)
     if which in ("cpu", "cuda") and not (same and candidates.dtype in _CPP_MIP_DTYPES[which]):
         if backend != "auto":
             raise ValueError(f"backend={which!r} scores candidates and queries of one dtype and device among "
