@@ -36,13 +36,13 @@ at::Tensor iterate(const at::Tensor& X, at::ArrayRef<double> coefficients, bool 
   at::Tensor A = at::empty({bsz, m, m}, opts), P = at::empty({bsz, m, m}, opts);
   // the iterates alternate between two buffers; step s reads the previous iterate and writes buffer s % 2
   at::Tensor bufs[2] = {at::empty({bsz, m, n}, opts),
-                              steps < 2 ? at::Tensor() : own_x ? X : at::empty({bsz, m, n}, opts)};
+                        steps < 2 ? at::Tensor() : own_x ? X : at::empty({bsz, m, n}, opts)};
   at::Tensor cur = X;
   for (int64_t s = 0; s < steps; ++s) {
     const double a = coefficients[3 * s], b = coefficients[3 * s + 1], c = coefficients[3 * s + 2];
     at::Tensor& out = bufs[s % 2];
     at::bmm_out(A, cur, cur.transpose(1, 2));
-    at::baddbmm_out(P, A, A, A, /*beta=*/b, /*alpha=*/c);      // b A + c A^2
+    at::baddbmm_out(P, A, A, A, /*beta=*/b, /*alpha=*/c);          // b A + c A^2
     at::baddbmm_out(out, cur, P, cur, /*beta=*/a, /*alpha=*/1.0);  // a X + (b A + c A^2) X
     cur = out;
   }
