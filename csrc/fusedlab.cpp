@@ -47,9 +47,11 @@ TORCH_LIBRARY(fusedlab, m) {
   // Muon's step for a batch of same-shaped contiguous float32 parameters (python/fusedlab/optim/muon.py):
   // buf <- lerp(buf, g, 1 - momentum); update = lerp(g, buf, momentum) (nesterov) or buf, viewed as
   // [rows, -1]; O = newton_schulz(update); p <- p (1 - lr weight_decay) - step_lr O. Updates params and bufs.
+  // `workspace`, a uint8 CPU tensor the caller keeps between steps, holds the iteration's buffers (replaced
+  // by a larger one when too small); without it they are made for the call.
   m.def("muon_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] bufs, float momentum, bool nesterov, "
         "float[] coefficients, float norm_scale, float eps, ScalarType dtype, float lr, float weight_decay, "
-        "float step_lr) -> ()");
+        "float step_lr, Tensor(c!)? workspace=None) -> ()");
 
   // ---- symile: the Symile contrastive loss (python/fusedlab/reference/symile.py). "n_squared" negatives for
   // M = len(reps) modalities of shape [N, d]; logit_scale is the (already exponentiated) one-element scale.

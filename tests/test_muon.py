@@ -195,6 +195,27 @@ def test_fused_cpu_step_equals_the_generic_path(gen, kw):
         torch.testing.assert_close(opts[0].state[a]["momentum_buffer"], opts[1].state[b]["momentum_buffer"])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_muon_step_workspace_is_only_scratch(gen, dtype):
+    """The caller's workspace holds the iteration's buffers between steps: the same results as buffers made
+    per call, for batches of different shapes that share it (it grows to the largest and is reused)."""
+    coeffs = [3.4445, -4.775, 2.0315] * 5
+    ws = torch.empty(0, dtype=torch.uint8)
+    for shape, count in [((12, 20), 3), ((40, 8), 2), ((12, 20), 3)]:
+        ps = [torch.randn(*shape, generator=gen) for _ in range(count)]
+        gs = [torch.randn(*shape, generator=gen) for _ in range(count)]
+        bufs = [torch.randn(*shape, generator=gen) for _ in range(count)]
+        copies = [[t.clone() for t in ts] for ts in (ps, bufs)]
+        torch.ops.fusedlab.muon_step_(ps, gs, bufs, 0.95, True, coeffs, 1.0, 1e-7, dtype, 0.02, 0.1, 0.02, ws)
+        torch.ops.fusedlab.muon_step_(copies[0], gs, copies[1], 0.95, True, coeffs, 1.0, 1e-7, dtype, 0.02, 0.1, 0.02)
+        for a, b in zip(ps + bufs, copies[0] + copies[1]):
+            assert torch.equal(a, b)
+        assert ws.numel() >= 2 * count * min(shape) * (max(shape) + min(shape)) * (2 if dtype == torch.bfloat16 else 4)
+    with pytest.raises(RuntimeError, match="workspace must be a contiguous 1-D uint8 CPU tensor"):
+        torch.ops.fusedlab.muon_step_(ps, gs, bufs, 0.95, True, coeffs, 1.0, 1e-7, dtype, 0.02, 0.1, 0.02,
+                                      torch.empty(4, dtype=torch.float32))
+
+
 def test_muon_step_op_checks(gen):
     ps = make_params(gen, [(6, 4), (6, 4)])
     gs = [torch.randn(6, 4, generator=gen) for _ in ps]
@@ -204,6 +225,9 @@ def test_muon_step_op_checks(gen):
         torch.library.opcheck(torch.ops.fusedlab.muon_step_.default,
                               (ps, gs, bufs, 0.95, True, coeffs, 1.0, 1e-7, torch.float32, 0.02, 0.1, 0.02),
                               test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(torch.ops.fusedlab.muon_step_.default,
+                              (ps, gs, bufs, 0.95, True, coeffs, 1.0, 1e-7, torch.float32, 0.02, 0.1, 0.02,
+                               torch.empty(0, dtype=torch.uint8)), test_utils=("test_schema", "test_faketensor"))
         with pytest.raises(RuntimeError, match="contiguous float32 CPU tensors of one shape"):
             torch.ops.fusedlab.muon_step_(ps, [gs[0], gs[1].double()], bufs, 0.95, True, coeffs, 1.0, 1e-7,
                                           torch.float32, 0.02, 0.1, 0.02)

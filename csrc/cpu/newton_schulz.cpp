@@ -9,6 +9,7 @@
 #include <ATen/ops/baddbmm.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/linalg_vector_norm.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -16,7 +17,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "fusedlab/checks.h"
 #include "fusedlab/cpu_math.h"
@@ -28,15 +34,47 @@ namespace {
 // made once per call: a fresh tensor per product meant fresh pages each time, a page fault per 4 KB (417,000
 // in one Muon step over GPT-2 small's matrices; 121,000 with these buffers, and the step went from 1.5 to
 // 1.2 s). `own_x`: X is this call's own contiguous buffer, so the iterates may overwrite it.
-at::Tensor iterate(const at::Tensor& X, at::ArrayRef<double> coefficients, bool own_x) {
+// A CPU buffer for this op's own use, backed by transparent huge pages where the kernel offers them on request
+// (madvise mode): fresh memory then faults once per 2 MB instead of once per 4 KB. Not resizable, so never
+// handed to the caller.
+at::Tensor empty_workspace(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr size_t kHuge = size_t(2) << 20;
+  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * opts.dtype().itemsize();
+  void* p = nullptr;
+  if (bytes >= 4 * kHuge && posix_memalign(&p, kHuge, bytes) == 0) {
+    madvise(p, bytes / kHuge * kHuge, MADV_HUGEPAGE);  // a hint: without huge pages this is plain memory
+    return at::from_blob(p, sizes, [](void* q) { std::free(q); }, opts);
+  }
+#endif
+  return at::empty(sizes, opts);
+}
+
+// The buffers of one batched iteration: the Gram matrices A, the polynomial P and the iterate the first step
+// writes (the second alternates with the input X where that is the caller's own buffer).
+struct IterationBuffers {
+  at::Tensor A, P, Y;
+};
+
+// The bytes of Muon's buffers for a batch [count, m, n] (the prepared update X, then the iteration's), each
+// 64-byte aligned.
+int64_t align64(int64_t bytes) { return (bytes + 63) / 64 * 64; }
+int64_t muon_workspace_bytes(int64_t count, int64_t m, int64_t n, int64_t elem) {
+  return 2 * align64(count * m * n * elem) + 2 * align64(count * m * m * elem);
+}
+
+// `out_to_caller`: the result may be returned to the caller, so the iterates' buffers are ordinary tensors.
+at::Tensor iterate(const at::Tensor& X, at::ArrayRef<double> coefficients, bool own_x, bool out_to_caller,
+                   const IterationBuffers* given = nullptr) {
   const int64_t steps = static_cast<int64_t>(coefficients.size() / 3);
   if (steps == 0) return X;
   const int64_t bsz = X.size(0), m = X.size(1), n = X.size(2);
   const auto opts = X.options();
-  at::Tensor A = at::empty({bsz, m, m}, opts), P = at::empty({bsz, m, m}, opts);
+  auto iterate_buffer = [&] { return out_to_caller ? at::empty({bsz, m, n}, opts) : empty_workspace({bsz, m, n}, opts); };
+  at::Tensor A = given ? given->A : empty_workspace({bsz, m, m}, opts);
+  at::Tensor P = given ? given->P : empty_workspace({bsz, m, m}, opts);
   // the iterates alternate between two buffers; step s reads the previous iterate and writes buffer s % 2
-  at::Tensor bufs[2] = {at::empty({bsz, m, n}, opts),
-                        steps < 2 ? at::Tensor() : own_x ? X : at::empty({bsz, m, n}, opts)};
+  at::Tensor bufs[2] = {given ? given->Y : iterate_buffer(), steps < 2 ? at::Tensor() : own_x ? X : iterate_buffer()};
   at::Tensor cur = X;
   for (int64_t s = 0; s < steps; ++s) {
     const double a = coefficients[3 * s], b = coefficients[3 * s + 1], c = coefficients[3 * s + 2];
@@ -64,7 +102,7 @@ at::Tensor newton_schulz_cpu(const at::Tensor& G, at::ArrayRef<double> coefficie
   at::Tensor X = g.to(acc).mul(inv).to(dtype);
   const bool tall = m > n;  // iterate on the wide orientation: the Gram matrix is min(m, n) square
   if (tall) X = X.transpose(1, 2);
-  X = iterate(X, coefficients, /*own_x=*/!tall);  // X is this call's buffer; transposed, a view of it
+  X = iterate(X, coefficients, /*own_x=*/!tall, /*out_to_caller=*/true);  // X: this call's buffer
   if (tall) X = X.transpose(1, 2);
   return X.contiguous().view(G.sizes());
 }
@@ -139,7 +177,7 @@ void apply_update(float* p, const T* o, float decay, float step, const MuonBatch
 
 void muon_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList bufs, double momentum, bool nesterov,
                    at::ArrayRef<double> coefficients, double norm_scale, double eps, at::ScalarType dtype, double lr,
-                   double weight_decay, double step_lr) {
+                   double weight_decay, double step_lr, const std::optional<at::Tensor>& workspace) {
   check_ns_args(coefficients, norm_scale, eps, dtype, "muon_step_");
   FL_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat,
            "fusedlab.muon_step_: dtype must be bfloat16, float16 or float32, got ", dtype);
@@ -156,6 +194,11 @@ void muon_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList b
                "fusedlab.muon_step_: params, grads and bufs must be contiguous float32 CPU tensors of one shape ",
                p0.sizes(), ", got ", t->scalar_type(), " ", t->sizes(), t->is_contiguous() ? "" : " (strided)");
     }
+  if (workspace.has_value())
+    FL_CHECK(workspace->scalar_type() == at::kByte && workspace->dim() == 1 && workspace->device().is_cpu() &&
+                 workspace->is_contiguous(),
+             "fusedlab.muon_step_: workspace must be a contiguous 1-D uint8 CPU tensor, got ",
+             workspace->scalar_type(), " ", workspace->sizes(), " on ", workspace->device());
   MuonBatch s;
   s.count = count;
   s.rows = p0.size(0);
@@ -186,7 +229,25 @@ void muon_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList b
 
   // pass 2: the scaled update, cast, in the wide orientation
   const int64_t m = std::min(s.rows, s.cols), n = std::max(s.rows, s.cols);
-  at::Tensor X = at::empty({count, m, n}, p0.options().dtype(dtype));
+  const auto opts = p0.options().dtype(dtype);
+  at::Tensor X;
+  IterationBuffers given;
+  if (workspace.has_value()) {
+    // the caller's buffer, kept between steps: no fresh pages (and their faults and zeroing) per step
+    at::Tensor ws = *workspace;
+    const int64_t es = c10::elementSize(dtype), xb = align64(count * m * n * es), ab = align64(count * m * m * es);
+    if (ws.numel() < muon_workspace_bytes(count, m, n, es))
+      ws.set_(empty_workspace({muon_workspace_bytes(count, m, n, es)}, ws.options()));
+    auto carve = [&](int64_t offset, int64_t bytes, at::IntArrayRef shape) {
+      return ws.narrow(0, offset, bytes).view(dtype).view(shape);
+    };
+    X = carve(0, count * m * n * es, {count, m, n});
+    given.Y = carve(xb, count * m * n * es, {count, m, n});
+    given.A = carve(2 * xb, count * m * m * es, {count, m, m});
+    given.P = carve(2 * xb + ab, count * m * m * es, {count, m, m});
+  } else {
+    X = empty_workspace({count, m, n}, opts);
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "fusedlab_muon_prepare", [&] {
     scalar_t* x = X.data_ptr<scalar_t>();
     at::parallel_for(0, items, 1, [&](int64_t w0, int64_t w1) {
@@ -198,7 +259,8 @@ void muon_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList b
     });
   });
 
-  const at::Tensor O = iterate(X, coefficients, /*own_x=*/true);
+  const at::Tensor O = iterate(X, coefficients, /*own_x=*/true, /*out_to_caller=*/false,
+                               workspace.has_value() ? &given : nullptr);
 
   // after: p <- p (1 - lr wd) - step_lr O, O read back in the parameter's orientation
   const float decay = static_cast<float>(1.0 - lr * weight_decay), step = static_cast<float>(-step_lr);

@@ -29,7 +29,7 @@ def _fake_newton_schulz(G, coefficients, norm_scale, eps, dtype):
 
 @torch.library.register_fake("fusedlab::muon_step_")
 def _fake_muon_step(params, grads, bufs, momentum, nesterov, coefficients, norm_scale, eps, dtype, lr, weight_decay,
-                    step_lr):
+                    step_lr, workspace=None):
     return None
 
 
