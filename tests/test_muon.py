@@ -150,12 +150,16 @@ def test_muon_with_aux_adam_matches_its_parts(gen):
     adam = torch.optim.AdamW(t_other, lr=1e-2, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.1)
     for _ in range(3):
         x = torch.randint(0, 12, (4, 5), generator=gen)
-        for m, opts in ((model, [opt]), (twin, [muon, adam])):
-            for o in opts:
-                o.zero_grad()
-            m(x).square().mean().backward()
-            for o in opts:
-                o.step()
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        # the twin gets the same gradients: two backward passes may differ in the last bits (the embedding's
+        # accumulation order), and Adam's normalization turns a last-bit difference in a near-zero gradient
+        # into a visible one
+        for a, b in zip(model.parameters(), twin.parameters()):
+            b.grad = a.grad.clone()
+        opt.step()
+        muon.step()
+        adam.step()
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
