@@ -5,6 +5,8 @@ torch.optim.Muon step on the same parameters and gradients.
 """
 from __future__ import annotations
 
+import statistics
+
 import torch
 
 import fusedlab
@@ -97,9 +99,13 @@ def optimizer_row(device, quick=False, min_run_time=0.2):
 
     ours = make(lambda params, lr: fusedlab.optim.Muon(params, lr=lr, ns_dtype=torch.bfloat16))  # torch's dtype
     theirs = make(torch.optim.Muon)
-    runs = 1 if not quick else 3
-    t_ours = min(measure(ours.step, min_run_time).median_ms for _ in range(runs))
-    t_theirs = min(measure(theirs.step, min_run_time).median_ms for _ in range(runs))
+    # interleaved rounds, medians of the rounds: a CPU step takes about a second, and this machine's speed
+    # drifts over a run more than the two steps differ
+    t_ours, t_theirs = [], []
+    for _ in range(3):
+        t_ours.append(measure(ours.step, min_run_time).median_ms)
+        t_theirs.append(measure(theirs.step, min_run_time).median_ms)
+    t_ours, t_theirs = statistics.median(t_ours), statistics.median(t_theirs)
     return dict(family="newton_schulz", op="Muon optimizer step", backend="auto",
                 shape=f"{len(shapes)} matrices" + ("" if quick else " (GPT-2 small)"), ms=t_ours,
                 peer="torch.optim.Muon step", peer_ms=t_theirs, speedup=t_theirs / t_ours, note="")
