@@ -148,7 +148,7 @@ class Muon(torch.optim.Optimizer):
 
 def _workspace(opt) -> torch.Tensor:
     """The optimizer's scratch bytes for the C++ step's iteration buffers, kept between steps (not in its state
-    dict): made fresh each step, their pages faulted and zeroed anew, about a sixth of a CPU step's time.
+    dict): made fresh each step, their pages faulted and zeroed anew, about a tenth of a CPU step's time.
     Shared by its param groups and batches, which run one after another; it grows to the largest batch."""
     ws = getattr(opt, "_fusedlab_workspace", None)
     if ws is None:
