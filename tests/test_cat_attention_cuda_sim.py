@@ -128,7 +128,8 @@ def test_bfloat16_forward_and_backward(sim, tmp_path, gen):
     scale = 1 / math.sqrt(D)
     shape = (B, H, Hkv, L, Nc, l, D, 2, True)
     _run(sim, tmp_path, "forward", shape, scale, t)
-    g = {"d_o": torch.randn(B, H, L, D, generator=gen).bfloat16(), "d_oc": torch.randn(B, H, Nc, D, generator=gen).bfloat16()}
+    g = {"d_o": torch.randn(B, H, L, D, generator=gen).bfloat16(),
+         "d_oc": torch.randn(B, H, Nc, D, generator=gen).bfloat16()}
     out, want = _reference(t, l, scale, g)
     o = _read(tmp_path, "o", (B, H, L, D), torch.bfloat16)
     oc = _read(tmp_path, "oc", (B, H, Nc, D), torch.bfloat16)

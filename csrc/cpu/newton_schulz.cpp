@@ -30,10 +30,6 @@
 namespace fusedlab {
 namespace {
 
-// The iteration on a normalized batch X [b, m, n] with m <= n (already the wide orientation), into buffers
-// made once per call: a fresh tensor per product meant fresh pages each time, a page fault per 4 KB (417,000
-// in one Muon step over GPT-2 small's matrices; 121,000 with these buffers, and the step went from 1.5 to
-// 1.2 s). `own_x`: X is this call's own contiguous buffer, so the iterates may overwrite it.
 // A CPU buffer for this op's own use, backed by transparent huge pages where the kernel offers them on request
 // (madvise mode): fresh memory then faults once per 2 MB instead of once per 4 KB. Not resizable, so never
 // handed to the caller.
@@ -63,18 +59,26 @@ int64_t muon_workspace_bytes(int64_t count, int64_t m, int64_t n, int64_t elem) 
   return 2 * align64(count * m * n * elem) + 2 * align64(count * m * m * elem);
 }
 
-// `out_to_caller`: the result may be returned to the caller, so the iterates' buffers are ordinary tensors.
+// The iteration on a normalized batch X [b, m, n] with m <= n (already the wide orientation), into buffers
+// made once per call or `given` by the caller: a fresh tensor per product meant fresh pages each time, a page
+// fault per 4 KB (417,000 in one Muon step over GPT-2 small's matrices; 121,000 with per-call buffers, none
+// with the optimizer's workspace). `own_x`: X is this call's own contiguous buffer, so the iterates may
+// overwrite it. `out_to_caller`: the result may be returned to the caller, so the iterates' buffers are
+// ordinary tensors.
 at::Tensor iterate(const at::Tensor& X, at::ArrayRef<double> coefficients, bool own_x, bool out_to_caller,
                    const IterationBuffers* given = nullptr) {
   const int64_t steps = static_cast<int64_t>(coefficients.size() / 3);
   if (steps == 0) return X;
   const int64_t bsz = X.size(0), m = X.size(1), n = X.size(2);
   const auto opts = X.options();
-  auto iterate_buffer = [&] { return out_to_caller ? at::empty({bsz, m, n}, opts) : empty_workspace({bsz, m, n}, opts); };
+  auto iterate_buffer = [&] {
+    return out_to_caller ? at::empty({bsz, m, n}, opts) : empty_workspace({bsz, m, n}, opts);
+  };
   at::Tensor A = given ? given->A : empty_workspace({bsz, m, m}, opts);
   at::Tensor P = given ? given->P : empty_workspace({bsz, m, m}, opts);
   // the iterates alternate between two buffers; step s reads the previous iterate and writes buffer s % 2
-  at::Tensor bufs[2] = {given ? given->Y : iterate_buffer(), steps < 2 ? at::Tensor() : own_x ? X : iterate_buffer()};
+  at::Tensor bufs[2] = {given ? given->Y : iterate_buffer(),
+                        steps < 2 ? at::Tensor() : own_x ? X : iterate_buffer()};
   at::Tensor cur = X;
   for (int64_t s = 0; s < steps; ++s) {
     const double a = coefficients[3 * s], b = coefficients[3 * s + 1], c = coefficients[3 * s + 2];
