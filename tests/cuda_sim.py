@@ -39,3 +39,12 @@ def build_strict(tmp_path_factory, name):
     out, stderr = build(tmp_path_factory.mktemp("sim"), name, probe, ("-Wall", "-Wextra"))
     assert "warning" not in stderr, stderr
     return out
+
+
+def write_raw(folder, name, t):
+    """``t``'s bytes as a driver reads them, into folder/name.bin: float32 as is, bfloat16 as its 16-bit
+    pattern (the drivers' stand-in type)."""
+    import torch
+
+    t = t.contiguous()
+    (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tofile(os.path.join(str(folder), f"{name}.bin"))

@@ -26,11 +26,6 @@ def sim(tmp_path_factory):
     return cuda_sim.build_strict(tmp_path_factory, "cat_attention_sim")
 
 
-def _write(tmp_path, name, t):
-    t = t.contiguous()
-    (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tofile(tmp_path / f"{name}.bin")
-
-
 def _read(tmp_path, name, shape, dtype):
     np_dtype = {torch.bfloat16: np.int16, torch.float32: np.float32}[dtype]
     out = torch.from_numpy(np.fromfile(tmp_path / f"{name}.bin", dtype=np_dtype)).reshape(shape)
@@ -40,7 +35,7 @@ def _read(tmp_path, name, shape, dtype):
 def _run(sim, tmp_path, mode, shapes, scale, tensors):
     B, H, Hkv, L, Nc, l, D, elem, has_qc = shapes
     for name, t in tensors.items():
-        _write(tmp_path, name, t)
+        cuda_sim.write_raw(tmp_path, name, t)
     (tmp_path / "params.txt").write_text(
         f"{B} {H} {Hkv} {L} {Nc} {l} {D} {elem} {int(has_qc)} {scale * LOG2E!r} {scale!r}\n")
     r = subprocess.run([sim, mode, str(tmp_path)], capture_output=True, text=True, timeout=280,

@@ -27,16 +27,11 @@ def sim(tmp_path_factory):
     return cuda_sim.build_strict(tmp_path_factory, "cat_decode_sim")
 
 
-def _bits(t):
-    """The raw bytes the kernel reads: float32 as is, bfloat16 as its 16-bit pattern."""
-    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).contiguous().numpy()
-
-
 def _decode(sim, tmp_path, q, kc, vc, n_slots, k, v, n_raw, scale, splits):
     B, H, D = q.shape
     Hkv, S, R = kc.shape[1], kc.shape[2], k.shape[2]
     for name, t in dict(q=q, kc=kc, vc=vc, k=k, v=v).items():
-        _bits(t).tofile(tmp_path / f"{name}.bin")
+        cuda_sim.write_raw(tmp_path, name, t)
     n_slots.to(torch.int64).numpy().tofile(tmp_path / "n_slots.bin")
     n_raw.to(torch.int64).numpy().tofile(tmp_path / "n_raw.bin")
     elem = q.element_size()

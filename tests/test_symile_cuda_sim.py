@@ -29,18 +29,13 @@ def sim(tmp_path_factory):
     return cuda_sim.build_strict(tmp_path_factory, "symile_sim")
 
 
-def _write(tmp_path, name, t):
-    t = t.contiguous()
-    (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tofile(tmp_path / f"{name}.bin")
-
-
 def _run(sim, tmp_path, mode, reps, scale, sms, lse=None):
     M, (N, d) = len(reps), reps[0].shape
     for m, r in enumerate(reps):
-        _write(tmp_path, f"r{m}", r)
-    _write(tmp_path, "scale", torch.tensor([scale], dtype=torch.float32))
+        cuda_sim.write_raw(tmp_path, f"r{m}", r)
+    cuda_sim.write_raw(tmp_path, "scale", torch.tensor([scale], dtype=torch.float32))
     if lse is not None:
-        _write(tmp_path, "lse", lse.float())
+        cuda_sim.write_raw(tmp_path, "lse", lse.float())
     (tmp_path / "params.txt").write_text(f"{M} {N} {d} {reps[0].element_size()} {sms}\n")
     r = subprocess.run([sim, mode, str(tmp_path)], capture_output=True, text=True, timeout=280,
                        env={**os.environ, "TSAN_OPTIONS": "halt_on_error=1 exitcode=66"})
@@ -157,9 +152,9 @@ def test_bfloat16_inputs(sim, tmp_path, gen):
 def test_mip_kernel_matches_reference(sim, tmp_path, gen, B, C, d, two_d, dtype):
     cand = torch.randn(C, d, generator=gen, dtype=torch.float64).to(dtype)
     queries = [torch.randn(*((B, d) if t else (d,)), generator=gen, dtype=torch.float64).to(dtype) for t in two_d]
-    _write(tmp_path, "cand", cand)
+    cuda_sim.write_raw(tmp_path, "cand", cand)
     for m, q in enumerate(queries):
-        _write(tmp_path, f"q{m}", q)
+        cuda_sim.write_raw(tmp_path, f"q{m}", q)
     flags = " ".join(map(str, two_d))
     (tmp_path / "params.txt").write_text(f"{len(queries)} {B} {C} {d} {cand.element_size()} {flags}\n")
     r = subprocess.run([sim, "mip", str(tmp_path)], capture_output=True, text=True, timeout=280,
