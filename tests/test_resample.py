@@ -80,13 +80,17 @@ def test_cpu_matches_reference_around_vector_widths(K, dtype, gen):
 def test_systematic_grid_ties_power_of_two(K, gen):
     """Systematic resampling with K a power of two computes its grid points arithmetically: weights whose
     CDF lands exactly on grid points (equal and dyadic weights), with u at 0, 1/2, just below 1 and tiny,
-    give the reference's ancestors exactly."""
+    give the reference's ancestors exactly. (The kernel compares the points with a bracket around
+    cdf * (1 / total) and recounts where the bracket does not decide: these are the cases that need it.)"""
     dyadic = torch.tensor([float(2 ** (j % 5)) for j in range(K)], dtype=torch.float64)
     rows = [torch.zeros(K, dtype=torch.float64), dyadic.log(), torch.randn(K, generator=gen, dtype=torch.float64)]
     if K > 2:
         half = torch.zeros(K, dtype=torch.float64)
         half[K // 2:] = -math.inf  # the CDF reaches 1 at the middle particle
         rows.append(half)
+        tiny = torch.zeros(K, dtype=torch.float64)  # CDF values near and in the subnormal range
+        tiny[0], tiny[1] = -744.0, -700.0
+        rows.append(tiny)
     lw = torch.stack(rows)
     B = lw.shape[0]
     for u0 in (0.0, 0.5, 1.0 - 2.0 ** -53, 2.0 ** -60):

@@ -193,26 +193,66 @@ void grid_counts(const double* cdf, double total, int64_t n, int64_t K, const do
 
 // Systematic resampling with K a power of two: the grid point p_i = (i + u) / K equals (i + u) * (1 / K)
 // exactly (both are the correctly rounded value of the same real number), so the three candidate points
-// grid_counts compares come from arithmetic instead of gathers from a table. Same counts, bit for bit.
+// grid_counts compares come from arithmetic instead of gathers from a table.
+//
+// The count for one C_j = cdf[j] / total, exactly as grid_count_below takes it.
+inline int32_t grid_count_systematic_pow2(double c, double kd, double inv_k, double u0) {
+  const int32_t k32 = static_cast<int32_t>(kd);
+  int32_t s = static_cast<int32_t>(c * kd);
+  s = s > k32 ? k32 : s;
+  const double i = static_cast<double>(s);  // candidates s - 1, s, s + 1; points outside [0, K) are +inf
+  return (s > 1 ? s - 1 : 0) + (s >= 1 && (i - 1.0 + u0) * inv_k < c) + (s < k32 && (i + u0) * inv_k < c) +
+         (s + 1 < k32 && (i + 1.0 + u0) * inv_k < c);
+}
+
+typedef int64_t i64x8 __attribute__((vector_size(64)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+
+// All the counts, eight at a time and without a division: C_j is taken as cdf[j] * (1 / total), within
+// two roundings of the quotient, and each point is compared with that value widened by 2^-50 either way
+// (and by 2^-1000), a bracket that holds the quotient. Where every comparison agrees at both
+// ends the count is the exact one; a group where one does not (a point within a few ulps of C_j: equal or
+// dyadic weights, u = 0) is recounted with the quotient. Same counts, bit for bit, as grid_count_systematic_pow2 on the quotient.
+// Reads and writes whole blocks of eight: cdf and count must have room for n rounded up to eight (the
+// counts past n are not meaningful).
 FL_TARGET_CLONES
 void grid_counts_systematic_pow2(const double* __restrict cdf, double total, int64_t n, int64_t K, double u0,
                                  int32_t* __restrict count) {
-  const double kd = static_cast<double>(K), inv_k = 1.0 / kd;
-  const int32_t k32 = static_cast<int32_t>(K);
-  for (int64_t j = 0; j < n; ++j) {
-    const double c = cdf[j] / total;
-    int32_t s = static_cast<int32_t>(c * kd);
-    s = s > k32 ? k32 : s;
-    const double i = static_cast<double>(s);  // candidates s - 1, s, s + 1; points outside [0, K) are +inf
-    count[j] = (s > 1 ? s - 1 : 0) + (s >= 1 && (i - 1.0 + u0) * inv_k < c) + (s < k32 && (i + u0) * inv_k < c) +
-               (s + 1 < k32 && (i + 1.0 + u0) * inv_k < c);
+  const double kd = static_cast<double>(K), inv_k = 1.0 / kd, rinv = 1.0 / total;
+  // relative 2^-50; and 2^-1000 absolute, for quotients near the subnormal range (no relative bound there;
+  // a subnormal constant would make every operation on it slow)
+  const double lo = 1.0 - 0x1p-50, hi = 1.0 + 0x1p-50, kAbs = 0x1p-1000;
+  const i64x8 zero = {0, 0, 0, 0, 0, 0, 0, 0};
+  i64x8 unsure_any = zero;
+  for (int64_t j = 0; j < n; j += 8) {
+    f64x8 cd;
+    std::memcpy(&cd, cdf + j, sizeof cd);
+    const f64x8 c = cd * rinv;
+    const f64x8 c_lo = c * lo - kAbs, c_hi = c * hi + kAbs;
+    f64x8 t = c * kd;
+    t = t < kd ? t : kd;  // C_j slightly above 1 counts every point, as the quotient's 1 does
+    const i32x8 s32 = __builtin_convertvector(t, i32x8);
+    const f64x8 i = __builtin_convertvector(s32, f64x8);
+    const f64x8 pm = (i - 1.0 + u0) * inv_k, p0 = (i + u0) * inv_k, pp = (i + 1.0 + u0) * inv_k;
+    const i64x8 vm = i >= 1.0, v0 = i < kd, vp = i + 1.0 < kd;
+    const i64x8 bm = vm & (pm < c_hi), b0 = v0 & (p0 < c_hi), bp = vp & (pp < c_hi);
+    const i64x8 unsure = (bm ^ (vm & (pm < c_lo))) | (b0 ^ (v0 & (p0 < c_lo))) | (bp ^ (vp & (pp < c_lo)));
+    const i64x8 below = __builtin_convertvector(s32, i64x8) - 1;
+    const i64x8 cnt = (below > zero ? below : zero) - bm - b0 - bp;  // the masks are -1 where true
+    const i32x8 c32 = __builtin_convertvector(cnt, i32x8);
+    std::memcpy(count + j, &c32, sizeof c32);
+    unsure_any |= unsure;
   }
+  unsure_any |= __builtin_shuffle(unsure_any, (i64x8){4, 5, 6, 7, 0, 1, 2, 3});  // any lane, in three folds
+  unsure_any |= __builtin_shuffle(unsure_any, (i64x8){2, 3, 0, 1, 6, 7, 4, 5});
+  unsure_any |= __builtin_shuffle(unsure_any, (i64x8){1, 0, 3, 2, 5, 4, 7, 6});
+  if (__builtin_expect(unsure_any[0] != 0, 0))
+    for (int64_t j = 0; j < n; ++j) count[j] = grid_count_systematic_pow2(cdf[j] / total, kd, inv_k, u0);
 }
 
 // anc[i] = max(mark[0..i]) (marks are >= 0): a running maximum, eight lanes at a time. The scalar loop is
 // one dependent compare-and-move per particle; here each vector takes a log-step maximum over shifted
 // copies of itself (three shuffles) and one maximum with the previous vector's last lane.
-typedef int64_t i64x8 __attribute__((vector_size(64)));
 FL_TARGET_CLONES
 void running_max(const int64_t* __restrict mark, int64_t* __restrict anc, int64_t K) {
   const i64x8 zero = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -237,12 +277,14 @@ void running_max(const int64_t* __restrict mark, int64_t* __restrict anc, int64_
   }
 }
 
+inline int64_t round_up8(int64_t n) { return (n + 7) / 8 * 8; }
+
 // Resample one group of K log-weights. Writes K ancestors and K log-weights; returns the status bits.
 template <typename scalar_t>
 uint8_t resample_group(const scalar_t* x_in, const double* u, int32_t method, double ess_threshold, int64_t K,
                        int64_t* anc, scalar_t* lw_out, double* ess_out, double* log_norm_out, Scratch& s) {
   s.w.resize(K);
-  s.cdf.resize(K);
+  s.cdf.resize(round_up8(K));  // whole blocks of eight for the grid counts
   const double m = load_max(x_in, s.w.data(), K);
   const bool degenerate = !std::isfinite(m);
   if (degenerate) std::fill(s.w.begin(), s.w.end(), 1.0);
@@ -304,7 +346,7 @@ uint8_t resample_group(const scalar_t* x_in, const double* u, int32_t method, do
     s.mark.assign(K + 1, 0);
     int64_t* mark = s.mark.data();
     if (pow2) {
-      s.count.resize(last);
+      s.count.resize(round_up8(last));
       grid_counts_systematic_pow2(s.cdf.data(), total, last, K, u[0], s.count.data());
       for (int64_t j = 0; j < last; ++j) mark[s.count[j]] = j + 1;
     } else if (K < INT32_MAX - 3) {
