@@ -80,8 +80,8 @@ def test_cpu_matches_reference_around_vector_widths(K, dtype, gen):
 def test_systematic_grid_ties_power_of_two(K, gen):
     """Systematic resampling with K a power of two computes its grid points arithmetically: weights whose
     CDF lands exactly on grid points (equal and dyadic weights), with u at 0, 1/2, just below 1 and tiny,
-    give the reference's ancestors exactly. (The kernel compares the points with a bracket around
-    cdf * (1 / total) and recounts where the bracket does not decide: these are the cases that need it.)"""
+    give the reference's ancestors exactly. (The kernel counts the points below cdf * (K / total) in closed
+    form and recounts a group with the quotient where a point may sit on the boundary: these need it.)"""
     dyadic = torch.tensor([float(2 ** (j % 5)) for j in range(K)], dtype=torch.float64)
     rows = [torch.zeros(K, dtype=torch.float64), dyadic.log(), torch.randn(K, generator=gen, dtype=torch.float64)]
     if K > 2:

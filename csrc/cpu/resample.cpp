@@ -208,46 +208,43 @@ inline int32_t grid_count_systematic_pow2(double c, double kd, double inv_k, dou
 typedef int64_t i64x8 __attribute__((vector_size(64)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
 
-// All the counts, eight at a time and without a division: C_j is taken as cdf[j] * (1 / total), within
-// two roundings of the quotient, and each point is compared with that value widened by 2^-50 either way
-// (and by 2^-1000), a bracket that holds the quotient. Where every comparison agrees at both
-// ends the count is the exact one; a group where one does not (a point within a few ulps of C_j: equal or
-// dyadic weights, u = 0) is recounted with the quotient. Same counts, bit for bit, as grid_count_systematic_pow2 on the quotient.
-// Reads and writes whole blocks of eight: cdf and count must have room for n rounded up to eight (the
-// counts past n are not meaningful).
+// All the counts, eight at a time and without a division. With K = 2^k, p_i < C_j is fl(i + u) < K C_j
+// (scaling by 2^k is exact), and fl(i + u) lies within half an ulp of K of i + u, so away from the
+// boundary the count is #{i in [0, K): i < t} = ceil(t) clamped to [0, K], t = K C_j - u. Here K C_j is
+// taken as cdf[j] * (K / total), within a few ulps of K of the quotient's; where t lies within K 2^-48 (far
+// more than every rounding involved) of an integer, a point may sit on the boundary, and the group is
+// recounted with the quotient (equal or dyadic weights with u = 0 do; random weights practically never).
+// Same counts, bit for bit, as grid_count_systematic_pow2 on the quotient. Reads and writes whole blocks
+// of eight: cdf and count must have room for n rounded up to eight (the counts past n are not meaningful).
 FL_TARGET_CLONES
 void grid_counts_systematic_pow2(const double* __restrict cdf, double total, int64_t n, int64_t K, double u0,
                                  int32_t* __restrict count) {
-  const double kd = static_cast<double>(K), inv_k = 1.0 / kd, rinv = 1.0 / total;
-  // relative 2^-50; and 2^-1000 absolute, for quotients near the subnormal range (no relative bound there;
-  // a subnormal constant would make every operation on it slow)
-  const double lo = 1.0 - 0x1p-50, hi = 1.0 + 0x1p-50, kAbs = 0x1p-1000;
+  const double kd = static_cast<double>(K), scale = kd * (1.0 / total), margin = kd * 0x1p-48;
+  const double kMagic = 6755399441055744.0;  // 1.5 * 2^52: (t + kMagic) - kMagic rounds t to an integer
+  // (comparisons take vector operands: GCC lowers a vector-scalar comparison lane by lane)
+  const f64x8 one = {1, 1, 1, 1, 1, 1, 1, 1}, zerof = one - one, m2 = zerof + margin * margin, kv = zerof + kd;
   const i64x8 zero = {0, 0, 0, 0, 0, 0, 0, 0};
-  i64x8 unsure_any = zero;
+  i64x8 unsure = zero;
   for (int64_t j = 0; j < n; j += 8) {
     f64x8 cd;
     std::memcpy(&cd, cdf + j, sizeof cd);
-    const f64x8 c = cd * rinv;
-    const f64x8 c_lo = c * lo - kAbs, c_hi = c * hi + kAbs;
-    f64x8 t = c * kd;
-    t = t < kd ? t : kd;  // C_j slightly above 1 counts every point, as the quotient's 1 does
-    const i32x8 s32 = __builtin_convertvector(t, i32x8);
-    const f64x8 i = __builtin_convertvector(s32, f64x8);
-    const f64x8 pm = (i - 1.0 + u0) * inv_k, p0 = (i + u0) * inv_k, pp = (i + 1.0 + u0) * inv_k;
-    const i64x8 vm = i >= 1.0, v0 = i < kd, vp = i + 1.0 < kd;
-    const i64x8 bm = vm & (pm < c_hi), b0 = v0 & (p0 < c_hi), bp = vp & (pp < c_hi);
-    const i64x8 unsure = (bm ^ (vm & (pm < c_lo))) | (b0 ^ (v0 & (p0 < c_lo))) | (bp ^ (vp & (pp < c_lo)));
-    const i64x8 below = __builtin_convertvector(s32, i64x8) - 1;
-    const i64x8 cnt = (below > zero ? below : zero) - bm - b0 - bp;  // the masks are -1 where true
+    const f64x8 t = cd * scale - u0;
+    const f64x8 r = (t + kMagic) - kMagic;  // the nearest integer
+    const f64x8 d = t - r;
+    unsure |= d * d <= m2;  // |d| <= margin
+    f64x8 cnt = r + (d > zerof ? one : zerof);  // ceil(t)
+    cnt = cnt > zerof ? cnt : zerof;
+    cnt = cnt < kv ? cnt : kv;
     const i32x8 c32 = __builtin_convertvector(cnt, i32x8);
     std::memcpy(count + j, &c32, sizeof c32);
-    unsure_any |= unsure;
   }
-  unsure_any |= __builtin_shuffle(unsure_any, (i64x8){4, 5, 6, 7, 0, 1, 2, 3});  // any lane, in three folds
-  unsure_any |= __builtin_shuffle(unsure_any, (i64x8){2, 3, 0, 1, 6, 7, 4, 5});
-  unsure_any |= __builtin_shuffle(unsure_any, (i64x8){1, 0, 3, 2, 5, 4, 7, 6});
-  if (__builtin_expect(unsure_any[0] != 0, 0))
+  unsure |= __builtin_shuffle(unsure, (i64x8){4, 5, 6, 7, 0, 1, 2, 3});  // any lane, in three folds
+  unsure |= __builtin_shuffle(unsure, (i64x8){2, 3, 0, 1, 6, 7, 4, 5});
+  unsure |= __builtin_shuffle(unsure, (i64x8){1, 0, 3, 2, 5, 4, 7, 6});
+  if (__builtin_expect(unsure[0] != 0, 0)) {
+    const double inv_k = 1.0 / kd;
     for (int64_t j = 0; j < n; ++j) count[j] = grid_count_systematic_pow2(cdf[j] / total, kd, inv_k, u0);
+  }
 }
 
 // anc[i] = max(mark[0..i]) (marks are >= 0): a running maximum, eight lanes at a time. The scalar loop is
