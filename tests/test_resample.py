@@ -76,12 +76,12 @@ def test_cpu_matches_reference_around_vector_widths(K, dtype, gen):
                         rtol=1e-12 if dtype == torch.float64 else 1e-6)
 
 
-@pytest.mark.parametrize("K", [1, 2, 4, 16, 64, 1024])
-def test_systematic_grid_ties_power_of_two(K, gen):
-    """Systematic resampling with K a power of two computes its grid points arithmetically: weights whose
-    CDF lands exactly on grid points (equal and dyadic weights), with u at 0, 1/2, just below 1 and tiny,
-    give the reference's ancestors exactly. (The kernel counts the points below cdf * (K / total) in closed
-    form and recounts a group with the quotient where a point may sit on the boundary: these need it.)"""
+@pytest.mark.parametrize("K", [1, 2, 3, 4, 10, 16, 64, 100, 1024])
+def test_systematic_grid_ties(K, gen):
+    """Systematic resampling counts the grid points below each cdf * (K / total) in closed form and falls
+    back to comparing with the points where one may sit on the boundary: weights whose CDF lands exactly on
+    grid points (equal and dyadic weights), with u at 0, 1/2, just below 1 and tiny, and CDF values near
+    the subnormal range, give the reference's ancestors exactly."""
     dyadic = torch.tensor([float(2 ** (j % 5)) for j in range(K)], dtype=torch.float64)
     rows = [torch.zeros(K, dtype=torch.float64), dyadic.log(), torch.randn(K, generator=gen, dtype=torch.float64)]
     if K > 2:

@@ -191,34 +191,21 @@ void grid_counts(const double* cdf, double total, int64_t n, int64_t K, const do
 }
 #endif
 
-// Systematic resampling with K a power of two: the grid point p_i = (i + u) / K equals (i + u) * (1 / K)
-// exactly (both are the correctly rounded value of the same real number), so the three candidate points
-// grid_counts compares come from arithmetic instead of gathers from a table.
-//
-// The count for one C_j = cdf[j] / total, exactly as grid_count_below takes it.
-inline int32_t grid_count_systematic_pow2(double c, double kd, double inv_k, double u0) {
-  const int32_t k32 = static_cast<int32_t>(kd);
-  int32_t s = static_cast<int32_t>(c * kd);
-  s = s > k32 ? k32 : s;
-  const double i = static_cast<double>(s);  // candidates s - 1, s, s + 1; points outside [0, K) are +inf
-  return (s > 1 ? s - 1 : 0) + (s >= 1 && (i - 1.0 + u0) * inv_k < c) + (s < k32 && (i + u0) * inv_k < c) +
-         (s + 1 < k32 && (i + 1.0 + u0) * inv_k < c);
-}
-
 typedef int64_t i64x8 __attribute__((vector_size(64)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
 
-// All the counts, eight at a time and without a division. With K = 2^k, p_i < C_j is fl(i + u) < K C_j
-// (scaling by 2^k is exact), and fl(i + u) lies within half an ulp of K of i + u, so away from the
-// boundary the count is #{i in [0, K): i < t} = ceil(t) clamped to [0, K], t = K C_j - u. Here K C_j is
-// taken as cdf[j] * (K / total), within a few ulps of K of the quotient's; where t lies within K 2^-48 (far
-// more than every rounding involved) of an integer, a point may sit on the boundary, and the group is
-// recounted with the quotient (equal or dyadic weights with u = 0 do; random weights practically never).
-// Same counts, bit for bit, as grid_count_systematic_pow2 on the quotient. Reads and writes whole blocks
-// of eight: cdf and count must have room for n rounded up to eight (the counts past n are not meaningful).
+// Systematic resampling: every count in closed form, eight at a time and without a division. The point
+// p_i = fl(fl(i + u) / K) is within an ulp of K of (i + u) / K, so away from the boundary p_i < C_j is
+// i < t with t = K C_j - u, and the count is #{i in [0, K): i < t} = ceil(t) clamped to [0, K]. Here
+// K C_j is taken as cdf[j] * (K / total), within a few ulps of K of the quotient's. Where some t lies
+// within K 2^-48 (far more than every rounding involved) of an integer, a point may sit on the boundary:
+// returns false, and the caller counts with the points (grid_counts; equal or dyadic weights with u = 0
+// get there, random weights practically never). Otherwise the counts are those grid_counts gives, bit for
+// bit. Reads and writes whole blocks of eight: cdf and count must have room for n rounded up to eight (the
+// counts past n are not meaningful).
 FL_TARGET_CLONES
-void grid_counts_systematic_pow2(const double* __restrict cdf, double total, int64_t n, int64_t K, double u0,
-                                 int32_t* __restrict count) {
+bool grid_counts_systematic(const double* __restrict cdf, double total, int64_t n, int64_t K, double u0,
+                            int32_t* __restrict count) {
   const double kd = static_cast<double>(K), scale = kd * (1.0 / total), margin = kd * 0x1p-48;
   const double kMagic = 6755399441055744.0;  // 1.5 * 2^52: (t + kMagic) - kMagic rounds t to an integer
   // (comparisons take vector operands: GCC lowers a vector-scalar comparison lane by lane)
@@ -241,10 +228,7 @@ void grid_counts_systematic_pow2(const double* __restrict cdf, double total, int
   unsure |= __builtin_shuffle(unsure, (i64x8){4, 5, 6, 7, 0, 1, 2, 3});  // any lane, in three folds
   unsure |= __builtin_shuffle(unsure, (i64x8){2, 3, 0, 1, 6, 7, 4, 5});
   unsure |= __builtin_shuffle(unsure, (i64x8){1, 0, 3, 2, 5, 4, 7, 6});
-  if (__builtin_expect(unsure[0] != 0, 0)) {
-    const double inv_k = 1.0 / kd;
-    for (int64_t j = 0; j < n; ++j) count[j] = grid_count_systematic_pow2(cdf[j] / total, kd, inv_k, u0);
-  }
+  return unsure[0] == 0;
 }
 
 // anc[i] = max(mark[0..i]) (marks are >= 0): a running maximum, eight lanes at a time. The scalar loop is
@@ -330,8 +314,15 @@ uint8_t resample_group(const scalar_t* x_in, const double* u, int32_t method, do
     // The counts are non-decreasing in j, so marking slot count_j with j + 1 (later j overwrite) and taking
     // a running max gives exactly that number, with plain stores instead of a histogram's read-modify-write
     // chain; no branch depends on the data.
-    const bool pow2 = method == kSystematic && (K & (K - 1)) == 0 && K < INT32_MAX - 3;
-    if (!pow2) {
+    const bool fits32 = K < INT32_MAX - 3;  // counts and the padded point indices in int32
+    s.mark.assign(K + 1, 0);
+    int64_t* mark = s.mark.data();
+    bool counted = false;
+    if (method == kSystematic && fits32) {
+      s.count.resize(round_up8(last));
+      counted = grid_counts_systematic(s.cdf.data(), total, last, K, u[0], s.count.data());
+    }
+    if (!counted) {  // stratified, or a point that may sit on a boundary: compare with the points themselves
       s.points.resize(K + 3);
       s.points[0] = s.points[K + 1] = s.points[K + 2] = INFINITY;
       if (static_cast<int64_t>(s.iota.size()) < K) {
@@ -339,20 +330,15 @@ uint8_t resample_group(const scalar_t* x_in, const double* u, int32_t method, do
         for (int64_t i = 0; i < K; ++i) s.iota[i] = static_cast<double>(i);
       }
       grid_points(s.points.data() + 1, s.iota.data(), u, method == kStratified, K);
+      if (fits32) {
+        s.count.resize(last);
+        grid_counts(s.cdf.data(), total, last, K, s.points.data(), s.count.data());
+      } else {
+        for (int64_t j = 0; j < last; ++j) mark[grid_count_below(s.cdf[j] / total, K, s.points.data())] = j + 1;
+      }
     }
-    s.mark.assign(K + 1, 0);
-    int64_t* mark = s.mark.data();
-    if (pow2) {
-      s.count.resize(round_up8(last));
-      grid_counts_systematic_pow2(s.cdf.data(), total, last, K, u[0], s.count.data());
+    if (fits32)
       for (int64_t j = 0; j < last; ++j) mark[s.count[j]] = j + 1;
-    } else if (K < INT32_MAX - 3) {
-      s.count.resize(last);
-      grid_counts(s.cdf.data(), total, last, K, s.points.data(), s.count.data());
-      for (int64_t j = 0; j < last; ++j) mark[s.count[j]] = j + 1;
-    } else {
-      for (int64_t j = 0; j < last; ++j) mark[grid_count_below(s.cdf[j] / total, K, s.points.data())] = j + 1;
-    }
     running_max(mark, anc, K);
     return status;
   }
