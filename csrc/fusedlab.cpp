@@ -15,13 +15,14 @@ TORCH_LIBRARY(fusedlab, m) {
   // [B, 2] uint8, 0 or 1: the resampled and degenerate flags, which the wrapper views as bool. Without
   // uniforms the op draws them from `generator` (the device's default one when None): on the CPU the values
   // torch.rand would give; on CUDA inside the kernel (Philox, csrc/include/fusedlab/philox.h), so the call is
-  // one launch.
+  // one launch. With raise_degenerate, a group without a finite log-weight is a ValueError naming it (the
+  // wrapper's on_degenerate="raise"; on CUDA a synchronization), after the outputs are computed.
   m.def("resample(Tensor log_weights, Tensor? uniforms, str method, float ess_threshold, "
-        "Generator? generator=None) -> "
+        "Generator? generator=None, bool raise_degenerate=False) -> "
         "(Tensor log_weights_out, Tensor ancestors, Tensor ess, Tensor log_norm, Tensor status)");
   // resample, then reorder a per-particle state [B, K, ...] by the ancestors, in one pass per group.
   m.def("resample_gather(Tensor log_weights, Tensor? uniforms, str method, float ess_threshold, Tensor state, "
-        "Generator? generator=None) -> "
+        "Generator? generator=None, bool raise_degenerate=False) -> "
         "(Tensor log_weights_out, Tensor ancestors, Tensor ess, Tensor log_norm, Tensor status, Tensor state_out)");
   m.def("gather(Tensor state, Tensor ancestors) -> Tensor");
   // one Feynman-Kac steering step (python/fusedlab/smc/fk.py), in place on the run's bookkeeping: the

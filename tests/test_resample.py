@@ -163,8 +163,12 @@ def test_degenerate_groups(gen):
     lw[1] = -math.inf
     lw[2] = math.nan
     lw[3, 2] = math.inf
-    with pytest.raises(ValueError, match=r"group\(s\) 1, 2, 3"):
-        fusedlab.smc.resample(lw)
+    state = torch.randn(4, 5, 2, generator=gen)
+    for backend in ("cpu", "reference"):  # the C++ op raises itself; the reference path checks in Python
+        with pytest.raises(ValueError, match=r"group\(s\) 1, 2, 3 have no finite"):
+            fusedlab.smc.resample(lw, backend=backend)
+        with pytest.raises(ValueError, match=r"group\(s\) 1, 2, 3 have no finite"):
+            fusedlab.smc.resample(lw, state=state, backend=backend)
     r = fusedlab.smc.resample(lw, on_degenerate="uniform", ess_threshold=0.0, generator=gen)
     assert r.degenerate.tolist() == [False, True, True, True]
     assert r.resampled.tolist() == [False, True, True, True]
@@ -172,6 +176,22 @@ def test_degenerate_groups(gen):
     assert (r.log_weights[1:] == 0).all() and torch.isfinite(r.log_weights).all()
     counts = ref.offspring_counts(r.ancestors, 5)[1:]
     assert (counts == 1).all()  # systematic on equal weights: every particle exactly once
+
+
+def test_op_raise_degenerate_flag(gen):
+    """The C++ ops' raise_degenerate: a ValueError naming at most ten degenerate groups, raised after the
+    outputs are computed; without it the flags report them."""
+    lw = torch.randn(14, 3, generator=gen)
+    lw[2:14] = -math.inf
+    u = torch.rand(14, 1, dtype=torch.float64, generator=gen)
+    with pytest.raises(ValueError, match=r"group\(s\) 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, \.\.\. have no finite"):
+        torch.ops.fusedlab.resample(lw, u, "systematic", 1.0, None, True)
+    with pytest.raises(ValueError, match="on_degenerate='uniform'"):
+        torch.ops.fusedlab.resample_gather(lw, u, "systematic", 1.0, torch.zeros(14, 3, 1), None, True)
+    status = torch.ops.fusedlab.resample(lw, u, "systematic", 1.0, None, False)[4]
+    assert status[:, 1].tolist() == [0, 0] + [1] * 12
+    lw[2:14] = 0.0
+    torch.ops.fusedlab.resample(lw, u, "systematic", 1.0, None, True)  # nothing degenerate: no error
 
 
 def test_residual_deterministic_part():
@@ -383,6 +403,7 @@ def test_opcheck(method, thr, gen):
         u = u[:, :1].contiguous()
     torch.library.opcheck(torch.ops.fusedlab.resample.default, (lw, u, method, thr))
     torch.library.opcheck(torch.ops.fusedlab.resample_gather.default, (lw, u, method, thr, state))
+    torch.library.opcheck(torch.ops.fusedlab.resample.default, (lw, u, method, thr, None, True))
     anc = torch.randint(0, 6, (3, 6), generator=gen)
     torch.library.opcheck(torch.ops.fusedlab.gather.default, (state, anc))
     torch.library.opcheck(torch.ops.fusedlab.gather_.default, (state.detach().clone(), anc))

@@ -120,6 +120,25 @@ def test_resample_special_groups(backend):
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_on_degenerate_raise(backend):
+    """on_degenerate="raise" names the groups (the CUDA op checks its own status; Triton's in Python), with
+    and without a state; nothing is raised when every group has a finite weight."""
+    need(backend)
+    lw = torch.randn(4, 5, device=DEV)
+    lw[1] = -math.inf
+    lw[3] = math.nan
+    state = torch.randn(4, 5, 3, device=DEV)
+    for st in (None, state):
+        with pytest.raises(ValueError, match=r"group\(s\) 1, 3 have no finite"):
+            fusedlab.smc.resample(lw, state=st, backend=backend)
+    lw[1] = 0.0
+    lw[3] = 0.0
+    r = fusedlab.smc.resample(lw, state=state, backend=backend)
+    assert not r.degenerate.any()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_noncontiguous_inputs(backend, gen):
     need(backend)
     lw = log_weights(40, 9, gen, torch.float32).t().contiguous().t()  # [9, 40]-strided view of [40, 9]

@@ -439,15 +439,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> resample_cpu(
     const at::Tensor& log_weights, const std::optional<at::Tensor>& uniforms, c10::string_view method,
-    double ess_threshold, std::optional<at::Generator> generator) {
+    double ess_threshold, std::optional<at::Generator> generator, bool raise_degenerate) {
   auto r = resample_impl(log_weights, uniforms, std::string(method), ess_threshold, nullptr, generator);
+  if (raise_degenerate) check_no_degenerate(std::get<4>(r));
   return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r), std::get<4>(r)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> resample_gather_cpu(
     const at::Tensor& log_weights, const std::optional<at::Tensor>& uniforms, c10::string_view method,
-    double ess_threshold, const at::Tensor& state, std::optional<at::Generator> generator) {
-  return resample_impl(log_weights, uniforms, std::string(method), ess_threshold, &state, generator);
+    double ess_threshold, const at::Tensor& state, std::optional<at::Generator> generator, bool raise_degenerate) {
+  auto r = resample_impl(log_weights, uniforms, std::string(method), ess_threshold, &state, generator);
+  if (raise_degenerate) check_no_degenerate(std::get<4>(r));
+  return r;
 }
 
 at::Tensor gather_cpu(const at::Tensor& state, const at::Tensor& ancestors) {
@@ -594,17 +597,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fk_step_cpu(
   double* ess = ess_history.data_ptr<double>() + row * B;
   resample_groups<double>(w, u, U, m, ess_threshold, B, K, a, w, ess, step_ln.data(), flags.data(),
                           static_cast<const char*>(st.data_ptr()), static_cast<char*>(st_out.data_ptr()), row_bytes);
-  if (raise_degenerate) {  // the message of fusedlab.smc.resample's on_degenerate="raise"
+  if (raise_degenerate) {  // fusedlab.smc.resample's on_degenerate="raise"
     std::vector<int64_t> dead;
     for (int64_t b = 0; b < B; ++b)
       if (flags[2 * b + 1]) dead.push_back(b);
-    if (!dead.empty()) {
-      std::string groups;
-      for (size_t k = 0; k < std::min<size_t>(dead.size(), 10); ++k) groups += (k ? ", " : "") + std::to_string(dead[k]);
-      if (dead.size() > 10) groups += ", ...";
-      FL_CHECK_VALUE(false, "log_weights: group(s) ", groups, " have no finite log-weight (all -inf or NaN, "
-                     "or +inf); pass on_degenerate='uniform' to resample them uniformly instead");
-    }
+    raise_degenerate_groups(dead);
   }
   {  // the run's log-normalizer and "was this group resampled" for the trace
     double* ln = log_norm.data_ptr<double>();

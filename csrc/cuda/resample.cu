@@ -119,15 +119,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> resample_cuda(
     const at::Tensor& log_weights, const std::optional<at::Tensor>& uniforms, c10::string_view method,
-    double ess_threshold, std::optional<at::Generator> generator) {
+    double ess_threshold, std::optional<at::Generator> generator, bool raise_degenerate) {
   auto r = resample_impl(log_weights, uniforms, std::string(method), ess_threshold, nullptr, generator);
+  if (raise_degenerate) check_no_degenerate(std::get<4>(r));
   return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r), std::get<4>(r)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> resample_gather_cuda(
     const at::Tensor& log_weights, const std::optional<at::Tensor>& uniforms, c10::string_view method,
-    double ess_threshold, const at::Tensor& state, std::optional<at::Generator> generator) {
-  return resample_impl(log_weights, uniforms, std::string(method), ess_threshold, &state, generator);
+    double ess_threshold, const at::Tensor& state, std::optional<at::Generator> generator, bool raise_degenerate) {
+  auto r = resample_impl(log_weights, uniforms, std::string(method), ess_threshold, &state, generator);
+  if (raise_degenerate) check_no_degenerate(std::get<4>(r));
+  return r;
 }
 
 at::Tensor gather_cuda(const at::Tensor& state, const at::Tensor& ancestors) {

@@ -4,15 +4,18 @@
 
 #include <c10/util/Exception.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/any.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <optional>
 #include <string>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #include "fusedlab/message.h"
 #include "fusedlab/resample.h"
@@ -123,6 +126,33 @@ inline ResampleCall prepare_resample(const at::Tensor& log_weights, const std::o
     c.st_out = at::empty({0}, c.lw.options());
   }
   return c;
+}
+
+// on_degenerate="raise" (python/fusedlab/ops/resample.py words it the same): a ValueError naming the first
+// ten groups in `dead`, those left without a finite log-weight.
+inline void raise_degenerate_groups(const std::vector<int64_t>& dead) {
+  if (dead.empty()) return;
+  std::string groups;
+  for (size_t k = 0; k < std::min<size_t>(dead.size(), 10); ++k) groups += (k ? ", " : "") + std::to_string(dead[k]);
+  if (dead.size() > 10) groups += ", ...";
+  FL_CHECK_VALUE(false, "log_weights: group(s) ", groups, " have no finite log-weight (all -inf or NaN, or +inf); "
+                 "pass on_degenerate='uniform' to resample them uniformly instead");
+}
+
+// The same from a resample op's status [B, 2] (flags resampled, degenerate) on any device; a CUDA status
+// is read back only when some group is degenerate (one reduction and a synchronization otherwise).
+inline void check_no_degenerate(const at::Tensor& status) {
+  at::Tensor flags = status;
+  if (!flags.is_cpu()) {
+    if (!flags.select(1, 1).any().item<bool>()) return;
+    flags = flags.cpu();
+  }
+  flags = flags.contiguous();
+  const uint8_t* f = flags.data_ptr<uint8_t>();
+  std::vector<int64_t> dead;
+  for (int64_t b = 0; b < flags.size(0); ++b)
+    if (f[2 * b + 1]) dead.push_back(b);
+  raise_degenerate_groups(dead);
 }
 
 // cat_attention and its backward (CPU and CUDA): q [B, H, L, d]; k, v [B, Hkv, L, d]; kc, vc [B, Hkv, Nc, d]

@@ -36,7 +36,7 @@ class ResampleResult(NamedTuple):
 # fake kernels and autograd of the C++ ops (schemas in csrc/fusedlab.cpp)
 
 
-def _fake_resample(log_weights, uniforms, method, ess_threshold, generator=None):
+def _fake_resample(log_weights, uniforms, method, ess_threshold, generator=None, raise_degenerate=False):
     B, K = log_weights.shape
     f64 = dict(dtype=torch.float64, device=log_weights.device)
     return (
@@ -48,7 +48,8 @@ def _fake_resample(log_weights, uniforms, method, ess_threshold, generator=None)
     )
 
 
-def _fake_resample_gather(log_weights, uniforms, method, ess_threshold, state, generator=None):
+def _fake_resample_gather(log_weights, uniforms, method, ess_threshold, state, generator=None,
+                          raise_degenerate=False):
     return _fake_resample(log_weights, uniforms, method, ess_threshold) + (
         torch.empty_like(state, memory_format=torch.contiguous_format),
     )
@@ -97,7 +98,8 @@ def _gather_backward(grad_out, ancestors, state_shape):
 
 def _setup_resample(ctx, inputs, output):
     ctx.save_for_backward(inputs[0], output[4], output[1])
-    # inputs: (log_weights, uniforms, method, ess_threshold[, state][, generator]) for the C++ and Triton ops
+    # inputs: (log_weights, uniforms, method, ess_threshold[, state][, generator, raise_degenerate]) for the
+    # C++ ops, without the last two for the Triton ones
     has_state = len(inputs) > 4 and isinstance(inputs[4], torch.Tensor)
     ctx.state_shape = tuple(inputs[4].shape) if has_state else None
     ctx.n_inputs = len(inputs)
@@ -108,7 +110,7 @@ def _backward_resample(ctx, g_lw, g_anc, g_ess, g_norm, g_status, g_state=None):
     grads = [_grad_log_weights(log_weights, status, g_lw, g_ess, g_norm), None, None, None]
     if ctx.state_shape is not None:
         grads.append(None if g_state is None else _gather_backward(g_state, ancestors, ctx.state_shape))
-    return tuple(grads) + (None,) * (ctx.n_inputs - len(grads))  # the generator
+    return tuple(grads) + (None,) * (ctx.n_inputs - len(grads))  # the generator and the raise flag
 
 
 def _setup_gather(ctx, inputs, output):
@@ -305,7 +307,8 @@ def resample(log_weights: torch.Tensor, method: str = "systematic", ess_threshol
         ([True, False], [3.0, 3.951])
     """
     log_weights = _check_log_weights(log_weights)
-    _check_method(method)
+    if method not in METHODS:
+        _check_method(method)
     if not isinstance(ess_threshold, (int, float)) or not math.isfinite(ess_threshold) or ess_threshold < 0:
         raise ValueError(f"ess_threshold must be a finite number >= 0, got {ess_threshold!r}")
     if on_degenerate not in _ON_DEGENERATE:
@@ -314,46 +317,43 @@ def resample(log_weights: torch.Tensor, method: str = "systematic", ess_threshol
     if state is not None:
         check_state(state, B, K, log_weights.device)
     which = _backend.resolve(backend, _FAMILY, log_weights.device)
-    # the C++ ops draw their own uniforms (no torch.rand call; on CUDA inside the kernel, so the call is one
-    # launch); a compiled graph keeps the explicit torch.rand, which Inductor traces
-    draws_own = uniforms is None and which in ("cpu", "cuda") and not torch.compiler.is_compiling()
+    compiling = torch.compiler.is_compiling()
+    # The C++ ops draw their own uniforms (no torch.rand call; on CUDA inside the kernel, so the call is one
+    # launch) and check for degenerate groups themselves (no further tensor ops here); a compiled graph keeps
+    # the explicit torch.rand, which Inductor traces, and the device-side assertion below.
+    native = which in ("cpu", "cuda") and not compiling
+    draws_own = native and uniforms is None
     u = None if draws_own else _uniforms(log_weights, method, uniforms, generator)
-    gen = generator if draws_own else None
     thr = float(ess_threshold)
+    raise_in_op = native and on_degenerate == "raise"
     state_out = None
     if which == "reference":
         lw_out, anc, ess, log_norm, status = _ReferenceResample.apply(log_weights, u, method, thr)
         if state is not None:
             state_out = ref.gather(state, anc)
     else:
-        if state is None:
-            op = torch.ops.fusedlab.resample_triton if which == "triton" else torch.ops.fusedlab.resample
-            args = (log_weights, u, method, thr) + (() if which == "triton" else (gen,))
+        if which == "triton":
+            op = torch.ops.fusedlab.resample_triton if state is None else torch.ops.fusedlab.resample_gather_triton
+            args = (log_weights, u, method, thr) + (() if state is None else (state,))
         else:
-            op = torch.ops.fusedlab.resample_gather_triton if which == "triton" else torch.ops.fusedlab.resample_gather
-            args = (log_weights, u, method, thr, state) + (() if which == "triton" else (gen,))
-        out = _call_below_autograd(op, args) if _no_grad_needed(log_weights, state) else op(*args)
+            op = torch.ops.fusedlab.resample.default if state is None else torch.ops.fusedlab.resample_gather.default
+            args = (log_weights, u, method, thr) + (() if state is None else (state,)) + (
+                generator if draws_own else None, raise_in_op)
+        # below the autograd layer (Python, about as costly as a small group's kernel) when no graph is recorded
+        if not compiling and (not torch.is_grad_enabled() or not (
+                log_weights.requires_grad or (state is not None and state.requires_grad))):
+            with torch._C._AutoDispatchBelowAutograd():
+                out = op(*args)
+        else:
+            out = op(*args)
         lw_out, anc, ess, log_norm, status = out[:5]
         state_out = out[5] if state is not None else None
     # status holds the two flags as 0/1 bytes [B, 2]: viewed as bool, both are views (no further kernels)
-    flags = status.view(torch.bool)
-    degenerate = flags[:, ref.FLAG_DEGENERATE]
-    if on_degenerate == "raise":
+    flags = status.view(torch.bool).unbind(1)
+    resampled, degenerate = flags[ref.FLAG_RESAMPLED], flags[ref.FLAG_DEGENERATE]
+    if on_degenerate == "raise" and not raise_in_op:
         _raise_if_degenerate(degenerate)
-    return ResampleResult(anc, lw_out, ess, log_norm, flags[:, ref.FLAG_RESAMPLED], degenerate, state_out)
-
-
-def _no_grad_needed(*tensors) -> bool:
-    """True when no graph is to be recorded, so the op can skip its (Python) autograd layer: an SMC loop
-    calls resample once per step, and that layer costs about as much as a small group's kernel."""
-    if torch.compiler.is_compiling():
-        return False
-    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
-
-
-def _call_below_autograd(op, args):
-    with torch._C._AutoDispatchBelowAutograd():
-        return op(*args)
+    return ResampleResult(anc, lw_out, ess, log_norm, resampled, degenerate, state_out)
 
 
 def _raise_if_degenerate(degenerate):
