@@ -73,6 +73,7 @@ CASES = [  # M, N, d, SMs of the plan (fewer SMs: more tuples per block)
     (3, 33, 40, 1),    # four blocks: chunks of nine tuples, two j tiles
     (3, 20, 64, 132),  # one tuple per block
     (4, 9, 33, 1),     # 81 tuples in four chunks; two d slices
+    (2, 40, 0, 132),   # d = 0: no d slice, so no barrier inside the tiles' products
 ]
 IDS = [f"M{c[0]}N{c[1]}d{c[2]}sms{c[3]}" for c in CASES]
 

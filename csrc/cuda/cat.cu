@@ -217,8 +217,10 @@ std::vector<at::Tensor> cat_attention_backward_cuda(
              ": grad_oc and oc must have qc's shape ", qc_in->sizes(), ", got ", doc_in->sizes(), " and ",
              oc_in.sizes());
     FL_CHECK(doc_in->device() == q_in.device(), "fusedlab.", op, ": grad_oc must be on ", q_in.device());
-    FL_CHECK(lse_c_in.dim() == 3 && lse_c_in.size(2) == s.Nc && lse_c_in.scalar_type() == at::kFloat, "fusedlab.",
-             op, ": lse_c must be float32 [B, H, Nc], got ", lse_c_in.scalar_type(), " ", lse_c_in.sizes());
+    FL_CHECK(lse_c_in.dim() == 3 && lse_c_in.size(0) == s.B && lse_c_in.size(1) == s.H &&
+                 lse_c_in.size(2) == s.Nc && lse_c_in.scalar_type() == at::kFloat,
+             "fusedlab.", op, ": lse_c must be float32 [B, H, Nc] = [", s.B, ", ", s.H, ", ", s.Nc, "], got ",
+             lse_c_in.scalar_type(), " ", lse_c_in.sizes());
   }
   const auto dt = q_in.scalar_type();
   for (const at::Tensor* t : {&do_in, &o_in})

@@ -217,6 +217,9 @@ __global__ void __launch_bounds__(kThreads) symile_fwd_kernel(const SymileParams
     for (int i0 = w.i0; i0 < w.i1; i0 += BI) {
       for (int j0 = 0; j0 < p.N; j0 += BJ) {
         float s[RM][RN];
+        // the previous tile's srow and scol are read (tile_logits' own barriers run once per d-slice: none
+        // when d = 0)
+        __syncthreads();
         tile_logits(p, sa, sb, outer, i0, j0, s2, s);
         // anchor 0: each row's pair, merged across its 8 lanes, then into the row's accumulator
 FL_UNROLL
@@ -247,7 +250,6 @@ FL_UNROLL
           for (int k = 1; k < BI; ++k) v = lse_merge(v, srow[k]);
           stuple = lse_merge(stuple, v);
         }
-        // srow and scol are next written after tile_logits' barriers
       }
     }
     __syncthreads();
