@@ -138,6 +138,28 @@ def test_on_degenerate_raise(backend):
 
 
 @pytest.mark.timeout(300)
+def test_default_raise_under_cuda_graph_capture():
+    """The default on_degenerate="raise" captures (a device-side assertion instead of a host sync), and a
+    generator of another device than the log-weights' is an error."""
+    need("cuda")
+    lw = torch.randn(8, 16, device=DEV)
+    state = torch.randn(8, 16, 4, device=DEV)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fusedlab.smc.resample(lw, state=state, backend="cuda")
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fusedlab.smc.resample(lw, state=state, backend="cuda")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert out.ancestors.shape == (8, 16) and not out.degenerate.any()
+    with pytest.raises(RuntimeError, match="generator"):
+        fusedlab.smc.resample(lw, generator=torch.Generator(), backend="cuda")
+
+
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_noncontiguous_inputs(backend, gen):
     need(backend)

@@ -39,9 +39,13 @@ void check_group_size(int64_t K, const char* op) {
 
 // Reserves this call's share of the generator's Philox stream (the device's default generator when none) and
 // describes it to the kernel: values outside CUDA graph capture, the graph's seed and offset slots inside it.
-PhiloxArgs philox_args(const std::optional<at::Generator>& generator, int64_t uniforms_per_group) {
+PhiloxArgs philox_args(const std::optional<at::Generator>& generator, int64_t uniforms_per_group,
+                       const at::Device& device) {
   auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(generator,
                                                                   at::cuda::detail::getDefaultCUDAGenerator());
+  // (under graph capture the kernel reads the generator's seed and offset slots: they must be this device's)
+  FL_CHECK(gen->device() == device, "fusedlab.resample: generator must be on ", device, " like log_weights, got ",
+           gen->device());
   at::PhiloxCudaState st;
   {
     const std::lock_guard<std::mutex> lock(gen->mutex_);
@@ -63,16 +67,16 @@ PhiloxArgs philox_args(const std::optional<at::Generator>& generator, int64_t un
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> resample_impl(
     const at::Tensor& log_weights, const std::optional<at::Tensor>& uniforms, const std::string& method_name,
     double ess_threshold, const at::Tensor* state, const std::optional<at::Generator>& generator) {
-  check_group_size(log_weights.size(1), "resample");
   const c10::cuda::CUDAGuard guard(log_weights.device());
   const ResampleCall c = prepare_resample(log_weights, uniforms, method_name, ess_threshold, state);
+  check_group_size(c.lw.size(1), "resample");
   const at::Tensor &lw = c.lw, &u = c.u, &anc = c.anc, &lw_out = c.lw_out, &ess_t = c.ess, &ln_t = c.log_norm,
                    &status = c.status, &st = c.st, &st_out = c.st_out;
   const int32_t method = c.method;
   const int64_t B = lw.size(0), K = lw.size(1), row_bytes = c.row_bytes;
   if (B == 0) return c.outputs();
   // without uniforms the kernel draws them (one launch instead of torch.rand's and its own)
-  const PhiloxArgs rng = u.defined() ? PhiloxArgs{} : philox_args(generator, c.u_cols);
+  const PhiloxArgs rng = u.defined() ? PhiloxArgs{} : philox_args(generator, c.u_cols, lw.device());
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int sms = sm_count(lw.device().index());

@@ -289,7 +289,8 @@ def resample(log_weights: torch.Tensor, method: str = "systematic", ess_threshol
             ``fusedlab.reference.resample.philox_uniforms``), so one seed gives different ancestors there
             than on "triton" (which draws with torch.rand). Seeded runs are reproducible on each.
         on_degenerate: "raise" (ValueError naming the groups with no finite weight; on a GPU this check
-            synchronizes with the host) or "uniform" (resample those groups uniformly and flag them in
+            synchronizes with the host; inside torch.compile or a CUDA graph capture it is a device-side
+            assertion instead) or "uniform" (resample those groups uniformly and flag them in
             ``degenerate``; no synchronization).
         state: optional per-particle tensor [B, K, ...], reordered by the ancestors in the same pass.
         backend: "auto", "cuda", "triton", "cpu" or "reference".
@@ -325,7 +326,8 @@ def resample(log_weights: torch.Tensor, method: str = "systematic", ess_threshol
     draws_own = native and uniforms is None
     u = None if draws_own else _uniforms(log_weights, method, uniforms, generator)
     thr = float(ess_threshold)
-    raise_in_op = native and on_degenerate == "raise"
+    # (inside CUDA graph capture the op must not synchronize: a device-side assertion instead)
+    raise_in_op = native and on_degenerate == "raise" and not (which == "cuda" and _capturing())
     state_out = None
     if which == "reference":
         lw_out, anc, ess, log_norm, status = _ReferenceResample.apply(log_weights, u, method, thr)
@@ -356,8 +358,13 @@ def resample(log_weights: torch.Tensor, method: str = "systematic", ess_threshol
     return ResampleResult(anc, lw_out, ess, log_norm, resampled, degenerate, state_out)
 
 
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def _raise_if_degenerate(degenerate):
-    if torch.compiler.is_compiling():  # no host sync inside a compiled graph: a device-side assertion
+    # no host sync inside a compiled graph or a CUDA graph capture: a device-side assertion
+    if torch.compiler.is_compiling() or (degenerate.is_cuda and _capturing()):
         torch._assert_async(~degenerate.any(), "fusedlab.resample: a group has no finite log-weight")
         return
     if bool(degenerate.any()):
