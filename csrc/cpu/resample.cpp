@@ -551,13 +551,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fk_step_cpu(
     u_drawn = draw_uniforms(generator, B * U);
   }
   const double* u = u_given.defined() ? u_given.data_ptr<double>() : u_drawn.data();
-  const at::Tensor r_in = rewards.contiguous();
-  const bool r_double = r_in.scalar_type() == at::kDouble;
-  const double* r64 = r_double ? r_in.data_ptr<double>() : nullptr;
-  const float* r32 = r_double ? nullptr : r_in.data_ptr<float>();
+  // read through their stride (a reward function's output is often a column of a larger tensor): a copy to
+  // make them contiguous would be one more dispatched call, and right after the model's forward every such
+  // call starts from cold caches
+  const bool r_double = rewards.scalar_type() == at::kDouble;
+  const int64_t r_stride = rewards.stride(0);
+  const double* r64 = r_double ? rewards.data_ptr<double>() : nullptr;
+  const float* r32 = r_double ? nullptr : rewards.data_ptr<float>();
   const double inf = std::numeric_limits<double>::infinity();
   auto reward = [&](int64_t i) {
-    const double r = r_double ? r64[i] : static_cast<double>(r32[i]);
+    const double r = r_double ? r64[i * r_stride] : static_cast<double>(r32[i * r_stride]);
     return std::isnan(r) ? -inf : r;  // NaN reward: a dead particle
   };
   {  // the potential, in place: r_state and applied updated, the log-weights advanced
