@@ -194,8 +194,8 @@ void grid_counts(const double* cdf, double total, int64_t n, int64_t K, const do
 typedef int64_t i64x8 __attribute__((vector_size(64)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
 
-// Systematic resampling: every count in closed form, eight at a time and without a division. The point
-// p_i = fl(fl(i + u) / K) is within an ulp of K of (i + u) / K, so away from the boundary p_i < C_j is
+// Systematic resampling: every count in closed form, eight at a time and without a division. K times the
+// point p_i = fl(fl(i + u) / K) lies within an ulp of K of i + u, so away from the boundary p_i < C_j is
 // i < t with t = K C_j - u, and the count is #{i in [0, K): i < t} = ceil(t) clamped to [0, K]. Here
 // K C_j is taken as cdf[j] * (K / total), within a few ulps of K of the quotient's. Where some t lies
 // within K 2^-48 (far more than every rounding involved) of an integer, a point may sit on the boundary:
