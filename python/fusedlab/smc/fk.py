@@ -158,6 +158,9 @@ class FKSteering:
         scheduled step: small tensors kept alive from inside the loop changed the heap's layout enough to
         slow the model's own steps by more than the whole of FK's bookkeeping."""
         op = torch.ops.fusedlab.fk_step.default
+        # the overload's C++ callable, without OpOverload.__call__'s Python frame: a few microseconds per step
+        # right after the model's forward, where every call starts cold (the overload itself where absent)
+        op = getattr(op, "_op", op)
         K, n, reward_fn, gen, pot, lam = self.K, x.shape[0], self.reward_fn, self.generator, self.potential, self.lmbda
         method, thr, raise_dead = self.method, float(self.ess_threshold), self.on_degenerate == "raise"
         ess_history = torch.empty(len(steps), B, dtype=torch.float64)
