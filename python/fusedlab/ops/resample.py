@@ -389,9 +389,11 @@ def gather(state: torch.Tensor, ancestors: torch.Tensor, backend: str = "auto") 
     which = _backend.resolve(backend, _FAMILY, state.device)
     if which == "reference":
         return ref.gather(state, ancestors)
-    if which == "triton":
-        return torch.ops.fusedlab.gather_triton(state, ancestors)
-    return torch.ops.fusedlab.gather(state, ancestors)
+    op = torch.ops.fusedlab.gather_triton.default if which == "triton" else torch.ops.fusedlab.gather.default
+    if not torch.compiler.is_compiling() and (not torch.is_grad_enabled() or not state.requires_grad):
+        with torch._C._AutoDispatchBelowAutograd():  # no graph to record: skip the (Python) autograd layer
+            return op(state, ancestors)
+    return op(state, ancestors)
 
 
 def gather_(state: torch.Tensor, ancestors: torch.Tensor, backend: str = "auto") -> torch.Tensor:
