@@ -105,7 +105,14 @@ def _tuple_w(r2_ptr, r3_ptr, u, N, D, dd, d_ok, M: tl.constexpr):
 @triton.jit
 def _logits_tile(r0_ptr, r1_ptr, r2_ptr, r3_ptr, rows, row_ok, cols, col_ok, u, N, D, scale,
                  M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
-    """S[rows, cols, u] = scale * (r_0[rows] * W_u) r_1[cols]^T over all of d, in BLOCK_D slices (fp32)."""
+    """S[rows, cols, u] = scale * (r_0[rows] * W_u) r_1[cols]^T over all of d, in BLOCK_D slices (fp32).
+
+    fp32 inputs take the scale into the left operand, so the tile is the dot's own result: a multiply after
+    it could be contracted with the backward's S - L into one FMA, and E would then come from other
+    roundings than the forward's log-sum-exps. fp16/bf16 operands keep it outside (no overflow of the
+    scaled operand; their E is rounded to the input type anyway)."""
+    in_ty: tl.constexpr = r0_ptr.dtype.element_ty
+    fold: tl.constexpr = in_ty == tl.float32
     acc = tl.zeros([BLOCK_I, BLOCK_J], tl.float32)
     dd0 = tl.arange(0, BLOCK_D)
     for d0 in range(0, D, BLOCK_D):
@@ -114,10 +121,16 @@ def _logits_tile(r0_ptr, r1_ptr, r2_ptr, r3_ptr, rows, row_ok, cols, col_ok, u, 
         a = tl.load(r0_ptr + rows[:, None] * D + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         if M > 2:
             w = _tuple_w(r2_ptr, r3_ptr, u, N, D, dd, d_ok, M)
-            a = (a.to(tl.float32) * w[None, :]).to(r0_ptr.dtype.element_ty)
+            if fold:
+                w = w * scale
+            a = (a.to(tl.float32) * w[None, :]).to(in_ty)
+        elif fold:
+            a = a * scale
         b = tl.load(r1_ptr + cols[:, None] * D + dd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
-    return acc * scale
+    if not fold:
+        acc = acc * scale
+    return acc
 
 
 @triton.jit
