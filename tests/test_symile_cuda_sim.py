@@ -21,7 +21,6 @@ from fusedlab.reference import symile as ref
 
 import cuda_sim
 
-LN2 = math.log(2.0)
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +43,10 @@ def _run(sim, tmp_path, mode, reps, scale, sms, lse=None):
 
 
 def _pairs_to_lse(path, rows, N):
-    """(max in log2 units, sum) pairs [rows, N] -> natural log-sum-exps merged over the rows."""
+    """(max, sum of exp(S - max)) pairs [rows, N] -> log-sum-exps merged over the rows."""
     raw = torch.from_numpy(np.fromfile(path, dtype=np.float32)).double().view(rows, N, 2)
     assert not raw.isnan().any(), f"{path.name}: entries no block wrote"
-    return ((raw[..., 0] + raw[..., 1].log2()) * LN2).logsumexp(0)
+    return (raw[..., 0] + raw[..., 1].log()).logsumexp(0)
 
 
 def _dense_logits(reps, scale):
@@ -167,3 +166,65 @@ def test_mip_kernel_matches_reference(sim, tmp_path, gen, B, C, d, two_d, dtype)
     want = ref.mip(cand.double(), [q.double() for q in queries])
     tol = dict(rtol=2 ** -8, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got, want, **tol)
+
+
+def _merge_pairs_fp32(path, rows, n):
+    """The glue's merge (csrc/cuda/symile.cu, merge_pairs) in float32, as the kernels' backward receives it."""
+    raw = torch.from_numpy(np.fromfile(path, dtype=np.float32)).view(rows, n, 2)
+    return (raw[..., 0] + raw[..., 1].log()).logsumexp(0)
+
+
+def _sim_loss_grads(sim, tmp_path, reps, scale, sms):
+    """Gradients of every modality and of the scale the way the CUDA op computes them: the forward kernel's
+    pairs merged in float32, the backward kernel's sums, finished as symile_finish_backward does (g = 1)."""
+    M, N = len(reps), reps[0].shape[0]
+    plan = _run(sim, tmp_path, "forward", reps, scale, sms)
+    row = _merge_pairs_fp32(tmp_path / "row_part.bin", plan["chunks"], N)
+    col = _merge_pairs_fp32(tmp_path / "col_part.bin", plan["blocks"], N)
+    lse = [row, col]
+    if M > 2:
+        tup = _merge_pairs_fp32(tmp_path / "tuple_part.bin", plan["row_groups"], N ** (M - 2)).view([N] * (M - 2))
+        for m in range(2, M):  # each outer anchor: its tuples' log-sum-exps merged over the other outer indices
+            lse.append(tup.movedim(m - 2, 0).reshape(N, -1).logsumexp(1))
+    _run(sim, tmp_path, "backward", reps, scale, sms, lse=torch.stack(lse))
+    s = torch.tensor(scale, dtype=torch.float32)
+    grads, grad_scale = [], None
+    for m in range(M):
+        Um = torch.from_numpy(np.fromfile(tmp_path / f"U{m}.bin", dtype=np.float32)).view(N, -1)
+        aligned = torch.ones_like(reps[0])
+        for o in range(M):
+            if o != m:
+                aligned = aligned * reps[o]
+        Um = Um * (1.0 / (M * N)) - aligned * (1.0 / N)
+        if m == 0:
+            grad_scale = (reps[0] * Um).sum()
+        grads.append(Um * s)
+    return grads + [grad_scale]
+
+
+@pytest.mark.timeout(300)
+def test_float32_gradients_within_twice_torch_at_large_logits(sim, tmp_path, gen):
+    """Forward, the glue's merge and backward together on LayerNorm-scale rows with scale 100 (logits ~1e3):
+    the backward's E = exp(S - L) must come from the same roundings as the forward's log-sum-exps, or the
+    aligned tuples' E ~ 1 no longer cancels against g / N. Per draw, the gradient error against float64 (on
+    the same fp32 rows) as a ratio to float32 PyTorch's; their geometric mean over 4 draws at each of
+    M = 2, 3, 4 at most 1.5 (the rule of tests/test_symile_triton.py)."""
+    ratios = []
+    for M, N, d in [(2, 13, 24), (3, 9, 24), (4, 5, 24)]:
+        for _ in range(4):
+            raw = [torch.randn(N, d, generator=gen, dtype=torch.float64) * 3 + 1 for _ in range(M)]
+            reps = [torch.nn.functional.layer_norm(r, (d,)).float() for r in raw]
+            exact = _reference_grads([r.double() for r in reps], torch.tensor(100.0, dtype=torch.float64))
+            plain = _reference_grads(reps, torch.tensor(100.0))
+            ours = _sim_loss_grads(sim, tmp_path, reps, 100.0, 132)
+            err = lambda got: sum(((a.double() - b).norm() / b.norm()).item() for a, b in zip(got, exact))  # noqa: E731
+            ratios.append(err(ours) / max(err(plain), 1e-30))
+    geo = math.exp(sum(math.log(max(r, 1e-30)) for r in ratios) / len(ratios))
+    assert geo <= 1.5, (geo, ratios)
+
+
+def _reference_grads(reps, scale):
+    reps = [r.clone().requires_grad_() for r in reps]
+    scale = scale.clone().requires_grad_()
+    ref.symile_loss_n_squared(reps, scale).backward()
+    return [r.grad for r in reps] + [scale.grad]

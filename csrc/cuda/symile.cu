@@ -81,9 +81,9 @@ void dispatch(at::ScalarType dt, F&& f) {
   }
 }
 
-// Natural log-sum-exp over the rows of [rows, n, 2] (max in log2 units, sum) pairs.
+// Log-sum-exp over the rows of [rows, n, 2] (max, sum of exp(S - max)) pairs.
 at::Tensor merge_pairs(const at::Tensor& pairs) {
-  const at::Tensor lse = pairs.select(-1, 0).add(pairs.select(-1, 1).log2()).mul_(std::log(2.0));
+  const at::Tensor lse = pairs.select(-1, 0).add(pairs.select(-1, 1).log());
   return lse.logsumexp(0);
 }
 

@@ -63,6 +63,16 @@ FL_HD FL_INLINE float exp2_f32(float x) {
 #endif
 }
 
+// x * y rounded on its own: never contracted into an FMA with what consumes it, so a product recomputed in
+// another kernel has the same bits wherever it is used.
+FL_HD FL_INLINE float mul_rn(float x, float y) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(x, y);
+#else
+  return x * y;
+#endif
+}
+
 FL_HD FL_INLINE float log2_f32(float x) {
 #if defined(__CUDA_ARCH__)
   return log2f(x);

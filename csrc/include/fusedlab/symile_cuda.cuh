@@ -8,7 +8,7 @@
 // picks one row of each outer modality 2..M-1 (the last varies fastest) and W_u is the product of those
 // rows (W = 1 for M = 2). One block owns a range of tuples and a group of rows i, and walks its
 // [BI x BJ] tiles of S (tile products in fp32 on CUDA cores, d in slices of BT through shared memory):
-// * forward: three online log-sum-exps in log2 units, kept as (max, sum) pairs: per row i over its j and
+// * forward: three online log-sum-exps, kept as (max, sum) pairs: per row i over its j and
 //   the block's tuples (anchor 0), per column j over the block's rows and tuples (anchor 1), per tuple over
 //   the block's (i, j) (the outer anchors). A row's or a column's pair is updated by one fixed thread, so
 //   the partials need no atomics; the glue merges them across blocks.
@@ -26,7 +26,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "fusedlab/cat_cuda_common.cuh"  // Elem, exp2_f32, log2_f32, state_weight, FL_UNROLL
+#include "fusedlab/cat_cuda_common.cuh"  // Elem, exp2_f32, mul_rn, FL_UNROLL
 
 namespace fusedlab {
 namespace symile {
@@ -34,7 +34,7 @@ namespace cuda {
 
 using fusedlab::cat::cuda::Elem;
 using fusedlab::cat::cuda::exp2_f32;
-using fusedlab::cat::cuda::state_weight;
+using fusedlab::cat::cuda::mul_rn;
 
 constexpr int kThreads = 128;
 constexpr int kRowGroups = 16;  // ti = tid / 8: rows ti + 16 r of a tile
@@ -54,7 +54,7 @@ struct SymileParams {
   int u_chunk;      // tuples per block
   int row_groups;   // blocks per tuple chunk: rows split into this many groups of whole BI tiles
   int tiles_per_group;
-  // forward outputs: (max in log2 units, sum) pairs
+  // forward outputs: (max, sum of exp(S - max)) pairs, natural units
   float2* row_part;    // [u chunks, N]: anchor 0, per row over the block's (j, u)
   float2* col_part;    // [u chunks * row_groups, N]: anchor 1, per column over the block's (i, u)
   float2* tuple_part;  // [row_groups, U]: per tuple over the block's (i, j)
@@ -140,11 +140,15 @@ FL_UNROLL
   }
 }
 
-// The scaled logits of tile (u, rows [i0, i0 + BI), columns [j0, j0 + BJ)) in log2 units: thread (ti, tj)
-// gets rows ti + 16 r and columns tj + 8 c; entries outside the N x N square are -inf.
+// The scaled logits of tile (u, rows [i0, i0 + BI), columns [j0, j0 + BJ)): thread (ti, tj) gets rows
+// ti + 16 r and columns tj + 8 c; entries outside the N x N square are -inf. Natural units, the scale applied
+// by an uncontracted multiply: the backward's E = exp(S - L) cancels against g / N on the aligned tuples
+// only if S has the forward's bits and L is the natural log-sum-exp the glue rounded once (as float32
+// PyTorch's); logits in log2 units took L through two more roundings at |S| ~ 1e3, and the gradients
+// erred ~40x more than PyTorch's (tests/test_symile_cuda_sim.py, large logits).
 template <typename T>
 __device__ FL_INLINE void tile_logits(const SymileParams<T>& p, float* sa, float* sb, const T* const* outer,
-                                      int i0, int j0, float s2, float (&s)[RM][RN]) {
+                                      int i0, int j0, float scale, float (&s)[RM][RN]) {
   const int tid = static_cast<int>(threadIdx.x), ti = tid / kColLanes, tj = tid % kColLanes;
 FL_UNROLL
   for (int r = 0; r < RM; ++r)
@@ -162,14 +166,21 @@ FL_UNROLL
 FL_UNROLL
     for (int c = 0; c < RN; ++c) {
       const bool in = i0 + ti + kRowGroups * r < p.N && j0 + tj + kColLanes * c < p.N;
-      s[r][c] = in ? s[r][c] * s2 : -INFINITY;
+      s[r][c] = in ? mul_rn(s[r][c], scale) : -INFINITY;
     }
 }
+
+// exp(x) as the kernels take it: exp2 of x log2(e) (x <= 0 here: a logit minus a maximum or a log-sum-exp).
+FL_HD FL_INLINE float exp_f32(float x) { return exp2_f32(x * kLog2e); }
+
+// Weight of a pair with max m in a merge whose max is mx; a pair that saw nothing (m = -inf) weighs 0, also
+// when mx is -inf too (exp(-inf - -inf) would be NaN).
+FL_HD FL_INLINE float pair_weight(float m, float mx) { return m == -INFINITY ? 0.0f : exp_f32(m - mx); }
 
 // Online log-sum-exp pairs: merge (m2, l2) into (m, l).
 FL_HD FL_INLINE float2 lse_merge(float2 a, float2 b) {
   const float mx = a.x > b.x ? a.x : b.x;
-  return float2{mx, a.y * state_weight(a.x, mx) + b.y * state_weight(b.x, mx)};
+  return float2{mx, a.y * pair_weight(a.x, mx) + b.y * pair_weight(b.x, mx)};
 }
 
 __device__ FL_INLINE float2 lanes_merge(float2 v) {
@@ -181,7 +192,7 @@ FL_UNROLL
   return v;
 }
 
-// (max, sum of exp2(x - max)) of a few values; (-inf, 0) when all are -inf.
+// (max, sum of exp(x - max)) of a few values; (-inf, 0) when all are -inf.
 template <int N>
 FL_HD FL_INLINE float2 pair_of(const float (&x)[N]) {
   float mx = -INFINITY;
@@ -190,12 +201,13 @@ FL_UNROLL
   float l = 0.0f;
   if (mx != -INFINITY)
 FL_UNROLL
-    for (int k = 0; k < N; ++k) l += exp2_f32(x[k] - mx);
+    for (int k = 0; k < N; ++k) l += exp_f32(x[k] - mx);
   return float2{mx, l};
 }
 
+// (min blocks 1: with the bare thread bound ptxas took 40 registers for sm_90a and spilled; it takes ~60.)
 template <typename T>
-__global__ void __launch_bounds__(kThreads) symile_fwd_kernel(const SymileParams<T> p) {
+__global__ void __launch_bounds__(kThreads, 1) symile_fwd_kernel(const SymileParams<T> p) {
   __shared__ float sa[BI * (BT + 1)];
   __shared__ float sb[BJ * (BT + 1)];
   __shared__ float2 srow[BI];                // a tile's per-row pairs (for the tuple's pair)
@@ -204,7 +216,7 @@ __global__ void __launch_bounds__(kThreads) symile_fwd_kernel(const SymileParams
   __shared__ const T* outer[kMaxModalities];  // the tuple's rows of modalities 2..M-1
   const int tid = static_cast<int>(threadIdx.x), ti = tid / kColLanes, tj = tid % kColLanes;
   const BlockWork w = block_work(p);
-  const float s2 = *p.scale * kLog2e;
+  const float scale = *p.scale;
   float2* row_acc = p.row_part + static_cast<int64_t>(w.chunk) * p.N;
   float2* col_acc = p.col_part + static_cast<int64_t>(blockIdx.x) * p.N;
   // this block is the only writer of its partials: reset its rows and columns first
@@ -220,7 +232,7 @@ __global__ void __launch_bounds__(kThreads) symile_fwd_kernel(const SymileParams
         // the previous tile's srow and scol are read (tile_logits' own barriers run once per d-slice: none
         // when d = 0)
         __syncthreads();
-        tile_logits(p, sa, sb, outer, i0, j0, s2, s);
+        tile_logits(p, sa, sb, outer, i0, j0, scale, s);
         // anchor 0: each row's pair, merged across its 8 lanes, then into the row's accumulator
 FL_UNROLL
         for (int r = 0; r < RM; ++r) {
@@ -268,10 +280,10 @@ __global__ void __launch_bounds__(kThreads, 1) symile_bwd_kernel(const SymilePar
   __shared__ float sh[BI * (BT + 1)];  // (E r_1)[i, t] r_0[i, t] per slice, summed over i for the outer rows
   __shared__ const T* outer[kMaxModalities];    // the tuple's rows of modalities 2..M-1
   __shared__ float* outer_sum[kMaxModalities];  // U_m at those rows
-  __shared__ float outer_shift, outer_weight;   // the outer anchors' terms: exp2(S - b) * w
+  __shared__ float outer_shift, outer_weight;   // the outer anchors' terms: exp(S - b) * w
   const int tid = static_cast<int>(threadIdx.x), ti = tid / kColLanes, tj = tid % kColLanes;
   const BlockWork w = block_work(p);
-  const float s2 = *p.scale * kLog2e;
+  const float scale = *p.scale;
   const float* l0 = p.lse;
   const float* l1 = p.lse + p.N;
   for (int u = w.u0; u < w.u1; ++u) {
@@ -283,30 +295,30 @@ __global__ void __launch_bounds__(kThreads, 1) symile_bwd_kernel(const SymilePar
       // sum_m exp(S - a_m) = exp(S - b) sum_m exp(b - a_m), b the least a_m: no factor exceeds 1
       float b = INFINITY;
       for (int m = 2; m < p.M; ++m) {
-        const float a = p.lse[static_cast<int64_t>(m) * p.N + tuple_row(p, u, m)] * kLog2e;
+        const float a = p.lse[static_cast<int64_t>(m) * p.N + tuple_row(p, u, m)];
         b = a < b ? a : b;
       }
       float wsum = 0.0f;
       for (int m = 2; m < p.M; ++m)
-        wsum += exp2_f32(b - p.lse[static_cast<int64_t>(m) * p.N + tuple_row(p, u, m)] * kLog2e);
+        wsum += exp_f32(b - p.lse[static_cast<int64_t>(m) * p.N + tuple_row(p, u, m)]);
       outer_shift = p.M > 2 ? b : 0.0f;
       outer_weight = wsum;
     }
     for (int i0 = w.i0; i0 < w.i1; i0 += BI) {
       for (int j0 = 0; j0 < p.N; j0 += BJ) {
         float s[RM][RN];
-        tile_logits(p, sa, sb, outer, i0, j0, s2, s);  // its barriers also publish the rows and the shift
+        tile_logits(p, sa, sb, outer, i0, j0, scale, s);  // its barriers also publish the rows and the shift
 FL_UNROLL
         for (int r = 0; r < RM; ++r) {
           const int i = i0 + ti + kRowGroups * r;
-          const float a0 = i < p.N ? l0[i] * kLog2e : 0.0f;
+          const float a0 = i < p.N ? l0[i] : 0.0f;
 FL_UNROLL
           for (int c = 0; c < RN; ++c) {
             const int j = j0 + tj + kColLanes * c;
             float e = 0.0f;
             if (s[r][c] != -INFINITY) {
-              e = exp2_f32(s[r][c] - a0) + exp2_f32(s[r][c] - l1[j] * kLog2e);
-              if (p.M > 2) e += exp2_f32(s[r][c] - outer_shift) * outer_weight;
+              e = exp_f32(s[r][c] - a0) + exp_f32(s[r][c] - l1[j]);
+              if (p.M > 2) e += exp_f32(s[r][c] - outer_shift) * outer_weight;
             }
             se[(ti + kRowGroups * r) * (BJ + 1) + tj + kColLanes * c] = e;
           }
