@@ -30,6 +30,11 @@
 namespace fusedlab {
 namespace {
 
+using cpu::f32x8;
+using cpu::f64x8;
+using cpu::u16x8;
+using cpu::u32x8;
+
 // A CPU buffer for this op's own use, backed by transparent huge pages where the kernel offers them on request
 // (madvise mode): fresh memory then faults once per 2 MB instead of once per 4 KB. Not resizable, so never
 // handed to the caller.
@@ -117,9 +122,12 @@ at::Tensor newton_schulz_cpu(const at::Tensor& G, at::ArrayRef<double> coefficie
 // the squares of the update, pass 2 recomputes the update and writes it scaled, cast and in the wide
 // orientation into the batch, and after the iteration one pass applies decay and update to the parameter.
 
-// torch's lerp: self + w (end - self) for |w| < 0.5, else end - (end - self)(1 - w)
-inline float lerp(float self, float end, float w) {
-  return std::abs(w) < 0.5f ? self + w * (end - self) : end - (end - self) * (1.0f - w);
+// torch's lerp: self + w (end - self) for |w| < 0.5, else end - (end - self)(1 - w). The weight is the same
+// for a whole pass, so which formula applies is decided once per pass (kSmall), outside the loops: with the
+// choice inside, GCC left the passes scalar (about 9 GB/s; 25-35 GB/s is this kind of machine's bandwidth).
+template <bool kSmall, typename V>
+FL_VEC_INLINE V lerp(V self, V end, float w) {
+  return kSmall ? self + w * (end - self) : end - (end - self) * (1.0f - w);
 }
 
 constexpr int64_t kRowBlock = 32;  // rows per work item: the unit of parallel work and of the transposed writes
@@ -129,55 +137,182 @@ struct MuonBatch {
   bool tall;                          // rows > cols: the batch holds the transposes
 };
 
-// Pass 1 over n elements: the momentum update in place and the sum of squares of the update, kept in eight
-// float64 lanes (a fixed order the compiler can vectorize without reassociating).
-FL_TARGET_CLONES
-double momentum_pass(const float* g, float* buf, int64_t n, float mu, bool nesterov) {
-  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t e = 0;
-  for (; e + 8 <= n; e += 8)
-    for (int k = 0; k < 8; ++k) {
-      const float b = lerp(buf[e + k], g[e + k], 1.0f - mu);
-      buf[e + k] = b;
-      const float u = nesterov ? lerp(g[e + k], b, mu) : b;
-      acc[k] += static_cast<double>(u) * static_cast<double>(u);
-    }
-  for (; e < n; ++e) {
-    const float b = lerp(buf[e], g[e], 1.0f - mu);
-    buf[e] = b;
-    const float u = nesterov ? lerp(g[e], b, mu) : b;
-    acc[e & 7] += static_cast<double>(u) * static_cast<double>(u);
+// The lerp weights of a pass and which formula each takes: momentum lerp(buf, g, 1 - mu), the Nesterov
+// update lerp(g, buf, mu).
+struct MuonLerps {
+  float w_buf, w_nesterov;
+  bool small_buf, small_nesterov, nesterov;
+  MuonLerps(float mu, bool nest)
+      : w_buf(1.0f - mu), w_nesterov(mu), small_buf(std::abs(1.0f - mu) < 0.5f), small_nesterov(std::abs(mu) < 0.5f),
+        nesterov(nest) {}
+};
+
+// F<kSmallBuf, kNesterov, kSmallNesterov>::run(args...) for the pass's formulas.
+template <template <bool, bool, bool> class F, typename... Args>
+FL_VEC_INLINE auto with_lerps(const MuonLerps& l, Args&&... args) {
+  if (!l.nesterov)
+    return l.small_buf ? F<true, false, false>::run(args...) : F<false, false, false>::run(args...);
+  if (l.small_buf)
+    return l.small_nesterov ? F<true, true, true>::run(args...) : F<true, true, false>::run(args...);
+  return l.small_nesterov ? F<false, true, true>::run(args...) : F<false, true, false>::run(args...);
+}
+
+// The update of eight elements: buf's new value (written back when kWrite) and the Nesterov update or buf.
+template <bool kSmallBuf, bool kNesterov, bool kSmallNesterov, bool kWrite>
+FL_VEC_INLINE f32x8 update8(const float* g, float* buf, const MuonLerps& l) {
+  f32x8 gv, bv;
+  std::memcpy(&gv, g, sizeof gv);
+  std::memcpy(&bv, buf, sizeof bv);
+  if (kWrite) {
+    bv = lerp<kSmallBuf>(bv, gv, l.w_buf);
+    std::memcpy(buf, &bv, sizeof bv);
   }
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  return kNesterov ? lerp<kSmallNesterov>(gv, bv, l.w_nesterov) : bv;
+}
+template <bool kSmallBuf, bool kNesterov, bool kSmallNesterov, bool kWrite>
+FL_VEC_INLINE float update1(const float* g, float* buf, const MuonLerps& l) {
+  float b = *buf;
+  if (kWrite) *buf = b = lerp<kSmallBuf>(b, *g, l.w_buf);
+  return kNesterov ? lerp<kSmallNesterov>(*g, b, l.w_nesterov) : b;
+}
+
+// Pass 1 over n elements: the momentum update in place and the sum of squares of the update, kept in eight
+// float64 lanes (lane k takes the elements e with e % 8 = k: a fixed order whatever the vector width).
+template <bool kSmallBuf, bool kNesterov, bool kSmallNesterov>
+struct MomentumPass {
+  static FL_VEC_INLINE double run(const float* g, float* buf, int64_t n, const MuonLerps& l) {
+    f64x8 acc = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t e = 0;
+    for (; e + 8 <= n; e += 8) {
+      const f64x8 u = __builtin_convertvector((update8<kSmallBuf, kNesterov, kSmallNesterov, true>(g + e, buf + e, l)),
+                                              f64x8);
+      acc += u * u;
+    }
+    for (; e < n; ++e) {
+      const double u = update1<kSmallBuf, kNesterov, kSmallNesterov, true>(g + e, buf + e, l);
+      acc[e & 7] += u * u;
+    }
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  }
+};
+FL_TARGET_CLONES
+double momentum_pass(const float* g, float* buf, int64_t n, const MuonLerps& l) {
+  return with_lerps<MomentumPass>(l, g, buf, n, l);
+}
+
+// float -> bfloat16 rounded to nearest even, NaN to 0x7FC0 (c10::BFloat16's conversion), eight at a time.
+FL_VEC_INLINE void store8(c10::BFloat16* out, f32x8 v) {
+  u32x8 bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  u32x8 r = (bits + (((bits >> 16) & 1u) + 0x7FFFu)) >> 16;
+  const u32x8 nan = {0x7FC0, 0x7FC0, 0x7FC0, 0x7FC0, 0x7FC0, 0x7FC0, 0x7FC0, 0x7FC0};
+  r = v != v ? nan : r;
+  const u16x8 h = __builtin_convertvector(r, u16x8);
+  std::memcpy(out, &h, sizeof h);
+}
+FL_VEC_INLINE void store8(float* out, f32x8 v) { std::memcpy(out, &v, sizeof v); }
+template <typename T>
+FL_VEC_INLINE void store8(T* out, f32x8 v) {
+  for (int k = 0; k < 8; ++k) out[k] = static_cast<T>(v[k]);
+}
+FL_VEC_INLINE f32x8 load8_f32(const c10::BFloat16* x) {
+  u16x8 h;
+  std::memcpy(&h, x, sizeof h);
+  const u32x8 bits = __builtin_convertvector(h, u32x8) << 16;
+  f32x8 v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+FL_VEC_INLINE f32x8 load8_f32(const float* x) {
+  f32x8 v;
+  std::memcpy(&v, x, sizeof v);
+  return v;
+}
+template <typename T>
+FL_VEC_INLINE f32x8 load8_f32(const T* x) {
+  f32x8 v;
+  for (int k = 0; k < 8; ++k) v[k] = static_cast<float>(x[k]);
+  return v;
 }
 
 // Pass 2 over rows [r0, r1) of one matrix: x = cast(u * inv), x in the wide orientation. Tall matrices are
 // written column by column, each column's run of rows contiguous in x.
-template <typename T>
-void write_scaled(const float* g, const float* buf, float mu, bool nesterov, float inv, T* x, const MuonBatch& s,
-                  int64_t r0, int64_t r1) {
-  auto update = [&](int64_t e) { return nesterov ? lerp(g[e], buf[e], mu) : buf[e]; };
-  if (s.tall) {
-    for (int64_t c = 0; c < s.cols; ++c)
-      for (int64_t r = r0; r < r1; ++r) x[c * s.rows + r] = static_cast<T>(update(r * s.cols + c) * inv);
-  } else {
-    for (int64_t e = r0 * s.cols; e < r1 * s.cols; ++e) x[e] = static_cast<T>(update(e) * inv);
+template <bool kSmallBuf, bool kNesterov, bool kSmallNesterov>
+struct ScaledPass {
+  template <typename T>
+  static FL_VEC_INLINE int run(const float* g, float* buf, const MuonLerps& l, float inv, T* x, const MuonBatch& s,
+                               int64_t r0, int64_t r1) {
+    if (s.tall) {
+      // column by column: eight rows' values of column c gathered, updated and stored as a run of x (the
+      // 2 x 32 cache lines a column reads serve the next 15 columns from L1)
+      const int64_t nr = r1 - r0;
+      for (int64_t c = 0; c < s.cols; ++c) {
+        int64_t r = 0;
+        for (; r + 8 <= nr; r += 8) {
+          f32x8 gv, bv;
+          for (int k = 0; k < 8; ++k) {
+            const int64_t e = (r0 + r + k) * s.cols + c;
+            gv[k] = g[e];
+            bv[k] = buf[e];
+          }
+          const f32x8 u = kNesterov ? lerp<kSmallNesterov>(gv, bv, l.w_nesterov) : bv;
+          store8(x + c * s.rows + r0 + r, u * inv);
+        }
+        for (; r < nr; ++r) {
+          const int64_t e = (r0 + r) * s.cols + c;
+          const float u = update1<kSmallBuf, kNesterov, kSmallNesterov, false>(g + e, buf + e, l);
+          x[c * s.rows + r0 + r] = static_cast<T>(u * inv);
+        }
+      }
+      return 0;
+    }
+    int64_t e = r0 * s.cols;
+    const int64_t end = r1 * s.cols;
+    for (; e + 8 <= end; e += 8)
+      store8(x + e, update8<kSmallBuf, kNesterov, kSmallNesterov, false>(g + e, buf + e, l) * inv);
+    for (; e < end; ++e)
+      x[e] = static_cast<T>(update1<kSmallBuf, kNesterov, kSmallNesterov, false>(g + e, buf + e, l) * inv);
+    return 0;
   }
-}
+};
 
 // After the iteration, rows [r0, r1): p <- p (1 - lr wd) - step_lr o, as p.mul_ then p.add_(o, alpha=...).
 template <typename T>
-void apply_update(float* p, const T* o, float decay, float step, const MuonBatch& s, int64_t r0, int64_t r1) {
-  if (s.tall) {
+FL_VEC_INLINE void apply_update_body(float* p, const T* o, float decay, float step, const MuonBatch& s, int64_t r0,
+                                     int64_t r1) {
+  if (s.tall) {  // (a vectorized version through a tile of rows measured no faster: the strided reads of o bound it)
     for (int64_t c = 0; c < s.cols; ++c)
       for (int64_t r = r0; r < r1; ++r) {
         float& pe = p[r * s.cols + c];
         pe = pe * decay + step * static_cast<float>(o[c * s.rows + r]);
       }
-  } else {
-    for (int64_t e = r0 * s.cols; e < r1 * s.cols; ++e) p[e] = p[e] * decay + step * static_cast<float>(o[e]);
+    return;
   }
+  int64_t e = r0 * s.cols;
+  const int64_t end = r1 * s.cols;
+  for (; e + 8 <= end; e += 8) {
+    f32x8 pv;
+    std::memcpy(&pv, p + e, sizeof pv);
+    pv = pv * decay + step * load8_f32(o + e);
+    std::memcpy(p + e, &pv, sizeof pv);
+  }
+  for (; e < end; ++e) p[e] = p[e] * decay + step * static_cast<float>(o[e]);
 }
+
+#define FL_MUON_PASSES(T)                                                                                        \
+  FL_TARGET_CLONES void write_scaled(const float* g, float* buf, const MuonLerps& l, float inv, T* x,             \
+                                     const MuonBatch& s, int64_t r0, int64_t r1) {                               \
+    with_lerps<ScaledPass>(l, g, buf, l, inv, x, s, r0, r1);                                                     \
+  }                                                                                                              \
+  FL_TARGET_CLONES void apply_update(float* p, const T* o, float decay, float step, const MuonBatch& s,           \
+                                     int64_t r0, int64_t r1) {                                                   \
+    apply_update_body<T>(p, o, decay, step, s, r0, r1);                                                          \
+  }
+FL_MUON_PASSES(c10::BFloat16)
+FL_MUON_PASSES(c10::Half)
+FL_MUON_PASSES(float)
+FL_MUON_PASSES(double)
+#undef FL_MUON_PASSES
 
 void muon_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList bufs, double momentum, bool nesterov,
                    at::ArrayRef<double> coefficients, double norm_scale, double eps, at::ScalarType dtype, double lr,
@@ -210,7 +345,7 @@ void muon_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList b
   s.tall = s.rows > s.cols;
   s.blocks = (s.rows + kRowBlock - 1) / kRowBlock;
   if (p0.numel() == 0) return;
-  const float mu = static_cast<float>(momentum);
+  const MuonLerps lerps(static_cast<float>(momentum), nesterov);
   const int64_t items = count * s.blocks;
 
   // pass 1: buf <- lerp(buf, g, 1 - mu); partial sums of the update's squares per row block, in float64
@@ -219,7 +354,7 @@ void muon_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList b
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t i = w / s.blocks, r0 = (w % s.blocks) * kRowBlock, r1 = std::min(s.rows, r0 + kRowBlock);
       partial[w] = momentum_pass(grads[i].data_ptr<float>() + r0 * s.cols, bufs[i].data_ptr<float>() + r0 * s.cols,
-                                 (r1 - r0) * s.cols, mu, nesterov);
+                                 (r1 - r0) * s.cols, lerps);
     }
   });
   // per matrix 1 / max(norm * scale, eps) in float64 then float32, as the newton_schulz op computes it; the
@@ -257,8 +392,8 @@ void muon_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList b
     at::parallel_for(0, items, 1, [&](int64_t w0, int64_t w1) {
       for (int64_t w = w0; w < w1; ++w) {
         const int64_t i = w / s.blocks, r0 = (w % s.blocks) * kRowBlock, r1 = std::min(s.rows, r0 + kRowBlock);
-        write_scaled<scalar_t>(grads[i].data_ptr<float>(), bufs[i].data_ptr<float>(), mu, nesterov, inv[i],
-                               x + i * m * n, s, r0, r1);
+        write_scaled(grads[i].data_ptr<float>(), bufs[i].data_ptr<float>(), lerps, inv[i], x + i * m * n, s, r0,
+                     r1);
       }
     });
   });
@@ -273,7 +408,7 @@ void muon_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList b
     at::parallel_for(0, items, 1, [&](int64_t w0, int64_t w1) {
       for (int64_t w = w0; w < w1; ++w) {
         const int64_t i = w / s.blocks, r0 = (w % s.blocks) * kRowBlock, r1 = std::min(s.rows, r0 + kRowBlock);
-        apply_update<scalar_t>(params[i].data_ptr<float>(), o + i * m * n, decay, step, s, r0, r1);
+        apply_update(params[i].data_ptr<float>(), o + i * m * n, decay, step, s, r0, r1);
       }
     });
   });

@@ -39,18 +39,11 @@ struct Scratch {
 // ---- the passes over one group, each a loop the compiler vectorizes, in one clone per instruction set
 // (picked at load time): built for baseline x86-64 they ran scalar, and the grid counts dominated.
 
-// Eight-lane vectors (GCC/Clang vector extensions): loops with a running maximum or a NaN select are not
+// Eight-lane vectors (fusedlab/cpu_math.h): loops with a running maximum or a NaN select are not
 // auto-vectorized without -ffinite-math-only, which -inf and NaN log-weights rule out.
-typedef double f64x8 __attribute__((vector_size(64)));
-typedef float f32x8 __attribute__((vector_size(32)));
-
-// (through a pointer: a vector return value would change the ABI between the clones)
-inline void load8(const float* x, f64x8* out) {
-  f32x8 v;
-  std::memcpy(&v, x, sizeof v);
-  *out = __builtin_convertvector(v, f64x8);
-}
-inline void load8(const double* x, f64x8* out) { std::memcpy(out, x, sizeof *out); }
+using cpu::f32x8;
+using cpu::f64x8;
+using cpu::load8;
 
 // w[j] <- x[j] in double; returns the maximum, NaN ignored (x > m is false for NaN). NaN stays in w, and
 // exp_nonpositive maps it to 0, the weight of -inf, as clean_log_weight would.

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 // One clone per x86 instruction set, picked at load time; elsewhere a plain function.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__APPLE__)
@@ -12,8 +13,33 @@
 #define FL_TARGET_CLONES
 #endif
 
+// For helpers that take or return vectors: inlined into each clone, so no vector crosses a call (whose ABI
+// would differ between the clones).
+#if defined(__GNUC__)
+#define FL_VEC_INLINE inline __attribute__((always_inline))
+// GCC warns once per file that a vector return "changes the ABI" without AVX; these never cross a call.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#else
+#define FL_VEC_INLINE inline
+#endif
+
 namespace fusedlab {
 namespace cpu {
+
+// Eight-lane vectors (GCC/Clang vector extensions), for loops the auto-vectorizer leaves scalar.
+typedef double f64x8 __attribute__((vector_size(64)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+
+// Eight values into double lanes (through a pointer: a vector return value would change the ABI between the
+// clones of FL_TARGET_CLONES).
+inline void load8(const float* x, f64x8* out) {
+  f32x8 v;
+  std::memcpy(&v, x, sizeof v);
+  *out = __builtin_convertvector(v, f64x8);
+}
+inline void load8(const double* x, f64x8* out) { std::memcpy(out, x, sizeof *out); }
 
 // Round to the nearest integer (ties to even) for |t| < 2^51, with two adds the vectorizer can use on
 // any x86-64 level (no roundpd, no float/int conversions).
