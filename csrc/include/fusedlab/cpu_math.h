@@ -17,8 +17,10 @@
 // would differ between the clones).
 #if defined(__GNUC__)
 #define FL_VEC_INLINE inline __attribute__((always_inline))
+#if !defined(__clang__)
 // GCC warns once per file that a vector return "changes the ABI" without AVX; these never cross a call.
 #pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 #else
 #define FL_VEC_INLINE inline
 #endif
