@@ -242,28 +242,13 @@ struct ScaledPass {
   template <typename T>
   static FL_VEC_INLINE int run(const float* g, float* buf, const MuonLerps& l, float inv, T* x, const MuonBatch& s,
                                int64_t r0, int64_t r1) {
-    if (s.tall) {
-      // column by column: eight rows' values of column c gathered, updated and stored as a run of x (the
-      // 2 x 32 cache lines a column reads serve the next 15 columns from L1)
-      const int64_t nr = r1 - r0;
-      for (int64_t c = 0; c < s.cols; ++c) {
-        int64_t r = 0;
-        for (; r + 8 <= nr; r += 8) {
-          f32x8 gv, bv;
-          for (int k = 0; k < 8; ++k) {
-            const int64_t e = (r0 + r + k) * s.cols + c;
-            gv[k] = g[e];
-            bv[k] = buf[e];
-          }
-          const f32x8 u = kNesterov ? lerp<kSmallNesterov>(gv, bv, l.w_nesterov) : bv;
-          store8(x + c * s.rows + r0 + r, u * inv);
-        }
-        for (; r < nr; ++r) {
-          const int64_t e = (r0 + r) * s.cols + c;
+    if (s.tall) {  // (vectorized gathers and tiled variants measured no faster: the strided side bounds it)
+      for (int64_t c = 0; c < s.cols; ++c)
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t e = r * s.cols + c;
           const float u = update1<kSmallBuf, kNesterov, kSmallNesterov, false>(g + e, buf + e, l);
-          x[c * s.rows + r0 + r] = static_cast<T>(u * inv);
+          x[c * s.rows + r] = static_cast<T>(u * inv);
         }
-      }
       return 0;
     }
     int64_t e = r0 * s.cols;
@@ -280,7 +265,7 @@ struct ScaledPass {
 template <typename T>
 FL_VEC_INLINE void apply_update_body(float* p, const T* o, float decay, float step, const MuonBatch& s, int64_t r0,
                                      int64_t r1) {
-  if (s.tall) {  // (a vectorized version through a tile of rows measured no faster: the strided reads of o bound it)
+  if (s.tall) {  // (scalar, as pass 2's transposed writes)
     for (int64_t c = 0; c < s.cols; ++c)
       for (int64_t r = r0; r < r1; ++r) {
         float& pe = p[r * s.cols + c];
