@@ -27,7 +27,8 @@ def full_rank_grads(gen, steps, shapes=SHAPES):
     return [[torch.randn(s, generator=gen) for s in shapes] for _ in range(steps)]
 
 
-KWS = [{}, dict(nesterov=False, weight_decay=0.0, adjust_lr_fn="match_rms_adamw", lr=0.01)]
+# momentum 0.3: both lerps take their other formula (weights 0.7 and 0.3; 0.05 and 0.95 by default)
+KWS = [{}, dict(nesterov=False, weight_decay=0.0, adjust_lr_fn="match_rms_adamw", lr=0.01), dict(momentum=0.3)]
 
 
 @pytest.mark.parametrize("steps, tol", [(1, 0.03), (20, 0.05)])
