@@ -290,6 +290,11 @@ def test_fused_cpu_step_equals_the_generic_loop(potential, ess_threshold, every,
     for (_, ea, ra), (_, eb, rb) in zip(a.trace, b.trace):
         torch.testing.assert_close(ea, eb)
         assert torch.equal(ra, rb)
+    for out in (a, b):  # the whole record at once equals its rows
+        assert out.trace.steps == fusedlab.smc.schedule(9, 0, None, every) and len(list(out.trace)) == len(out.trace)
+        assert torch.equal(out.trace.ess, torch.stack([e for _, e, _ in out.trace]))
+        assert torch.equal(out.trace.resampled, torch.stack([r for _, _, r in out.trace]))
+        assert out.trace[-1][0] == 8 and len(out.trace[1:]) == len(out.trace) - 1
 
 
 def test_fk_step_opcheck(gen):

@@ -17,7 +17,8 @@ an ESS-adaptive step does not resample, never reset.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -27,13 +28,39 @@ from fusedlab.ops.resample import METHODS, gather, resample
 POTENTIALS = ("diff", "max", "add", "rt")
 
 
+class FKTrace(Sequence):
+    """The per-step record of a run: item j is (step, ess [B], resampled [B]) of the j-th scheduled step.
+
+    ``steps`` (a list), ``ess`` [S, B] float64 and ``resampled`` [S, B] bool hold the whole record at once
+    (for plotting); the per-step row views are made on first access, not during the run, where each extra
+    call costs tens of microseconds right after the model's forward."""
+
+    def __init__(self, steps: list, ess: torch.Tensor, resampled: torch.Tensor):
+        self.steps, self.ess, self.resampled = list(steps), ess, resampled
+        self._rows = None
+
+    def _items(self) -> list:
+        if self._rows is None:
+            self._rows = list(zip(self.steps, self.ess.unbind(0), self.resampled.unbind(0)))
+        return self._rows
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __getitem__(self, i):
+        return self._items()[i]
+
+    def __repr__(self) -> str:
+        return f"FKTrace(steps={self.steps}, ess={self.ess!r}, resampled={self.resampled!r})"
+
+
 @dataclass
 class FKResult:
     samples: torch.Tensor  #: [B*K, ...] final latents
     rewards: torch.Tensor  #: [B*K] reward of the final samples
     log_weights: torch.Tensor  #: [B, K] final log-weights (0 after a final resample)
     log_norm: torch.Tensor  #: [B] sum of the per-step log mean weights (exp of it is an unbiased estimate)
-    trace: list = field(default_factory=list)  #: per resampling step: (step, ess [B], resampled [B])
+    trace: FKTrace  #: per resampling step: (step, ess [B], resampled [B]); .ess and .resampled are [S, B]
 
     def best(self) -> torch.Tensor:
         """Per prompt, the particle with the highest final reward: [B, ...]."""
@@ -156,7 +183,8 @@ class FKSteering:
 
         The trace's ESS and resampled flags go into two buffers made before the first step, one row per
         scheduled step: small tensors kept alive from inside the loop changed the heap's layout enough to
-        slow the model's own steps by more than the whole of FK's bookkeeping."""
+        slow the model's own steps by more than the whole of FK's bookkeeping; the result's FKTrace makes the
+        rows' views when it is first read (two more cold calls per run otherwise)."""
         op = torch.ops.fusedlab.fk_step.default
         # the overload's C++ callable, without OpOverload.__call__'s Python frame: a few microseconds per step
         # right after the model's forward, where every call starts cold (the overload itself where absent)
@@ -189,15 +217,13 @@ class FKSteering:
                 rewards = r_state if pot == "diff" else moved_r
             for k, v in states.items():
                 states[k] = gather(v.reshape(B, K, *v.shape[1:]), anc, backend=self.backend).view(v.shape)
-        # two calls for all the rows' views (indexing row by row would cost two dispatched calls per step)
-        trace = list(zip(sorted(steps), ess_history.unbind(0), resampled_history.unbind(0)))
-        return x, rewards, lw, log_norm, trace
+        return x, rewards, lw, log_norm, FKTrace(sorted(steps), ess_history, resampled_history)
 
     def _loop(self, step_fn, x, num_steps, steps, states, it, B, lw, log_norm, r_state, applied):
         """The run op by op (any device and backend): potential, weights, one fused resample call that also
         moves the latents, then the per-particle scalars gathered by the same ancestors."""
         K, lam = self.K, self.lmbda
-        trace, rewards, first = [], None, True
+        ess_rows, resampled_rows, rewards, first = [], [], None, True
         for i in it:
             x, x0 = step_fn(x, i)
             if i not in steps:
@@ -229,7 +255,8 @@ class FKSteering:
             log_norm = log_norm + res.log_norm
             lw = res.log_weights
             x = res.state.view(x.shape)
-            trace.append((i, res.ess, res.resampled))
+            ess_rows.append(res.ess)
+            resampled_rows.append(res.resampled)
             anc = res.ancestors  # the identity for groups that were not resampled
             # move only the per-particle scalars this potential still needs (one small gather each)
             move = lambda v: torch.gather(v.view(B, K), 1, anc).view(B * K)  # noqa: E731
@@ -239,4 +266,6 @@ class FKSteering:
                 rewards = r_state if self.potential == "diff" else move(r)
             for k, v in states.items():
                 states[k] = gather(v.reshape(B, K, *v.shape[1:]), anc, backend=self.backend).view(v.shape)
-        return x, rewards, lw, log_norm, trace
+        if not ess_rows:  # no scheduled step (num_steps 0)
+            return x, rewards, lw, log_norm, FKTrace([], lw.new_empty(0, B), torch.empty(0, B, dtype=torch.bool))
+        return x, rewards, lw, log_norm, FKTrace(sorted(steps), torch.stack(ess_rows), torch.stack(resampled_rows))
