@@ -12,5 +12,5 @@ from fusedlab.ops.resample import METHODS, ResampleResult, gather, gather_, resa
 from fusedlab.smc.adapters import DiffusersSampler, best_of_n, importance_resample, sample
 from fusedlab.smc.fk import POTENTIALS, FKResult, FKSteering, FKTrace, schedule
 
-__all__ = ["METHODS", "POTENTIALS", "DiffusersSampler", "FKResult", "FKSteering", "FKTrace", "ResampleResult", "best_of_n",
-           "gather", "gather_", "importance_resample", "resample", "sample", "schedule"]
+__all__ = ["METHODS", "POTENTIALS", "DiffusersSampler", "FKResult", "FKSteering", "FKTrace", "ResampleResult",
+           "best_of_n", "gather", "gather_", "importance_resample", "resample", "sample", "schedule"]
