@@ -31,14 +31,15 @@ def want_cuda():
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
+# _C binds a few kernels with pybind11 and torch's Python types (csrc/python_module.cpp), so it is built for
+# the running Python's full API; _C_cuda uses none of it and stays on the stable ABI.
 ext_modules = [
     cpp_extension.CppExtension(
         "fusedlab._C",
-        rel([os.path.join(ROOT, "csrc", "fusedlab.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))),
+        rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))),
         include_dirs=INCLUDE,
         extra_compile_args={"cxx": CXX_FLAGS + ["-fopenmp"]},
         extra_link_args=["-fopenmp"],
-        py_limited_api=True,
     )
 ]
 
@@ -71,5 +72,4 @@ setup(
     ],
     ext_modules=ext_modules,
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=False)},
-    options={"bdist_wheel": {"py_limited_api": "cp311"}},
 )

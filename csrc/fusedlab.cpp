@@ -1,13 +1,7 @@
 // Every op schema of the fusedlab library, in one place. Kernels register per backend in csrc/cpu and
 // csrc/cuda; fake (meta) kernels and autograd live in python/fusedlab/ops.
-#include <Python.h>
+// The Python module that loads them is csrc/python_module.cpp.
 #include <torch/library.h>
-
-// An empty Python module: importing fusedlab._C loads this library and runs the registrations below.
-PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
 
 TORCH_LIBRARY(fusedlab, m) {
   // ---- resample: batched particle resampling (python/fusedlab/reference/resample.py defines the semantics).

@@ -297,6 +297,39 @@ def test_fused_cpu_step_equals_the_generic_loop(potential, ess_threshold, every,
         assert out.trace[-1][0] == 8 and len(out.trace[1:]) == len(out.trace) - 1
 
 
+def test_fk_step_direct_binding_equals_the_op(gen):
+    """fusedlab._C.fk_step (the FK loop's per-step call on CPU) runs the op's kernel without the dispatcher:
+    the same outputs, the same in-place updates, the same draws, and the op's exception types."""
+    B, K = 4, 6
+    lw = torch.randn(B, K, generator=gen, dtype=torch.float64)
+    r, rs, ap = (torch.randn(B * K, generator=gen, dtype=torch.float64) for _ in range(3))
+    ln = torch.randn(B, generator=gen, dtype=torch.float64)
+    x = torch.randn(B * K, 3, generator=gen)
+
+    def book(rewards):
+        return [lw.clone(), rewards, rs.clone(), ap.clone(), ln.clone(), torch.zeros(2, B, dtype=torch.float64),
+                torch.zeros(2, B, dtype=torch.bool), 1]
+
+    for pot in fusedlab.smc.POTENTIALS:
+        for rewards, first, last, thr in ((r, True, False, 1.0), (r.float()[::1], False, True, 0.6),
+                                          (torch.stack([r, -r], 1)[:, 0], False, False, 0.0)):
+            a_book, b_book = book(rewards), book(rewards)
+            rest = (pot, 1.5, first, last, "multinomial", thr, True)
+            a = torch.ops.fusedlab.fk_step(*a_book, x, None, torch.Generator().manual_seed(5), *rest)
+            b = fusedlab._C.fk_step(*b_book, x, None, torch.Generator().manual_seed(5), *rest)
+            for t, u in zip(list(a) + a_book[:7], list(b) + b_book[:7]):
+                assert t.dtype == u.dtype and torch.equal(t, u)
+    dead = r.clone()
+    dead[K:2 * K] = -math.inf  # group 1 dies
+    for call in (torch.ops.fusedlab.fk_step, fusedlab._C.fk_step):
+        with pytest.raises(ValueError, match="group\\(s\\) 1 have no finite log-weight"):
+            call(*book(dead), x, None, None, "diff", 1.0, False, False, "systematic", 1.0, True)
+        with pytest.raises(RuntimeError, match="potential must be one of"):
+            call(*book(r), x, None, None, "sum", 1.0, False, False, "systematic", 1.0, True)
+    with pytest.raises(TypeError):
+        fusedlab._C.fk_step(*book(r.tolist()), x, None, None, "diff", 1.0, False, False, "systematic", 1.0, True)
+
+
 def test_fk_step_opcheck(gen):
     B, K = 3, 5
     lw = torch.randn(B, K, generator=gen, dtype=torch.float64)

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "fusedlab/checks.h"
+#include "fusedlab/cpu_entry_points.h"
 #include "fusedlab/cpu_math.h"
 #include "fusedlab/resample.h"
 
@@ -500,6 +501,8 @@ int32_t parse_potential(c10::string_view name) {
   return kRt;
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fk_step_cpu(
     at::Tensor& log_weights, const at::Tensor& rewards, at::Tensor& r_state, at::Tensor& applied, at::Tensor& log_norm,
     at::Tensor& ess_history, at::Tensor& resampled_history, int64_t row, const at::Tensor& state,
@@ -632,8 +635,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fk_step_cpu(
   }
   return {anc, st_out, r_out};
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(fusedlab, CPU, m) {
   m.impl("fk_step", &fk_step_cpu);

@@ -23,6 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
+from fusedlab import _C
 from fusedlab.ops.resample import METHODS, gather, resample
 
 POTENTIALS = ("diff", "max", "add", "rt")
@@ -175,8 +176,8 @@ class FKSteering:
         return result
 
     def _loop_fused(self, step_fn, x, num_steps, steps, states, it, B, lw, log_norm, r_state, applied):
-        """The run on CPU tensors: one torch.ops.fusedlab.fk_step call per scheduled step, in place on the
-        run's lw, log_norm, r_state and applied, with the uniforms drawn inside from the generator, the
+        """The run on CPU tensors: one call of torch.ops.fusedlab.fk_step's kernel per scheduled step, in place on
+        the run's lw, log_norm, r_state and applied, with the uniforms drawn inside from the generator, the
         latents taken in their [B*K, ...] layout and float32 rewards as they come. Right after the model's
         forward every call starts from cold caches and costs tens of microseconds whatever it does, so the
         loop makes as few as it can: the same arithmetic and draws as :meth:`_loop`, in one call.
@@ -185,10 +186,9 @@ class FKSteering:
         scheduled step: small tensors kept alive from inside the loop changed the heap's layout enough to
         slow the model's own steps by more than the whole of FK's bookkeeping; the result's FKTrace makes the
         rows' views when it is first read (two more cold calls per run otherwise)."""
-        op = torch.ops.fusedlab.fk_step.default
-        # the overload's C++ callable, without OpOverload.__call__'s Python frame: a few microseconds per step
-        # right after the model's forward, where every call starts cold (the overload itself where absent)
-        op = getattr(op, "_op", op)
+        # the op's kernel bound directly (fusedlab._C.fk_step: the same function, without the dispatcher's boxed
+        # call from Python, which costs 50-160 us more per step right after the model's forward)
+        op = _C.fk_step
         K, n, reward_fn, gen, pot, lam = self.K, x.shape[0], self.reward_fn, self.generator, self.potential, self.lmbda
         method, thr, raise_dead = self.method, float(self.ess_threshold), self.on_degenerate == "raise"
         ess_history = torch.empty(len(steps), B, dtype=torch.float64)

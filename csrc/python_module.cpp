@@ -1,0 +1,63 @@
+// The Python module fusedlab._C. Importing it loads this library, whose TORCH_LIBRARY blocks (csrc/fusedlab.cpp)
+// and TORCH_LIBRARY_IMPL blocks (csrc/cpu) register the op schemas and CPU kernels under torch.ops.fusedlab.
+//
+// It also binds a few CPU kernels directly, for Python loops that call them once per step right after a
+// model's forward: there, with every cache cold, a call through torch.ops (the dispatcher's boxed path:
+// arguments parsed against the schema into a stack, then unboxed) took 50-160 us before the kernel started,
+// a direct binding about 30 us. These take the same arguments as the op and run the same function; the ops
+// remain the public entry points (torch.compile, opcheck, other devices).
+#include <torch/csrc/utils/pybind.h>
+
+#include <c10/util/Exception.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "fusedlab/cpu_entry_points.h"
+
+namespace py = pybind11;
+
+namespace {
+
+// The op's exception types as the dispatcher's Python path raises them (ValueError for c10::ValueError, ...),
+// without the C++ backtrace.
+template <typename F>
+auto translating_errors(F&& f) -> decltype(f()) {
+  try {
+    return f();
+  } catch (const c10::ValueError& e) {
+    throw py::value_error(e.what_without_backtrace());
+  } catch (const c10::TypeError& e) {
+    throw py::type_error(e.what_without_backtrace());
+  } catch (const c10::IndexError& e) {
+    throw py::index_error(e.what_without_backtrace());
+  } catch (const c10::Error& e) {
+    throw std::runtime_error(e.what_without_backtrace());
+  }
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fusedlab's op schemas and C++ CPU kernels (torch.ops.fusedlab), and direct bindings of a few of them";
+  m.def(
+      "fk_step",
+      [](at::Tensor& log_weights, const at::Tensor& rewards, at::Tensor& r_state, at::Tensor& applied,
+         at::Tensor& log_norm, at::Tensor& ess_history, at::Tensor& resampled_history, int64_t row,
+         const at::Tensor& state, const std::optional<at::Tensor>& uniforms, std::optional<at::Generator> generator,
+         const std::string& potential, double lam, bool first, bool last, const std::string& method,
+         double ess_threshold, bool raise_degenerate) {
+        return translating_errors([&] {
+          return fusedlab::fk_step_cpu(log_weights, rewards, r_state, applied, log_norm, ess_history,
+                                       resampled_history, row, state, uniforms, std::move(generator), potential, lam,
+                                       first, last, method, ess_threshold, raise_degenerate);
+        });
+      },
+      "torch.ops.fusedlab.fk_step on CPU tensors (same arguments, same function), called directly.",
+      py::arg("log_weights"), py::arg("rewards"), py::arg("r_state"), py::arg("applied"), py::arg("log_norm"),
+      py::arg("ess_history"), py::arg("resampled_history"), py::arg("row"), py::arg("state"), py::arg("uniforms"),
+      py::arg("generator"), py::arg("potential"), py::arg("lam"), py::arg("first"), py::arg("last"),
+      py::arg("method"), py::arg("ess_threshold"), py::arg("raise_degenerate"),
+      py::call_guard<py::gil_scoped_release>());
+}
