@@ -200,18 +200,16 @@ class FKSteering:
                 continue
             last = i == last_step
             r = reward_fn(x if last else x0)
-            args = (lw, r, r_state, applied, log_norm, ess_history, resampled_history, row, x, None, gen, pot, lam,
-                    first, last, method, thr, raise_dead)
             try:  # the op reads float32 and float64 rewards, NaN as -inf
-                out = op(*args)
+                anc, x_out, moved_r = op(lw, r, r_state, applied, log_norm, ess_history, resampled_history, row, x,
+                                         None, gen, pot, lam, first, last, method, thr, raise_dead)
             except (RuntimeError, TypeError):
                 # the op checks its arguments before it touches the bookkeeping or draws: rewards of the wrong
                 # type or shape are reported here and other dtypes converted, off the per-step path
-                out = None
-            if out is None:
                 r = self._check_rewards(r, n).to(torch.float64)
-                out = op(lw, r, *args[2:])
-            anc, x, moved_r = out
+                anc, x_out, moved_r = op(lw, r, r_state, applied, log_norm, ess_history, resampled_history, row, x,
+                                         None, gen, pot, lam, first, last, method, thr, raise_dead)
+            x = x_out
             first, row = False, row + 1
             if last:
                 rewards = r_state if pot == "diff" else moved_r
