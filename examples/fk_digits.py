@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import random
 import statistics
 import time
 
@@ -308,13 +309,14 @@ def measure_overhead(eps_model, reward_fn, sched, args, B, K, every, repeats):
     """FK bookkeeping time (an FK run minus the time inside the sampler step and the reward) against the
     softmax/multinomial/indexing loop and the reference's step with the same step and reward calls, and the
     same for a loop with only those calls (its "bookkeeping" is the loop's own cost); medians over
-    ``repeats`` runs, the loops interleaved within each repeat."""
+    ``repeats`` runs, the loops interleaved within each repeat in a seeded random order."""
     start = args.start if every == args.every else 0
     steps = set(fusedlab.smc.schedule(sched.T, start, None, every))
     res = {"fusedlab FKSteering": [], "softmax + multinomial": [], "reference FKD step": [],
            "step + reward only": []}
     for rep in range(-1, repeats):  # rep -1: an untimed warm-up of every loop
-        for name in res:
+        # a fresh order each repeat (seeded): a loop's time depends on what ran just before it
+        for name in random.Random(rep).sample(list(res), len(res)):
             gen = torch.Generator().manual_seed(args.seed + 100 + rep)
             step = Timed(ddpm_step_fn(eps_model, sched, gen))
             reward = Timed(reward_fn)
