@@ -337,6 +337,19 @@ def test_decode_cpu_op_errors(change, pattern):
         torch.ops.fusedlab.cat_decode(*args.values())
 
 
+@pytest.mark.parametrize("scale", [math.inf, -math.inf, math.nan])
+def test_attention_cpu_ops_reject_a_non_finite_scale(gen, scale):
+    """The wrapper checks the scale; the ops check it too, for direct calls (the backward included)."""
+    q, k, v = (torch.randn(1, 2, 6, 8, generator=gen) for _ in range(3))
+    kc, vc = (torch.randn(1, 2, 4, 8, generator=gen) for _ in range(2))
+    o, lse, oc, lse_c = torch.ops.fusedlab.cat_attention(q, k, v, kc, vc, None, 2, 0.5)
+    with pytest.raises(RuntimeError, match="cat_attention: scale must be a finite number"):
+        torch.ops.fusedlab.cat_attention(q, k, v, kc, vc, None, 2, scale)
+    with pytest.raises(RuntimeError, match="cat_attention_backward: scale must be a finite number"):
+        torch.ops.fusedlab.cat_attention_backward(torch.ones_like(o), None, q, k, v, kc, vc, None, o, lse, oc,
+                                                  lse_c, 2, scale)
+
+
 def test_decode_cuda_backend_needs_cuda_tensors_and_auto_never_takes_it(gen):
     assert fusedlab._backend.resolve("auto", "cat", torch.device("cpu")) == "cpu"
     assert fusedlab._backend.AUTO_GPU_PREFERENCE["cat"] == ("triton",)

@@ -111,6 +111,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cat_attention_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& kc_in,
     const at::Tensor& vc_in, const c10::optional<at::Tensor>& qc_in, int64_t chunk_size, double scale) {
   const Shapes s = check(q_in, k_in, v_in, kc_in, vc_in, qc_in, chunk_size, "cat_attention");
+  FL_CHECK(std::isfinite(scale), "fusedlab.cat_attention: scale must be a finite number, got ", scale);
   auto prep = [&](const at::Tensor& t) { return t.to(s.compute).contiguous(); };
   auto q = prep(q_in), k = prep(k_in), v = prep(v_in), kc = prep(kc_in), vc = prep(vc_in);
   auto qg = grouped(q, s);
@@ -146,6 +147,7 @@ std::vector<at::Tensor> cat_attention_backward_cpu(
     const at::Tensor& o_in, const at::Tensor& lse_in, const at::Tensor& oc_in, const at::Tensor& lse_c_in,
     int64_t chunk_size, double scale) {
   const Shapes s = check(q_in, k_in, v_in, kc_in, vc_in, qc_in, chunk_size, "cat_attention_backward");
+  FL_CHECK(std::isfinite(scale), "fusedlab.cat_attention_backward: scale must be a finite number, got ", scale);
   FL_CHECK(qc_in.has_value() == doc_in.has_value(), "fusedlab.cat_attention_backward: doc must be given "
            "exactly when qc is");
   auto prep = [&](const at::Tensor& t) { return t.to(s.compute).contiguous(); };

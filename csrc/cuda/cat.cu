@@ -200,6 +200,7 @@ std::vector<at::Tensor> cat_attention_backward_cuda(
   const char* op = "cat_attention_backward";
   const CatAttentionShapes s = check_cat_attention_args(q_in, k_in, v_in, kc_in, vc_in, qc_in, chunk_size, op);
   check_cat_attention_cuda_limits(q_in, s, op);
+  FL_CHECK(std::isfinite(scale), "fusedlab.", op, ": scale must be a finite number, got ", scale);
   FL_CHECK(qc_in.has_value() == doc_in.has_value(), "fusedlab.cat_attention_backward: doc must be given "
            "exactly when qc is");
   FL_CHECK(do_in.sizes() == q_in.sizes() && o_in.sizes() == q_in.sizes(), "fusedlab.", op,

@@ -73,6 +73,16 @@ FL_HD FL_INLINE float mul_rn(float x, float y) {
 #endif
 }
 
+// acc + x * y as one fused multiply-add on the device whatever -fmad says, so kernels that recompute the same
+// sums (a forward and its backward) get the same bits; the host build (the simulation) rounds the product.
+FL_HD FL_INLINE float fma_rn(float x, float y, float acc) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(x, y, acc);
+#else
+  return acc + x * y;
+#endif
+}
+
 FL_HD FL_INLINE float log2_f32(float x) {
 #if defined(__CUDA_ARCH__)
   return log2f(x);

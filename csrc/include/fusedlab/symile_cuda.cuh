@@ -34,6 +34,7 @@ namespace cuda {
 
 using fusedlab::cat::cuda::Elem;
 using fusedlab::cat::cuda::exp2_f32;
+using fusedlab::cat::cuda::fma_rn;
 using fusedlab::cat::cuda::mul_rn;
 
 constexpr int kThreads = 128;
@@ -136,7 +137,7 @@ FL_UNROLL
 FL_UNROLL
     for (int r = 0; r < RM; ++r)
 FL_UNROLL
-      for (int c = 0; c < RN; ++c) s[r][c] += x[r] * y[c];
+      for (int c = 0; c < RN; ++c) s[r][c] = fma_rn(x[r], y[c], s[r][c]);  // the same bits in both kernels
   }
 }
 
@@ -304,10 +305,11 @@ __global__ void __launch_bounds__(kThreads, 1) symile_bwd_kernel(const SymilePar
       outer_shift = p.M > 2 ? b : 0.0f;
       outer_weight = wsum;
     }
+    __syncthreads();  // the shift published before any use (tile_logits' barriers do it too, but only when d > 0)
     for (int i0 = w.i0; i0 < w.i1; i0 += BI) {
       for (int j0 = 0; j0 < p.N; j0 += BJ) {
         float s[RM][RN];
-        tile_logits(p, sa, sb, outer, i0, j0, scale, s);  // its barriers also publish the rows and the shift
+        tile_logits(p, sa, sb, outer, i0, j0, scale, s);
 FL_UNROLL
         for (int r = 0; r < RM; ++r) {
           const int i = i0 + ti + kRowGroups * r;
