@@ -405,7 +405,7 @@ def main(argv=None):
     p.add_argument("--every", type=int, default=5, help="FK resampling interval in steps")
     p.add_argument("--overhead-B", type=int, default=64)
     p.add_argument("--overhead-K", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per loop for the overhead (median)")
+    p.add_argument("--repeats", type=int, default=7, help="timed runs per loop for the overhead (median)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (these small MLPs gain little from more; 1 keeps timings steady)")
