@@ -201,15 +201,14 @@ class FKSteering:
             last = i == last_step
             r = reward_fn(x if last else x0)
             try:  # the op reads float32 and float64 rewards, NaN as -inf
-                anc, x_out, moved_r = op(lw, r, r_state, applied, log_norm, ess_history, resampled_history, row, x,
-                                         None, gen, pot, lam, first, last, method, thr, raise_dead)
+                anc, x, moved_r = op(lw, r, r_state, applied, log_norm, ess_history, resampled_history, row, x, None,
+                                     gen, pot, lam, first, last, method, thr, raise_dead)
             except (RuntimeError, TypeError):
                 # the op checks its arguments before it touches the bookkeeping or draws: rewards of the wrong
                 # type or shape are reported here and other dtypes converted, off the per-step path
                 r = self._check_rewards(r, n).to(torch.float64)
-                anc, x_out, moved_r = op(lw, r, r_state, applied, log_norm, ess_history, resampled_history, row, x,
-                                         None, gen, pot, lam, first, last, method, thr, raise_dead)
-            x = x_out
+                anc, x, moved_r = op(lw, r, r_state, applied, log_norm, ess_history, resampled_history, row, x, None,
+                                     gen, pot, lam, first, last, method, thr, raise_dead)
             first, row = False, row + 1
             if last:
                 rewards = r_state if pot == "diff" else moved_r
