@@ -159,6 +159,30 @@ def test_default_raise_under_cuda_graph_capture():
         fusedlab.smc.resample(lw, generator=torch.Generator(), backend="cuda")
 
 
+def test_op_raise_degenerate_captures_and_raises_eagerly():
+    """The CUDA op called directly with raise_degenerate: under CUDA graph capture a device-side assertion
+    (a read-back would break the capture), eagerly a ValueError naming the dead group."""
+    need("cuda")
+    lw = torch.randn(8, 16, device=DEV)
+    u = torch.rand(8, 1, device=DEV, dtype=torch.float64)
+    op = torch.ops.fusedlab.resample
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        op(lw, u, "systematic", 1.0, None, True)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = op(lw, u, "systematic", 1.0, None, True)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert out[1].shape == (8, 16)
+    dead = lw.clone()
+    dead[3] = -math.inf
+    with pytest.raises(ValueError, match="group\\(s\\) 3 have no finite log-weight"):
+        op(dead, u, "systematic", 1.0, None, True)
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_noncontiguous_inputs(backend, gen):

@@ -7,9 +7,11 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAGeneratorImpl.h>
+#include <ATen/ops/_assert_async.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/macros/Macros.h>
@@ -121,11 +123,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return c.outputs();
 }
 
+// raise_degenerate: the status read back and a ValueError naming the dead groups; while the stream is being
+// captured into a CUDA graph, where a read-back is not allowed, a device-side assertion instead (what the
+// Python wrapper itself does there).
+void check_no_degenerate_cuda(const at::Tensor& status) {
+  const c10::cuda::CUDAGuard guard(status.device());
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
+    at::_assert_async(status.select(1, 1).eq(0).all(), "fusedlab.resample: a group has no finite log-weight");
+    return;
+  }
+  check_no_degenerate(status);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> resample_cuda(
     const at::Tensor& log_weights, const std::optional<at::Tensor>& uniforms, c10::string_view method,
     double ess_threshold, std::optional<at::Generator> generator, bool raise_degenerate) {
   auto r = resample_impl(log_weights, uniforms, std::string(method), ess_threshold, nullptr, generator);
-  if (raise_degenerate) check_no_degenerate(std::get<4>(r));
+  if (raise_degenerate) check_no_degenerate_cuda(std::get<4>(r));
   return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r), std::get<4>(r)};
 }
 
@@ -133,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& log_weights, const std::optional<at::Tensor>& uniforms, c10::string_view method,
     double ess_threshold, const at::Tensor& state, std::optional<at::Generator> generator, bool raise_degenerate) {
   auto r = resample_impl(log_weights, uniforms, std::string(method), ess_threshold, &state, generator);
-  if (raise_degenerate) check_no_degenerate(std::get<4>(r));
+  if (raise_degenerate) check_no_degenerate_cuda(std::get<4>(r));
   return r;
 }
 

@@ -472,11 +472,16 @@ inline bool use_fused_gather(int64_t B, int64_t K, int64_t row_bytes, int sm_cou
 
 #if defined(__CUDACC__)
 
+// The most dynamic shared memory any plan asks for: K = kSharedMaxK doubles and offspring counts.
+constexpr size_t kMaxPlanSmem = static_cast<size_t>(kSharedMaxK) * (8 + 4);
+
 template <typename Kernel>
 inline cudaError_t allow_smem(Kernel kernel, size_t smem) {
-  // Above 48 KiB (static + dynamic) a kernel must opt in; 32 KiB leaves room for the static part.
+  // Above 48 KiB (static + dynamic) a kernel must opt in; 32 KiB leaves room for the static part. The limit is
+  // raised to the largest plan's, never to this call's size: the attribute is process-wide, and a smaller
+  // value set by another host thread between its set and our launch would fail our launch.
   if (smem <= 32 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kMaxPlanSmem));
 }
 
 // `g` null: resample only; otherwise the fused kernel also copies the state rows. Returns the status of the
