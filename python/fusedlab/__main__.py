@@ -110,13 +110,13 @@ def demo(quick=False):
     for device, backends in _devices_and_backends():
         shapes = ((4, 8),) if quick else perf_resample.SHAPES
         errors = {be: perf_resample.check(be, device) for be in backends}
-        with tqdm(total=len(shapes), desc=f"resample on {device}", leave=False) as bar:
+        with tqdm(total=len(shapes), desc=f"resample on {device}", leave=False, disable=None) as bar:
             rows = perf_resample.rows(device, backends, shapes, min_run_time, progress=bar)
         all_rows += _resample_display(rows, errors)
         ns_backends = _ns_backends(backends)
         errors = {be: perf_ns.check(be, device) for be in ns_backends}
         shapes = perf_ns.QUICK_SHAPES if quick else perf_ns.SHAPES
-        with tqdm(total=len(shapes) + 1, desc=f"newton_schulz on {device}", leave=False) as bar:
+        with tqdm(total=len(shapes) + 1, desc=f"newton_schulz on {device}", leave=False, disable=None) as bar:
             rows = perf_ns.rows(device, ns_backends, shapes, min_run_time, progress=bar)
             rows.append(perf_ns.optimizer_row(device, quick, min_run_time))
             bar.update(1)
@@ -161,7 +161,7 @@ def bench(out_dir, min_run_time=0.5, shapes=perf_resample.SHAPES, family="resamp
     all_rows = []
     for device, backends in _devices_and_backends(device):
         errors = {be: perf_resample.check(be, device) for be in backends}
-        with tqdm(total=len(shapes), desc=f"resample on {device}") as bar:
+        with tqdm(total=len(shapes), desc=f"resample on {device}", disable=None) as bar:
             rows = perf_resample.rows(device, backends, shapes, min_run_time, progress=bar)
         all_rows += [dict(r, device=device, max_err=errors.get(r["backend"])) for r in rows]
     shown = [dict(r, ms=f"{r['ms']:.4f}", **{k: f"{r[k]:.2f}" for k in ("vs_plain", "vs_naive", "over_clone") if k in r})
@@ -215,7 +215,7 @@ def bench_cat(out_dir, min_run_time=0.5, quick=False, device="all"):
         else:
             points = perf_cat.QUICK_POINTS if quick else perf_cat.CPU_POINTS
             kw = dict(B=1, H=4, dtype=torch.float32, flex=not quick)
-        with tqdm(total=len(points), desc=f"cat on {dev}") as bar:
+        with tqdm(total=len(points), desc=f"cat on {dev}", disable=None) as bar:
             rows += [dict(r, device=dev) for r in perf_cat.rows(dev, points, min_run_time=min(min_run_time, 0.25),
                                                                 progress=bar, **kw)]
     fmt = lambda x, p=3: "" if x is None else f"{x:.{p}f}"  # noqa: E731
@@ -317,7 +317,7 @@ def bench_symile(out_dir, min_run_time=0.5, quick=False, device="all"):
         if dev == "cuda":  # "auto" there: the GEMM chunks at large N and d, which have no backend name
             ours = ["auto"] + ours
         grid = perf_symile.QUICK_GRID if quick else perf_symile.GRID
-        with tqdm(total=len(grid), desc=f"symile on {dev}") as bar:
+        with tqdm(total=len(grid), desc=f"symile on {dev}", disable=None) as bar:
             rows += perf_symile.rows(dev, ours + ["reference"], grid, min_run_time=min(min_run_time, 0.2),
                                      progress=bar)
     fmt = lambda x, p=3: "" if x is None else f"{x:.{p}f}"  # noqa: E731
