@@ -37,9 +37,9 @@ struct Shapes : CatAttentionShapes {
 };
 
 Shapes check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kc,
-             const at::Tensor& vc, const c10::optional<at::Tensor>& qc, int64_t l, const char* op) {
+             const at::Tensor& vc, const c10::optional<at::Tensor>& qc, int64_t l, double scale, const char* op) {
   Shapes s;
-  static_cast<CatAttentionShapes&>(s) = check_cat_attention_args(q, k, v, kc, vc, qc, l, op);
+  static_cast<CatAttentionShapes&>(s) = check_cat_attention_args(q, k, v, kc, vc, qc, l, scale, op);
   s.rows_per_block = std::max<int64_t>(1, kBlockRows / l) * l;
   s.compute = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   return s;
@@ -110,8 +110,7 @@ std::pair<at::Tensor, at::Tensor> compressed_scores(const at::Tensor& qcg, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cat_attention_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& kc_in,
     const at::Tensor& vc_in, const c10::optional<at::Tensor>& qc_in, int64_t chunk_size, double scale) {
-  const Shapes s = check(q_in, k_in, v_in, kc_in, vc_in, qc_in, chunk_size, "cat_attention");
-  FL_CHECK(std::isfinite(scale), "fusedlab.cat_attention: scale must be a finite number, got ", scale);
+  const Shapes s = check(q_in, k_in, v_in, kc_in, vc_in, qc_in, chunk_size, scale, "cat_attention");
   auto prep = [&](const at::Tensor& t) { return t.to(s.compute).contiguous(); };
   auto q = prep(q_in), k = prep(k_in), v = prep(v_in), kc = prep(kc_in), vc = prep(vc_in);
   auto qg = grouped(q, s);
@@ -146,8 +145,7 @@ std::vector<at::Tensor> cat_attention_backward_cpu(
     const at::Tensor& v_in, const at::Tensor& kc_in, const at::Tensor& vc_in, const c10::optional<at::Tensor>& qc_in,
     const at::Tensor& o_in, const at::Tensor& lse_in, const at::Tensor& oc_in, const at::Tensor& lse_c_in,
     int64_t chunk_size, double scale) {
-  const Shapes s = check(q_in, k_in, v_in, kc_in, vc_in, qc_in, chunk_size, "cat_attention_backward");
-  FL_CHECK(std::isfinite(scale), "fusedlab.cat_attention_backward: scale must be a finite number, got ", scale);
+  const Shapes s = check(q_in, k_in, v_in, kc_in, vc_in, qc_in, chunk_size, scale, "cat_attention_backward");
   FL_CHECK(qc_in.has_value() == doc_in.has_value(), "fusedlab.cat_attention_backward: doc must be given "
            "exactly when qc is");
   auto prep = [&](const at::Tensor& t) { return t.to(s.compute).contiguous(); };

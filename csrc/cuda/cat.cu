@@ -169,10 +169,9 @@ void dispatch_attn(at::ScalarType dt, int64_t d, F&& f) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cat_attention_cuda(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& kc_in,
     const at::Tensor& vc_in, const c10::optional<at::Tensor>& qc_in, int64_t chunk_size, double scale) {
-  const CatAttentionShapes s = check_cat_attention_args(q_in, k_in, v_in, kc_in, vc_in, qc_in, chunk_size,
+  const CatAttentionShapes s = check_cat_attention_args(q_in, k_in, v_in, kc_in, vc_in, qc_in, chunk_size, scale,
                                                         "cat_attention");
   check_cat_attention_cuda_limits(q_in, s, "cat_attention");
-  FL_CHECK(std::isfinite(scale), "fusedlab.cat_attention: scale must be a finite number, got ", scale);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(), kc = kc_in.contiguous(),
                    vc = vc_in.contiguous();
@@ -198,9 +197,9 @@ std::vector<at::Tensor> cat_attention_backward_cuda(
     const at::Tensor& o_in, const at::Tensor& lse_in, const at::Tensor& oc_in, const at::Tensor& lse_c_in,
     int64_t chunk_size, double scale) {
   const char* op = "cat_attention_backward";
-  const CatAttentionShapes s = check_cat_attention_args(q_in, k_in, v_in, kc_in, vc_in, qc_in, chunk_size, op);
+  const CatAttentionShapes s = check_cat_attention_args(q_in, k_in, v_in, kc_in, vc_in, qc_in, chunk_size, scale,
+                                                        op);
   check_cat_attention_cuda_limits(q_in, s, op);
-  FL_CHECK(std::isfinite(scale), "fusedlab.", op, ": scale must be a finite number, got ", scale);
   FL_CHECK(qc_in.has_value() == doc_in.has_value(), "fusedlab.cat_attention_backward: doc must be given "
            "exactly when qc is");
   FL_CHECK(do_in.sizes() == q_in.sizes() && o_in.sizes() == q_in.sizes(), "fusedlab.", op,

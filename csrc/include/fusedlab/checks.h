@@ -163,7 +163,9 @@ struct CatAttentionShapes {
 
 inline CatAttentionShapes check_cat_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                    const at::Tensor& kc, const at::Tensor& vc,
-                                                   const c10::optional<at::Tensor>& qc, int64_t l, const char* op) {
+                                                   const c10::optional<at::Tensor>& qc, int64_t l, double scale,
+                                                   const char* op) {
+  FL_CHECK(std::isfinite(scale), "fusedlab.", op, ": scale must be a finite number, got ", scale);
   FL_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && kc.dim() == 4 && vc.dim() == 4,
            "fusedlab.", op, ": q, k, v, kc, vc must be 4-D [B, heads, length, head_dim], got q ", q.sizes(),
            ", k ", k.sizes(), ", kc ", kc.sizes());
