@@ -65,7 +65,7 @@ for fam in "${families[@]}"; do
   if [ "$left" -lt 60 ]; then
     echo "== $fam: skipped, ${left} s of the ${BUDGET_S:-540} s budget left" | tee -a "$LOG"; status=1; continue
   fi
-  echo "== $fam: benchmark target points (limit $(( left < 200 ? left - 10 : 200 )) s)" | tee -a "$LOG"
+  echo "== $fam: benchmark target points (limit $(( left < 200 ? left - 10 : 200 )) s, at $(( $(date +%s) - start )) s)" | tee -a "$LOG"
   timeout $(( left < 200 ? left - 10 : 200 )) $PY -m fusedlab bench --family "$fam" --device cuda --out "$OUT" 2>&1 \
     | tee -a "$LOG" | tail -30 || status=1
   # the json files hold every number and the log holds the printed tables: drop the rest, so that a
@@ -82,5 +82,5 @@ if [ -n "${SWEEP:-}" ]; then
     timeout $(( left - 10 )) $PY -m fusedlab.perf.sweep --out "$OUT" 2>&1 | tee -a "$LOG" | tail -40 || status=1
   fi
 fi
-echo "== done (status $status); results in $OUT" | tee -a "$LOG"
+echo "== done (status $status) after $(( $(date +%s) - start )) s; results in $OUT" | tee -a "$LOG"
 exit $status

@@ -14,6 +14,8 @@ import torch
 from torch.optim._muon import _zeropower_via_newtonschulz as torch_ns
 
 import fusedlab
+from fusedlab import _backend
+from fusedlab.ops.newton_schulz import auto_cuda_choice
 from fusedlab.reference import newton_schulz as ref
 from fusedlab.triton_kernels import newton_schulz as tk
 
@@ -81,11 +83,13 @@ def test_other_dtypes(dtype, gen):
 
 
 def test_large_class_and_auto(gen):
-    """A batch large enough for the 128 x 128 tiles; "auto" sends CUDA tensors to the Triton kernels."""
+    """A batch large enough for the 128 x 128 tiles; "auto" runs the GPU kernel auto_cuda_choice names."""
     G = torch.randn(16, 640, 1280, generator=gen).to(DEV)
     assert tk.size_class(torch.bfloat16, 640, 16) == "large"
     got = fusedlab.ops.newton_schulz(G, dtype=torch.bfloat16)
-    assert torch.equal(got, fusedlab.ops.newton_schulz(G, dtype=torch.bfloat16, backend="triton"))
+    which = auto_cuda_choice(G.shape, [b for b in ("cuda", "triton") if b in _backend.backends()])
+    assert which in ("cuda", "triton")
+    assert torch.equal(got, fusedlab.ops.newton_schulz(G, dtype=torch.bfloat16, backend=which))
     exact = ref.newton_schulz(G.double())
     assert rel(got, exact) <= 2 * rel(torch_muon_ns(G), exact)
 

@@ -350,8 +350,9 @@ def resample(log_weights: torch.Tensor, method: str = "systematic", ess_threshol
             out = op(*args)
         lw_out, anc, ess, log_norm, status = out[:5]
         state_out = out[5] if state is not None else None
-    # status holds the two flags as 0/1 bytes [B, 2]: viewed as bool, both are views (no further kernels)
-    flags = status.view(torch.bool).unbind(1)
+    # status holds the two flags as 0/1 bytes [B, 2]: viewed as bool, both are views (no further kernels);
+    # Inductor cannot lower a view as bool, and fuses the comparison into what reads it anyway
+    flags = (status != 0 if torch.compiler.is_compiling() else status.view(torch.bool)).unbind(1)
     resampled, degenerate = flags[ref.FLAG_RESAMPLED], flags[ref.FLAG_DEGENERATE]
     if on_degenerate == "raise" and not raise_in_op:
         _raise_if_degenerate(degenerate)

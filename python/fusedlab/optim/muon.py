@@ -125,7 +125,7 @@ class Muon(torch.optim.Optimizer):
             batches[(shape, g.dtype, g.device)].append((p, g, state["momentum_buffer"]))
         for (shape, _, _), items in batches.items():
             step_lr = adjusted_lr(lr, group["adjust_lr_fn"], shape[0], shape[1])
-            if world == 1 and _fused_cpu_step(group, items, shape, lr, step_lr, _workspace(self)):
+            if world == 1 and _fused_cpu_step(group, items, shape, lr, step_lr, self):
                 continue
             updates = []
             for _, g, buf in items:
@@ -157,7 +157,7 @@ def _workspace(opt) -> torch.Tensor:
     return ws
 
 
-def _fused_cpu_step(group, items, shape, lr, step_lr, workspace=None) -> bool:
+def _fused_cpu_step(group, items, shape, lr, step_lr, opt=None) -> bool:
     """The whole step of a batch in one C++ call (torch.ops.fusedlab.muon_step_: momentum, scale and cast,
     the iteration, decay and update, with the elementwise work in three passes instead of about eight) where
     it computes exactly what the generic path would: contiguous float32 CPU tensors, the C++ kernel, and the
@@ -176,7 +176,8 @@ def _fused_cpu_step(group, items, shape, lr, step_lr, workspace=None) -> bool:
     torch.ops.fusedlab.muon_step_([p for p, _, _ in items], [g for _, g, _ in items], [b for _, _, b in items],
                                   float(group["momentum"]), bool(group["nesterov"]),
                                   [float(v) for t in triples for v in t], float(scale), float(group["eps"]), dtype,
-                                  float(lr), float(group["weight_decay"]), float(step_lr), workspace)
+                                  float(lr), float(group["weight_decay"]), float(step_lr),
+                                  None if opt is None else _workspace(opt))
     return True
 
 
