@@ -64,6 +64,20 @@ def test_cat_graph_rows_harness():
     assert r["vs_sdpa_compiled"] == r["sdpa_compiled_ms"] / r["ours_compiled_ms"]
 
 
+def test_cat_host_breakdown_harness():
+    """The host-time breakdown the GPU check prints for CAT (on the CPU backend here): every piece timed, the
+    forward+backward's cProfile ranking holds the backward op it ran."""
+    import torch
+    from fusedlab.perf import cat as perf_cat
+
+    r = perf_cat.host_breakdown("cpu", B=1, H=2, L=64, l=8, d=16, dtype=torch.float32, calls=3, top=40)
+    assert set(r["pieces"]) == {"forward (no graph)", "forward (autograd graph)", "forward+backward"}
+    assert all(0 < t["issue_us"] <= t["wall_us"] for t in r["pieces"].values())
+    funcs = r["by_own_time"]["forward+backward"]
+    assert any("cat_attention_backward" in f["name"] for f in funcs), [f["name"] for f in funcs]
+    assert all(f["cum_us"] >= f["own_us"] >= 0 for f in funcs)
+
+
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning")
 def test_config_sweep_harness(monkeypatch):
     """The GPU config sweep (python -m fusedlab.perf.sweep) on tiny shapes under the interpreter, a fixed

@@ -308,8 +308,8 @@ def test_mip_opcheck_auto_and_errors(gen):
     cand, queries = mip_inputs(19, 24, [(6, 24), (24,)], gen, torch.float32)
     cand, queries = cand.to(DEVICE).requires_grad_(), [q.to(DEVICE).requires_grad_() for q in queries]
     torch.library.opcheck(torch.ops.fusedlab.mip_triton.default, (cand, queries))
-    if DEVICE == "cuda":  # "auto" takes the kernel on CUDA tensors, the ATen product and GEMM elsewhere
-        assert torch.equal(fusedlab.ops.mip(cand, queries), torch.ops.fusedlab.mip_triton(cand, queries))
+    # "auto" runs the ATen product and GEMM on every device (measured faster than the fused kernels)
+    assert torch.equal(fusedlab.ops.mip(cand, queries), ref.mip(cand, queries))
     with pytest.raises(ValueError, match="one dtype"):
         fusedlab.ops.mip(cand, [q.double() for q in queries], backend="triton")
 

@@ -8,6 +8,9 @@ only the allowed (query, key) pairs: 4 d per pair forward, 10 d backward (FlashA
 """
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -311,3 +314,65 @@ def profile_breakdown(device, B=2, H=8, L=4096, l=16, d=64, dtype=torch.bfloat16
         return [dict(name=e.key, calls=e.count // 5, self_us_per_call_step=getattr(e, key, 0) / 5) for e in picked]
 
     return dict(B=B, H=H, L=L, l=l, d=d, by_device=rows(dev_key), by_host=rows("self_cpu_time_total"))
+
+
+def host_breakdown(device, B=2, H=8, L=4096, l=16, d=64, dtype=torch.bfloat16, calls=50, top=15):
+    """Where the host's time goes in one forward+backward, without the profiler's own cost: each piece called
+    ``calls`` times back to back, timed to the last call's return ("issue", what the host spends) and to the
+    device's end ("wall"), so that a piece whose issue time matches its wall time holds the GPU up. Pieces:
+    the forward with and without an autograd graph, the whole forward+backward, and on CUDA with the Triton
+    backend the backward's kernels called directly (no autograd) and the forward kernel alone. Then the top
+    functions by own time under cProfile over the forward+backward and the direct backward (per call, us)."""
+    import cProfile
+    import pstats
+    import time
+
+    q, k, v, kc, vc = inputs(B, H, L, l, d, device, dtype)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(device=device, dtype=dtype)
+    cuda = torch.device(device).type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    plain = [t.detach() for t in (q, k, v, kc, vc)]
+    scale = 1.0 / math.sqrt(d)
+    pieces = {
+        "forward (no graph)": lambda: fusedlab.ops.cat_attention(*plain, l),
+        "forward (autograd graph)": lambda: fusedlab.ops.cat_attention(q, k, v, kc, vc, l),
+        "forward+backward": lambda: _fwd_bwd(lambda *a: fusedlab.ops.cat_attention(*a, l), (q, k, v, kc, vc), grad),
+    }
+    if cuda and "triton" in fusedlab.backends():
+        from fusedlab.ops.cat import _cat_triton_backward_eager
+        from fusedlab.triton_kernels import cat as tk
+
+        o, lse, oc, lse_c = tk.forward(*plain, None, l, scale)
+        pieces["forward kernel alone (tk.forward)"] = lambda: tk.forward(*plain, None, l, scale)
+        pieces["backward kernels alone (no autograd)"] = lambda: _cat_triton_backward_eager(
+            grad, None, *plain, None, o, lse, oc, lse_c, l, scale)
+    out = {}
+    for name, fn in pieces.items():
+        for _ in range(3):
+            fn()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        t1 = time.perf_counter()
+        sync()
+        t2 = time.perf_counter()
+        out[name] = dict(issue_us=(t1 - t0) / calls * 1e6, wall_us=(t2 - t0) / calls * 1e6)
+    profiled = {}
+    # cProfile sees the calling thread only: on CUDA the autograd engine runs a backward on its device thread,
+    # so the backward's kernels are profiled again called directly
+    for name in ("forward+backward", "backward kernels alone (no autograd)"):
+        if name not in pieces:
+            continue
+        prof, run = cProfile.Profile(), pieces[name]
+        prof.enable()
+        for _ in range(calls):
+            run()
+        sync()
+        prof.disable()
+        stats = pstats.Stats(prof).stats  # {(file, line, name): (prim calls, calls, own s, cumulative s, callers)}
+        ranked = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+        profiled[name] = [dict(name=f"{os.path.basename(f)}:{line}({fn})", calls=c / calls, own_us=own / calls * 1e6,
+                               cum_us=cum / calls * 1e6) for (f, line, fn), (_, c, own, cum, _) in ranked]
+    return dict(B=B, H=H, L=L, l=l, d=d, calls=calls, pieces=out, by_own_time=profiled)
+
