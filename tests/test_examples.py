@@ -52,16 +52,24 @@ def test_bench_quick(family, exts, tmp_path):
         assert (tmp_path / f"{family}_cpu.{ext}").stat().st_size > 0
 
 
-def test_cat_graph_rows_harness():
-    """The captured-graph CAT comparison (run on GPUs with mode="reduce-overhead") on the CPU's compile: both
-    sides time, the ratio is theirs."""
+def test_cat_graph_rows_harness(monkeypatch):
+    """The captured-graph CAT comparison (run on GPUs with mode="reduce-overhead") on the CPU's compile, with
+    the manual CUDA-graph capture replaced by a plain re-call (no GPU here): every side times, the ratios are
+    theirs."""
     import torch
     from fusedlab.perf import cat as perf_cat
 
+    class Replay:
+        def __init__(self, fn):
+            self.replay = fn
+
+    monkeypatch.setattr(perf_cat, "capture", Replay)
     r, = perf_cat.graph_rows("cpu", [(32, 8)], B=1, H=2, d=16, dtype=torch.float32, min_run_time=0.01,
-                             mode="default")
-    assert all(r[k] > 0 for k in ("ours_compiled_ms", "ours_eager_ms", "sdpa_compiled_ms", "sdpa_eager_ms"))
+                             mode="default", manual_capture=True)
+    assert all(r[k] > 0 for k in ("ours_compiled_ms", "ours_eager_ms", "sdpa_compiled_ms", "sdpa_eager_ms",
+                                  "ours_captured_ms", "sdpa_captured_ms"))
     assert r["vs_sdpa_compiled"] == r["sdpa_compiled_ms"] / r["ours_compiled_ms"]
+    assert r["vs_sdpa_captured"] == r["sdpa_captured_ms"] / r["ours_captured_ms"]
 
 
 def test_cat_host_breakdown_harness():

@@ -301,16 +301,20 @@ def bench_cat(out_dir, min_run_time=0.5, quick=False, device="all"):
         except Exception as err:  # a compile that fails is reported, not fatal
             print(f"cat_graphs: failed: {type(err).__name__}: {err}")
             return
-        shown = [dict(r, **{k: fmt(r[k]) for k in ("ours_compiled_ms", "ours_eager_ms", "sdpa_compiled_ms",
-                                                   "sdpa_eager_ms")},
-                      vs_sdpa_compiled=fmt(r["vs_sdpa_compiled"], 2) + "x", tflops=fmt(r["tflops"], 1))
-                 for r in graphs]
+        ratio = lambda x: "" if x is None else fmt(x, 2) + "x"  # noqa: E731
+        shown = [dict(r, **{k: fmt(r.get(k)) for k in ("ours_compiled_ms", "ours_eager_ms", "sdpa_compiled_ms",
+                                                       "sdpa_eager_ms", "ours_captured_ms", "sdpa_captured_ms")},
+                      vs_sdpa_compiled=ratio(r["vs_sdpa_compiled"]), vs_sdpa_captured=ratio(r.get("vs_sdpa_captured")),
+                      tflops=fmt(r["tflops"], 1)) for r in graphs]
         cols = [("device", "device"), ("mode", "mode"), ("dtype", "dtype"), ("B", "B"), ("H", "H"), ("L", "L"),
                 ("l", "l"), ("d", "d"), ("ours compiled ms", "ours_compiled_ms"), ("ours eager ms", "ours_eager_ms"),
                 ("SDPA compiled ms", "sdpa_compiled_ms"), ("SDPA eager ms", "sdpa_eager_ms"),
-                ("vs SDPA (both compiled)", "vs_sdpa_compiled"), ("useful TFLOP/s", "tflops")]
+                ("vs SDPA (both compiled)", "vs_sdpa_compiled"), ("useful TFLOP/s", "tflops"),
+                ("ours captured ms", "ours_captured_ms"), ("SDPA captured ms", "sdpa_captured_ms"),
+                ("vs SDPA (both captured)", "vs_sdpa_captured"), ("notes", "note")]
         _write_results(out_dir, "cat_graphs", "CAT attention forward+backward in CUDA graphs (torch.compile "
-                       "reduce-overhead), ours and SDPA", graphs, shown, cols)
+                       "reduce-overhead, and each eager step captured whole with torch.cuda.graph), ours and SDPA",
+                       graphs, shown, cols)
 
 
 def bench_symile(out_dir, min_run_time=0.5, quick=False, device="all"):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedlab
-from fusedlab.perf.timing import measure
+from fusedlab.perf.timing import capture, measure
 
 GPU_POINTS = [(L, l) for L in (1024, 4096, 16384) for l in (4, 8, 16, 32)]
 FLEX_POINTS = {(1024, 16), (4096, 4), (4096, 8), (4096, 16), (4096, 32)}  # each costs a compile
@@ -107,11 +107,17 @@ GRAPH_POINTS = [(4096, 16), (16384, 16)]
 
 
 def graph_rows(device, points=GRAPH_POINTS, B=2, H=8, d=64, dtype=torch.bfloat16, min_run_time=0.2,
-               mode="reduce-overhead"):
+               mode="reduce-overhead", manual_capture=None):
     """Forward+backward of ours and of dense causal SDPA, each compiled with ``mode`` (on a GPU
     "reduce-overhead": CUDA graphs, so the host's per-launch cost leaves both; at L = 4096 eager CAT is
     bound by that cost, not by its kernels). Both are compiled the same way, in the same process; the eager
-    times are measured beside them. Other modes run the same harness (the CPU test uses "default")."""
+    times are measured beside them. Other modes run the same harness (the CPU test uses "default").
+
+    With ``manual_capture`` (default: on CUDA devices) each eager forward+backward is also captured whole in
+    one CUDA graph (torch.cuda.graph) and replayed: the GPU time of its kernels with one launch of host work,
+    without the Python that torch.compile's graph trees run around each replay."""
+    if manual_capture is None:
+        manual_capture = torch.device(device).type == "cuda"
     out = []
     for L, l in points:
         q, k, v, kc, vc = inputs(B, H, L, l, d, device, dtype)
@@ -130,7 +136,17 @@ def graph_rows(device, points=GRAPH_POINTS, B=2, H=8, d=64, dtype=torch.bfloat16
 
             row[f"{name}_compiled_ms"] = measure(step, min_run_time).median_ms
             row[f"{name}_eager_ms"] = measure(lambda fn=fn, args=args: _fwd_bwd(fn, args, grad), min_run_time).median_ms
+            if manual_capture:
+                try:
+                    graph = capture(lambda fn=fn, args=args: _fwd_bwd(fn, args, grad))
+                    row[f"{name}_captured_ms"] = measure(graph.replay, min_run_time).median_ms
+                except Exception as err:  # a side that cannot be captured is reported, not fatal
+                    row[f"{name}_captured_ms"] = None
+                    row["note"] = (row.get("note", "") + f"{name} not captured: {type(err).__name__}: "
+                                   f"{str(err).splitlines()[0][:100]}; ")
         row["vs_sdpa_compiled"] = row["sdpa_compiled_ms"] / row["ours_compiled_ms"]
+        if manual_capture and row["ours_captured_ms"] and row["sdpa_captured_ms"]:
+            row["vs_sdpa_captured"] = row["sdpa_captured_ms"] / row["ours_captured_ms"]
         row["tflops"] = (4 + 10) * d * allowed_pairs(L, l) * B * H / row["ours_compiled_ms"] / 1e9
         out.append(row)
     return out

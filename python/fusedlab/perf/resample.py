@@ -10,7 +10,7 @@ import math
 import torch
 
 import fusedlab
-from fusedlab.perf.timing import cuda_launches, measure
+from fusedlab.perf.timing import capture, cuda_launches, measure
 
 SHAPES = ((1, 1024), (1024, 16), (4096, 64), (256, 1024))  # (B, K): the benchmark target points
 STATE_DIM = 16
@@ -103,21 +103,6 @@ def rows(device, backends, shapes=SHAPES, min_run_time=0.2, progress=None):
         if progress is not None:
             progress.update(1)
     return out
-
-
-def capture(fn, warmup=3):
-    """``fn`` captured in a CUDA graph after a few warm-up calls on a side stream (allocator, lazy init), as
-    torch.cuda.graph asks; returns the graph, whose replay re-runs every launch without host work."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
 
 
 def graph_rows(backends, shapes=SHAPES, min_run_time=0.2, device="cuda"):

@@ -41,3 +41,18 @@ def cuda_launches(fn) -> int:
         fn()
         torch.cuda.synchronize()
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def capture(fn, warmup=3):
+    """``fn`` captured in a CUDA graph after a few warm-up calls on a side stream (allocator, lazy init), as
+    torch.cuda.graph asks; returns the graph, whose replay re-runs every launch without host work."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
