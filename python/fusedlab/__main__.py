@@ -375,6 +375,8 @@ def bench_symile(out_dir, min_run_time=0.5, quick=False, device="all"):
 
     for dev, backends in devices:
         ours = [b for b in backends if b in FAMILY_BACKENDS["symile"]]
+        if dev == "cuda":  # "auto" there is the GEMM chunks, the default path, which has no backend name
+            ours = ["auto"] + ours
         impls = ours + ([perf_symile.PACKAGE] if perf_symile.package_available() else [])
         point = perf_symile.QUICK_MEMORY_POINT if quick else \
             perf_symile.GPU_MEMORY_POINT if dev == "cuda" else perf_symile.CPU_MEMORY_POINT
