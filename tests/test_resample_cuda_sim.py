@@ -88,9 +88,11 @@ def _check(got, lw, u, method, thr):
 
 
 CASES = [  # B, K, grid (blocks; fewer than B exercises the grid-stride loop), scratch in shared memory
-    (3, 1, 3, True),
+    (3, 1, 3, True),  # up to K = 64 with shared scratch: 64-thread blocks
     (5, 7, 2, True),
+    (4, 64, 3, True),
     (4, 33, 4, False),
+    (3, 65, 3, True),  # 256-thread blocks from K = 65 on
     (3, 300, 2, True),
     (2, 513, 1, False),
 ]

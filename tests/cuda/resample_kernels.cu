@@ -11,6 +11,13 @@ FL_RESAMPLE_KERNELS(float, true)
 FL_RESAMPLE_KERNELS(float, false)
 FL_RESAMPLE_KERNELS(double, true)
 FL_RESAMPLE_KERNELS(double, false)
+// the small-group blocks (kSmallThreads), shared scratch only
+template __global__ void frc::resample_kernel<float, true, frc::kSmallThreads>(frc::ResampleParams<float>);
+template __global__ void frc::resample_kernel<double, true, frc::kSmallThreads>(frc::ResampleParams<double>);
+template __global__ void frc::resample_gather_kernel<float, true, frc::kSmallThreads>(frc::ResampleParams<float>,
+                                                                                      frc::RowsParams);
+template __global__ void frc::resample_gather_kernel<double, true, frc::kSmallThreads>(frc::ResampleParams<double>,
+                                                                                       frc::RowsParams);
 
 #define FL_GATHER_KERNELS(V)                                                                                 \
   template __global__ void frc::gather_kernel<V, true>(const V*, V*, const int64_t*, int64_t, int, int64_t, int, \

@@ -48,21 +48,27 @@ static int run_resample(const std::string& dir, int64_t B, int K, int method, do
   p.method = method;
   p.ess_threshold = thr;
   const size_t smem = shared ? plan.smem : 0;
+  const bool small = frc::group_threads(shared, K) == frc::kSmallThreads;  // the block size the glue launches
+  const unsigned threads = small ? frc::kSmallThreads : frc::kThreads;
   std::vector<unsigned char> state, state_out;
   if (row_bytes > 0) {
     state = read_file(dir + "/state.bin");
     state_out.assign(state.size(), 0xEE);
     const frc::RowsPlan r = frc::plan_rows(state.data(), state_out.data(), row_bytes);
     const frc::RowsParams g{state.data(), state_out.data(), r.row_vecs, r.vec_bytes, r.log2_lanes};
-    if (shared)
-      fl_sim::launch(grid, frc::kThreads, smem, [&] { frc::resample_gather_kernel<T, true>(p, g); });
+    if (small)
+      fl_sim::launch(grid, threads, smem, [&] { frc::resample_gather_kernel<T, true, frc::kSmallThreads>(p, g); });
+    else if (shared)
+      fl_sim::launch(grid, threads, smem, [&] { frc::resample_gather_kernel<T, true>(p, g); });
     else
-      fl_sim::launch(grid, frc::kThreads, smem, [&] { frc::resample_gather_kernel<T, false>(p, g); });
+      fl_sim::launch(grid, threads, smem, [&] { frc::resample_gather_kernel<T, false>(p, g); });
     write_file(dir + "/state_out.bin", state_out.data(), state_out.size());
+  } else if (small) {
+    fl_sim::launch(grid, threads, smem, [&] { frc::resample_kernel<T, true, frc::kSmallThreads>(p); });
   } else if (shared) {
-    fl_sim::launch(grid, frc::kThreads, smem, [&] { frc::resample_kernel<T, true>(p); });
+    fl_sim::launch(grid, threads, smem, [&] { frc::resample_kernel<T, true>(p); });
   } else {
-    fl_sim::launch(grid, frc::kThreads, smem, [&] { frc::resample_kernel<T, false>(p); });
+    fl_sim::launch(grid, threads, smem, [&] { frc::resample_kernel<T, false>(p); });
   }
   write_file(dir + "/lw_out.bin", lw_out.data(), lw_out.size() * sizeof(T));
   write_file(dir + "/anc.bin", anc.data(), anc.size() * sizeof(int64_t));

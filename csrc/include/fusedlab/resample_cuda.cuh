@@ -36,6 +36,10 @@ namespace resample {
 namespace cuda {
 
 constexpr int kThreads = 256;
+// Groups of at most kSmallMaxK particles (with shared-memory scratch) are resampled by blocks of kSmallThreads:
+// a 256-thread block would leave three quarters of its threads idle through every barrier of the group.
+constexpr int kSmallThreads = 64;
+constexpr int kSmallMaxK = 64;
 // Groups up to this size keep their CDF (K doubles) and offspring counts (K ints) in shared memory.
 constexpr int kSharedMaxK = 4096;
 // Largest K: tile offsets (j + kThreads) stay far from int overflow, and counts fit an int.
@@ -124,16 +128,18 @@ struct RunningPrefix {
   }
 };
 
+// A block's shared state for resampling one group at a time with NT threads.
+template <int NT>
 struct GroupShared {
-  using ReduceMax = cub::BlockReduce<double, kThreads>;
-  using ReduceSums = cub::BlockReduce<Sums, kThreads>;
-  using ScanD = cub::BlockScan<double, kThreads, cub::BLOCK_SCAN_WARP_SCANS>;
-  using ScanI = cub::BlockScan<int, kThreads, cub::BLOCK_SCAN_WARP_SCANS>;
+  using ReduceMax = cub::BlockReduce<double, NT>;
+  using ReduceSums = cub::BlockReduce<Sums, NT>;
+  using ScanD = cub::BlockScan<double, NT, cub::BLOCK_SCAN_WARP_SCANS>;
+  using ScanI = cub::BlockScan<int, NT, cub::BLOCK_SCAN_WARP_SCANS>;
   union {
-    ReduceMax::TempStorage max;
-    ReduceSums::TempStorage sums;
-    ScanD::TempStorage scan_d;
-    ScanI::TempStorage scan_i;
+    typename ReduceMax::TempStorage max;
+    typename ReduceSums::TempStorage sums;
+    typename ScanD::TempStorage scan_d;
+    typename ScanI::TempStorage scan_i;
   } tmp;
   double m;
   Sums sums, rsums;
@@ -149,16 +155,17 @@ __device__ FL_INLINE unsigned char* dynamic_smem() {
 // cnt[0..K) (offspring counts, M in total) -> out[0..M): j repeated cnt[j] times, in order of j.
 // Scans cnt in place into inclusive prefix sums; out[i] is then the first j with prefix > i, so every
 // thread writes a balanced share however the offspring are spread. Caller syncs before (cnt complete).
-__device__ FL_INLINE void write_runs(int* cnt, int K, int64_t* out, int M, GroupShared& sh) {
+template <int NT>
+__device__ FL_INLINE void write_runs(int* cnt, int K, int64_t* out, int M, GroupShared<NT>& sh) {
   RunningPrefix<int> prefix{0};
-  for (int t0 = 0; t0 < K; t0 += kThreads) {
+  for (int t0 = 0; t0 < K; t0 += NT) {
     const int j = t0 + static_cast<int>(threadIdx.x);
     int v = j < K ? cnt[j] : 0;
-    GroupShared::ScanI(sh.tmp.scan_i).InclusiveSum(v, v, prefix);
+    typename GroupShared<NT>::ScanI(sh.tmp.scan_i).InclusiveSum(v, v, prefix);
     if (j < K) cnt[j] = v;
     __syncthreads();
   }
-  for (int i = threadIdx.x; i < M; i += kThreads) {
+  for (int i = threadIdx.x; i < M; i += NT) {
     int lo = 0, hi = K - 1;  // cnt[K-1] == M > i
     while (lo < hi) {
       const int mid = lo + (hi - lo) / 2;
@@ -170,10 +177,10 @@ __device__ FL_INLINE void write_runs(int* cnt, int K, int64_t* out, int M, Group
 
 // ------------------------------------------------------------------------------------------------ one group
 
-// Resample group b with the whole block. `cdf` and `cnt` are K-long scratch rows (shared or global).
-template <typename scalar_t>
+// Resample group b with the whole block (NT threads). `cdf` and `cnt` are K-long scratch rows (shared or global).
+template <typename scalar_t, int NT>
 __device__ FL_INLINE void resample_group(const ResampleParams<scalar_t>& p, int64_t b, double* cdf, int* cnt,
-                                         GroupShared& sh) {
+                                         GroupShared<NT>& sh) {
   const int K = p.K;
   const int tid = threadIdx.x;
   const scalar_t* x = p.lw + b * K;
@@ -184,18 +191,18 @@ __device__ FL_INLINE void resample_group(const ResampleParams<scalar_t>& p, int6
   __syncthreads();  // the previous group's scratch and broadcasts are free again
 
   double m = -INFINITY;
-  for (int j = tid; j < K; j += kThreads) {
+  for (int j = tid; j < K; j += NT) {
     const double v = clean_log_weight(static_cast<double>(x[j]));
     m = v > m ? v : m;
   }
-  m = GroupShared::ReduceMax(sh.tmp.max).Reduce(m, MaxOp());
+  m = typename GroupShared<NT>::ReduceMax(sh.tmp.max).Reduce(m, MaxOp());
   if (tid == 0) sh.m = m;
   __syncthreads();
   m = sh.m;
   const bool degenerate = !(m > -INFINITY && m < INFINITY);
 
   Sums s{0.0, 0.0, -1};
-  for (int j = tid; j < K; j += kThreads) {
+  for (int j = tid; j < K; j += NT) {
     const double w = degenerate ? 1.0 : exp(clean_log_weight(static_cast<double>(x[j])) - m);
     cdf[j] = w;
     s.a += w;
@@ -203,7 +210,7 @@ __device__ FL_INLINE void resample_group(const ResampleParams<scalar_t>& p, int6
     if (w > 0.0) s.last = j;  // j increases per thread
     if (counting) cnt[j] = 0;
   }
-  s = GroupShared::ReduceSums(sh.tmp.sums).Reduce(s, SumsOp());
+  s = typename GroupShared<NT>::ReduceSums(sh.tmp.sums).Reduce(s, SumsOp());
   if (tid == 0) sh.sums = s;
   __syncthreads();
   const double sw = sh.sums.a;
@@ -218,20 +225,20 @@ __device__ FL_INLINE void resample_group(const ResampleParams<scalar_t>& p, int6
   }
   if (!res) {  // uniform over the block: every thread returns here
     const double log_total = m + log(sw), log_k = log(static_cast<double>(K));
-    for (int j = tid; j < K; j += kThreads) {
+    for (int j = tid; j < K; j += NT) {
       anc[j] = j;
       lw_out[j] = static_cast<scalar_t>(carried_log_weight(clean_log_weight(static_cast<double>(x[j])), log_total, log_k));
     }
     return;
   }
-  for (int j = tid; j < K; j += kThreads) lw_out[j] = scalar_t(0);
+  for (int j = tid; j < K; j += NT) lw_out[j] = scalar_t(0);
 
   int base = 0, M = K, lst = last;
   double total = sw;
   if (p.method == kResidual) {
     // n_j = floor(K w_j / S) deterministic copies; the residuals K w_j / S - n_j replace the weights.
     Sums r{0.0, 0.0, -1};
-    for (int j = tid; j < K; j += kThreads) {
+    for (int j = tid; j < K; j += NT) {
       const double kw = static_cast<double>(K) * cdf[j] / sw;
       const double n = floor(kw);
       cdf[j] = kw - n;
@@ -240,7 +247,7 @@ __device__ FL_INLINE void resample_group(const ResampleParams<scalar_t>& p, int6
       r.b += n;
       if (kw - n > 0.0) r.last = j;
     }
-    r = GroupShared::ReduceSums(sh.tmp.sums).Reduce(r, SumsOp());
+    r = typename GroupShared<NT>::ReduceSums(sh.tmp.sums).Reduce(r, SumsOp());
     if (tid == 0) sh.rsums = r;
     __syncthreads();
     r = sh.rsums;
@@ -248,7 +255,7 @@ __device__ FL_INLINE void resample_group(const ResampleParams<scalar_t>& p, int6
     write_runs(cnt, K, anc, n_det, sh);
     if (n_det == K) return;
     __syncthreads();  // everyone is done reading cnt before it is reset
-    for (int j = tid; j < K; j += kThreads) cnt[j] = 0;
+    for (int j = tid; j < K; j += NT) cnt[j] = 0;
     base = n_det;
     M = K - n_det;
     total = r.a;
@@ -257,11 +264,11 @@ __device__ FL_INLINE void resample_group(const ResampleParams<scalar_t>& p, int6
 
   // CDF in place: cumsum / total, exactly 1 from lst on (tiles past lst need no scan).
   RunningPrefix<double> prefix{0.0};
-  for (int t0 = 0; t0 < K; t0 += kThreads) {
+  for (int t0 = 0; t0 < K; t0 += NT) {
     const int j = t0 + tid;
     if (t0 <= lst) {
       double v = j < K ? cdf[j] : 0.0;
-      GroupShared::ScanD(sh.tmp.scan_d).InclusiveSum(v, v, prefix);
+      typename GroupShared<NT>::ScanD(sh.tmp.scan_d).InclusiveSum(v, v, prefix);
       if (j < K) cdf[j] = j >= lst ? 1.0 : v / total;
     } else if (j < K) {
       cdf[j] = 1.0;
@@ -277,10 +284,10 @@ __device__ FL_INLINE void resample_group(const ResampleParams<scalar_t>& p, int6
   if (p.method == kSystematic || p.method == kStratified) {  // points already sorted: write in place
     const bool one = p.method == kSystematic;
     const double u0 = one ? uniform(0) : 0.0;
-    for (int i = tid; i < K; i += kThreads) anc[i] = search_cdf(cdf, lst, grid_point(i, one ? u0 : uniform(i), K));
+    for (int i = tid; i < K; i += NT) anc[i] = search_cdf(cdf, lst, grid_point(i, one ? u0 : uniform(i), K));
     return;
   }
-  for (int i = tid; i < M; i += kThreads) atomicAdd(&cnt[search_cdf(cdf, lst, uniform(i))], 1);
+  for (int i = tid; i < M; i += NT) atomicAdd(&cnt[search_cdf(cdf, lst, uniform(i))], 1);
   __syncthreads();
   write_runs(cnt, K, anc + base, M, sh);
 }
@@ -294,26 +301,27 @@ template <> struct VecOf<4> { using type = uint32_t; };
 template <> struct VecOf<2> { using type = uint16_t; };
 template <> struct VecOf<1> { using type = uint8_t; };
 
-// One group: dst row i <- src row anc[i], rows of n vectors, `lanes` threads per row.
-template <typename V>
+// One group: dst row i <- src row anc[i], rows of n vectors, `lanes` of the block's NT threads per row.
+template <typename V, int NT>
 __device__ FL_INLINE void copy_group_rows(const V* src, V* dst, const int64_t* anc, int K, int64_t n,
                                           int log2_lanes) {
   const int lanes = 1 << log2_lanes;
   const int lane = threadIdx.x & (lanes - 1);
-  for (int i = threadIdx.x >> log2_lanes; i < K; i += kThreads >> log2_lanes) {
+  for (int i = threadIdx.x >> log2_lanes; i < K; i += NT >> log2_lanes) {
     const V* s = src + anc[i] * n;
     V* d = dst + static_cast<int64_t>(i) * n;
     for (int64_t c = lane; c < n; c += lanes) d[c] = s[c];
   }
 }
 
+template <int NT>
 __device__ FL_INLINE void copy_group(const RowsParams& g, int64_t b, const int64_t* anc, int K) {
   const int64_t off = b * K * g.row_vecs;
   switch (g.vec_bytes) {
 #define FL_COPY_CASE(NB)                                                                              \
   case NB: {                                                                                          \
     using V = typename VecOf<NB>::type;                                                               \
-    copy_group_rows<V>(static_cast<const V*>(g.src) + off, static_cast<V*>(g.dst) + off, anc, K, g.row_vecs, \
+    copy_group_rows<V, NT>(static_cast<const V*>(g.src) + off, static_cast<V*>(g.dst) + off, anc, K, g.row_vecs, \
                        g.log2_lanes);                                                                 \
     break;                                                                                            \
   }
@@ -339,27 +347,29 @@ __device__ FL_INLINE void group_scratch(const ResampleParams<scalar_t>& p, doubl
   }
 }
 
-template <typename scalar_t, bool kShared>
-__global__ void __launch_bounds__(kThreads, 2) resample_kernel(ResampleParams<scalar_t> p) {
-  __shared__ GroupShared sh;
+// Blocks of NT threads, one group at a time; at least 2 blocks of 256 or 8 of 64 resident per SM.
+template <typename scalar_t, bool kShared, int NT = kThreads>
+__global__ void __launch_bounds__(NT, NT == kThreads ? 2 : 8) resample_kernel(ResampleParams<scalar_t> p) {
+  __shared__ GroupShared<NT> sh;
   double* cdf;
   int* cnt;
   group_scratch<scalar_t, kShared>(p, cdf, cnt);
-  for (int64_t b = blockIdx.x; b < p.B; b += gridDim.x) resample_group<scalar_t>(p, b, cdf, cnt, sh);
+  for (int64_t b = blockIdx.x; b < p.B; b += gridDim.x) resample_group<scalar_t, NT>(p, b, cdf, cnt, sh);
 }
 
 // Resample a group, then copy its state rows; the block's own ancestor writes are visible after the barrier
 // (plain loads, never the read-only cache, for data written in this kernel).
-template <typename scalar_t, bool kShared>
-__global__ void __launch_bounds__(kThreads, 2) resample_gather_kernel(ResampleParams<scalar_t> p, RowsParams g) {
-  __shared__ GroupShared sh;
+template <typename scalar_t, bool kShared, int NT = kThreads>
+__global__ void __launch_bounds__(NT, NT == kThreads ? 2 : 8) resample_gather_kernel(ResampleParams<scalar_t> p,
+                                                                                    RowsParams g) {
+  __shared__ GroupShared<NT> sh;
   double* cdf;
   int* cnt;
   group_scratch<scalar_t, kShared>(p, cdf, cnt);
   for (int64_t b = blockIdx.x; b < p.B; b += gridDim.x) {
-    resample_group<scalar_t>(p, b, cdf, cnt, sh);
+    resample_group<scalar_t, NT>(p, b, cdf, cnt, sh);
     __syncthreads();
-    copy_group(g, b, p.anc + b * p.K, p.K);
+    copy_group<NT>(g, b, p.anc + b * p.K, p.K);
   }
 }
 
@@ -422,16 +432,22 @@ __global__ void __launch_bounds__(kThreads) gather_inplace_staged_kernel(V* stat
 
 struct ResamplePlan {
   int64_t grid;        // blocks
+  int threads;         // per block: kSmallThreads for small groups in shared memory, else kThreads
   size_t smem;         // dynamic shared memory bytes
   bool shared;         // scratch in shared memory, else ws rows [grid, K]
   bool counts;         // the method needs offspring counts
 };
+
+// Threads per block of the resample kernels: kSmallThreads for groups of at most kSmallMaxK particles whose
+// scratch is in shared memory (the only kSmallThreads kernels instantiated), else kThreads.
+inline int group_threads(bool shared, int64_t K) { return shared && K <= kSmallMaxK ? kSmallThreads : kThreads; }
 
 inline ResamplePlan plan_resample(int64_t B, int64_t K, int method, int sm_count) {
   ResamplePlan plan;
   plan.counts = method == kMultinomial || method == kResidual;
   const int64_t row_bytes = K * (8 + (plan.counts ? 4 : 0));
   plan.shared = K <= kSharedMaxK;
+  plan.threads = group_threads(plan.shared, K);
   if (plan.shared) {
     plan.grid = B < 0x7fffffff ? B : 0x7fffffff;
     plan.smem = static_cast<size_t>(row_bytes);
@@ -490,17 +506,22 @@ template <typename scalar_t>
 cudaError_t launch_resample(const ResampleParams<scalar_t>& p, const ResamplePlan& plan, const RowsParams* g,
                             cudaStream_t stream) {
   if (p.B == 0) return cudaSuccess;
-  const dim3 grid(static_cast<unsigned>(plan.grid)), block(kThreads);
+  const dim3 grid(static_cast<unsigned>(plan.grid)), block(plan.threads);
   cudaError_t err = cudaSuccess;
+  const bool small = plan.threads == kSmallThreads;  // shared scratch of at most kSmallMaxK rows: no opt-in
   if (g == nullptr) {
-    if (plan.shared) {
+    if (small) {
+      resample_kernel<scalar_t, true, kSmallThreads><<<grid, block, plan.smem, stream>>>(p);
+    } else if (plan.shared) {
       err = allow_smem(resample_kernel<scalar_t, true>, plan.smem);
       if (err == cudaSuccess) resample_kernel<scalar_t, true><<<grid, block, plan.smem, stream>>>(p);
     } else {
       resample_kernel<scalar_t, false><<<grid, block, 0, stream>>>(p);
     }
   } else {
-    if (plan.shared) {
+    if (small) {
+      resample_gather_kernel<scalar_t, true, kSmallThreads><<<grid, block, plan.smem, stream>>>(p, *g);
+    } else if (plan.shared) {
       err = allow_smem(resample_gather_kernel<scalar_t, true>, plan.smem);
       if (err == cudaSuccess) resample_gather_kernel<scalar_t, true><<<grid, block, plan.smem, stream>>>(p, *g);
     } else {
