@@ -193,12 +193,15 @@ def test_philox_known_answers(sim, ctr, key, want):
 def test_kernel_draws_its_uniforms_from_philox(sim, tmp_path, gen, method):
     """Without uniforms the kernel draws them itself (no launch of their own): the stream of
     reference.philox_uniforms for the call's seed and offset, so its ancestors are the reference's on those."""
-    for (B, K, grid, shared), (seed, offset) in zip(CASES[1:], [(0, 0), (2**40 + 7, 12), (99, 4 * 10**9), (5, 8)]):
+    cases = [(5, 7, 2, True), (4, 64, 3, True), (3, 300, 2, True), (2, 513, 1, False)]  # both block sizes
+    for (B, K, grid, shared), (seed, offset) in zip(cases, [(0, 0), (2**40 + 7, 12), (99, 4 * 10**9), (5, 8)]):
         lw = _log_weights(B, K, gen, torch.float64)
         u = ref.philox_uniforms(seed, offset, B, 1 if method == "systematic" else K)
         got = _resample(sim, tmp_path, lw, None, method, 1.0, grid, shared, philox=(seed, offset))
         _check(got, lw, u, method, 1.0)
-    # a different offset is a different draw
+    # a different offset is a different draw (equal weights: 300 draws over 300 particles cannot coincide
+    # but by a chance below 1e-100)
+    lw = torch.zeros(2, 300, dtype=torch.float64)
     a = _resample(sim, tmp_path, lw, None, "multinomial", 1.0, 1, True, philox=(5, 8))["anc"]
     b = _resample(sim, tmp_path, lw, None, "multinomial", 1.0, 1, True, philox=(5, 16))["anc"]
     assert not torch.equal(a[0], b[0])

@@ -11,7 +11,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -47,11 +46,11 @@ PhiloxArgs philox_args(const std::optional<at::Generator>& generator, int64_t un
   auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(generator,
                                                                   at::cuda::detail::getDefaultCUDAGenerator());
   // (under graph capture the kernel reads the generator's seed and offset slots: they must be this device's)
-  // (a generator made as torch.Generator("cuda") has no index: it stands for the current device, as in torch's ops)
+  // (a generator made as torch.Generator("cuda") has no index; like torch's ops, it is taken on log_weights'
+  // device, the current one under the caller's device guard)
   const at::Device gen_device = gen->device();
-  const bool same_device = gen_device.type() == device.type() &&
-                           (gen_device.has_index() ? gen_device.index() == device.index()
-                                                   : c10::cuda::current_device() == device.index());
+  const bool same_device =
+      gen_device.type() == device.type() && (!gen_device.has_index() || gen_device.index() == device.index());
   FL_CHECK(same_device, "fusedlab.resample: generator must be on ", device, " like log_weights, got ", gen_device);
   at::PhiloxCudaState st;
   {
