@@ -79,7 +79,9 @@ def test_cat_host_breakdown_harness():
     from fusedlab.perf import cat as perf_cat
 
     r = perf_cat.host_breakdown("cpu", B=1, H=2, L=64, l=8, d=16, dtype=torch.float32, calls=3, top=40)
-    assert set(r["pieces"]) == {"forward (no graph)", "forward (autograd graph)", "forward+backward"}
+    assert set(r["pieces"]) == {"forward (no graph)", "forward (autograd graph)", "forward+backward",
+                                "dense SDPA forward+backward", "forward+backward (backward on the calling thread)",
+                                "one small op (in-place add on 1 element)", "one allocation (torch.empty like q)"}
     assert all(0 < t["issue_us"] <= t["wall_us"] for t in r["pieces"].values())
     funcs = r["by_own_time"]["forward+backward"]
     assert any("cat_attention_backward" in f["name"] for f in funcs), [f["name"] for f in funcs]

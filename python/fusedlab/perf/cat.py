@@ -336,7 +336,8 @@ def host_breakdown(device, B=2, H=8, L=4096, l=16, d=64, dtype=torch.bfloat16, c
     """Where the host's time goes in one forward+backward, without the profiler's own cost: each piece called
     ``calls`` times back to back, timed to the last call's return ("issue", what the host spends) and to the
     device's end ("wall"), so that a piece whose issue time matches its wall time holds the GPU up. Pieces:
-    the forward with and without an autograd graph, the whole forward+backward, and on CUDA with the Triton
+    the forward with and without an autograd graph, the whole forward+backward (also with the backward kept on
+    the calling thread), dense causal SDPA's forward+backward, and on CUDA with the Triton
     backend the backward's kernels called directly (no autograd) and the forward kernel alone. Then the top
     functions by own time under cProfile over the forward+backward and the direct backward (per call, us)."""
     import cProfile
@@ -353,7 +354,21 @@ def host_breakdown(device, B=2, H=8, L=4096, l=16, d=64, dtype=torch.bfloat16, c
         "forward (no graph)": lambda: fusedlab.ops.cat_attention(*plain, l),
         "forward (autograd graph)": lambda: fusedlab.ops.cat_attention(q, k, v, kc, vc, l),
         "forward+backward": lambda: _fwd_bwd(lambda *a: fusedlab.ops.cat_attention(*a, l), (q, k, v, kc, vc), grad),
+        "dense SDPA forward+backward": lambda: _fwd_bwd(
+            lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True), (q, k, v), grad),
     }
+
+    def on_calling_thread():
+        # the autograd engine runs a CUDA backward on its device thread, handing the work over and back per
+        # call; with multithreading off it stays on this one
+        with torch.autograd.set_multithreading_enabled(False):
+            _fwd_bwd(lambda *a: fusedlab.ops.cat_attention(*a, l), (q, k, v, kc, vc), grad)
+
+    pieces["forward+backward (backward on the calling thread)"] = on_calling_thread
+    # this machine's cost of one dispatched op and one allocation, the units the pieces above are made of
+    one = torch.zeros(1, device=device)
+    pieces["one small op (in-place add on 1 element)"] = lambda: one.add_(1.0)
+    pieces["one allocation (torch.empty like q)"] = lambda: torch.empty_like(plain[0])
     if cuda and "triton" in fusedlab.backends():
         from fusedlab.ops.cat import _cat_triton_backward_eager
         from fusedlab.triton_kernels import cat as tk
