@@ -47,17 +47,20 @@ PYBIND11_MODULE(_C, m) {
          at::Tensor& log_norm, at::Tensor& ess_history, at::Tensor& resampled_history, int64_t row,
          const at::Tensor& state, const std::optional<at::Tensor>& uniforms, std::optional<at::Generator> generator,
          const std::string& potential, double lam, bool first, bool last, const std::string& method,
-         double ess_threshold, bool raise_degenerate) {
+         double ess_threshold, bool raise_degenerate, bool state_owned) {
         return translating_errors([&] {
-          return fusedlab::fk_step_cpu(log_weights, rewards, r_state, applied, log_norm, ess_history,
-                                       resampled_history, row, state, uniforms, std::move(generator), potential, lam,
-                                       first, last, method, ess_threshold, raise_degenerate);
+          return fusedlab::fk_step_cpu_owning(log_weights, rewards, r_state, applied, log_norm, ess_history,
+                                              resampled_history, row, state, uniforms, std::move(generator),
+                                              potential, lam, first, last, method, ess_threshold, raise_degenerate,
+                                              state_owned);
         });
       },
-      "torch.ops.fusedlab.fk_step on CPU tensors (same arguments, same function), called directly.",
+      "torch.ops.fusedlab.fk_step on CPU tensors (same arguments, same function), called directly; with "
+      "state_owned (the caller holds the only reference to state) the latents may be moved in place and state "
+      "returned.",
       py::arg("log_weights"), py::arg("rewards"), py::arg("r_state"), py::arg("applied"), py::arg("log_norm"),
       py::arg("ess_history"), py::arg("resampled_history"), py::arg("row"), py::arg("state"), py::arg("uniforms"),
       py::arg("generator"), py::arg("potential"), py::arg("lam"), py::arg("first"), py::arg("last"),
-      py::arg("method"), py::arg("ess_threshold"), py::arg("raise_degenerate"),
+      py::arg("method"), py::arg("ess_threshold"), py::arg("raise_degenerate"), py::arg("state_owned") = false,
       py::call_guard<py::gil_scoped_release>());
 }

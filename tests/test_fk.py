@@ -297,6 +297,50 @@ def test_fused_cpu_step_equals_the_generic_loop(potential, ess_threshold, every,
         assert out.trace[-1][0] == 8 and len(out.trace[1:]) == len(out.trace) - 1
 
 
+@pytest.mark.parametrize("method", fusedlab.smc.METHODS)
+def test_latents_move_in_place_only_when_nothing_else_sees_them(method):
+    """The CPU loop moves the latents inside the tensor the step returned when it holds the only reference and
+    no other tensor shares its storage; a step that keeps its outputs, or returns x0 as a view of x, sees them
+    untouched. Every way gives the generic loop's result (residual's ancestors are not sorted: through a
+    scratch copy)."""
+    def run(backend, keep=None, x0_view=False, numpy=None):
+        g, noise = torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)
+        ptrs = []  # (input, output) storage addresses per step
+
+        def step(x, i):
+            nxt = 0.7 * x + 0.5 * torch.randn(x.shape, generator=noise, dtype=torch.float64)
+            if numpy is not None:  # memory numpy owns (and the caller keeps)
+                numpy.append((nxt.numpy().copy(), nxt.numpy().copy()))
+                nxt = torch.from_numpy(numpy[-1][0])
+            ptrs.append((x.data_ptr(), nxt.data_ptr()))
+            if keep is not None:
+                keep.append((nxt, nxt.clone()))
+            return nxt, (nxt.view(nxt.shape) if x0_view else nxt * 1.0)
+
+        def reward(x0):
+            r = x0[:, 0] - 0.3 * x0[:, 1]
+            r[::11] = float("nan")
+            return r
+
+        fk = fusedlab.smc.FKSteering(reward, lmbda=3.0, potential="diff", num_particles=8, every=2, method=method,
+                                     generator=g, backend=backend, progress=False)
+        out = fk.run(step, torch.randn(5 * 8, 2, generator=noise, dtype=torch.float64), 7)
+        return out, ptrs
+
+    want, _ = run("reference")
+    got, ptrs = run("auto")
+    torch.testing.assert_close(got.samples, want.samples, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.log_weights, want.log_weights, rtol=1e-12, atol=1e-12)
+    # resampling steps 0, 2, 4 (not the last, 6): the next step received the previous step's own buffer
+    assert all(ptrs[i + 1][0] == ptrs[i][1] for i in (0, 2, 4)), ptrs
+    for kw in (dict(keep=[]), dict(x0_view=True), dict(numpy=[])):
+        got, ptrs = run("auto", **kw)
+        torch.testing.assert_close(got.samples, want.samples, rtol=1e-12, atol=1e-12)
+        assert all(ptrs[i + 1][0] != ptrs[i][1] for i in (0, 2, 4)), (kw, ptrs)
+        for kept, copy in kw.get("keep", []) + kw.get("numpy", []):
+            assert (kept == copy).all()
+
+
 def test_fk_step_direct_binding_equals_the_op(gen):
     """fusedlab._C.fk_step (the FK loop's per-step call on CPU) runs the op's kernel without the dispatcher:
     the same outputs, the same in-place updates, the same draws, and the op's exception types."""

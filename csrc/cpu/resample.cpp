@@ -9,6 +9,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/rand.h>
+#include <c10/core/CPUAllocator.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -369,6 +370,25 @@ void gather_group(const char* src, char* dst, const int64_t* anc, int64_t K, int
   }
 }
 
+// The same move in place (`g` holds the group's K rows, `tmp` is scratch). Ancestors sorted within the group,
+// as every scheme but residual gives them: the rows with anc[i] > i first, in increasing i, then those with
+// anc[i] < i in decreasing i, and no row is overwritten before the rows copied from it (for anc[i] > i no
+// later row reads row i, since anc[j] >= anc[i] > i; for anc[i] < i every row reading row i comes after it,
+// already done). Otherwise the group goes through `tmp`.
+void gather_group_inplace(char* g, const int64_t* anc, int64_t K, int64_t row_bytes, std::vector<char>& tmp) {
+  bool sorted = true;
+  for (int64_t i = 1; i < K && sorted; ++i) sorted = anc[i - 1] <= anc[i];
+  if (!sorted) {
+    tmp.assign(g, g + K * row_bytes);
+    gather_group(tmp.data(), g, anc, K, row_bytes);
+    return;
+  }
+  for (int64_t i = 0; i < K; ++i)
+    if (anc[i] > i) std::memcpy(g + i * row_bytes, g + anc[i] * row_bytes, row_bytes);
+  for (int64_t i = K - 1; i >= 0; --i)
+    if (anc[i] < i) std::memcpy(g + i * row_bytes, g + anc[i] * row_bytes, row_bytes);
+}
+
 void check_ancestor_range(const at::Tensor& anc) {
   const int64_t K = anc.size(1);
   const int64_t* a = anc.data_ptr<int64_t>();
@@ -378,7 +398,8 @@ void check_ancestor_range(const at::Tensor& anc) {
                 " at flat index ", i);
 }
 
-// The B groups of one call, spread over threads: resampled, then (when dst is given) their states moved.
+// The B groups of one call, spread over threads: resampled, then (when dst is given) their states moved, in
+// place when dst is src.
 // `flags` [B, 2] receives 0/1 bytes, resampled and degenerate, which the wrapper views as bool. Raw
 // pointers, so that fk_step can run it on its own buffers without allocating tensors.
 template <typename scalar_t>
@@ -395,7 +416,10 @@ void resample_groups(const scalar_t* x, const double* u, int64_t U, int32_t meth
     }
     // The same thread then moves its groups' states: interleaving the copies with the resampling per group
     // measured slower (the copy evicts the next group's inputs).
-    if (dst)
+    std::vector<char> tmp;
+    if (dst == src)
+      for (int64_t b = b0; b < b1; ++b) gather_group_inplace(dst + b * K * row_bytes, anc + b * K, K, row_bytes, tmp);
+    else if (dst)
       for (int64_t b = b0; b < b1; ++b)
         gather_group(src + b * K * row_bytes, dst + b * K * row_bytes, anc + b * K, K, row_bytes);
   });
@@ -503,12 +527,12 @@ int32_t parse_potential(c10::string_view name) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fk_step_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fk_step_cpu_owning(
     at::Tensor& log_weights, const at::Tensor& rewards, at::Tensor& r_state, at::Tensor& applied, at::Tensor& log_norm,
     at::Tensor& ess_history, at::Tensor& resampled_history, int64_t row, const at::Tensor& state,
     const std::optional<at::Tensor>& uniforms_opt, std::optional<at::Generator> generator,
     c10::string_view potential, double lam, bool first, bool last, c10::string_view method, double ess_threshold,
-    bool raise_degenerate) {
+    bool raise_degenerate, bool state_owned) {
   const int32_t pot = parse_potential(potential);
   FL_CHECK(log_weights.dim() == 2 && log_weights.scalar_type() == at::kDouble && log_weights.is_contiguous(),
            "fusedlab.fk_step: log_weights must be contiguous [B, K] float64");
@@ -586,7 +610,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fk_step_cpu(
   // Outputs straight from the CPU allocator (after the model's forward every dispatched call starts from
   // cold caches, so a step is cheaper the fewer it makes), the step's internal results in plain buffers.
   at::Tensor anc = at::detail::empty_cpu({B, K}, at::kLong);
-  at::Tensor st_out = at::detail::empty_cpu(st.sizes(), st.scalar_type());
+  // The latents are moved in place, with no new buffer and only the rows that change copied, where nothing
+  // else can see them: in the copy made above for non-contiguous latents, or in the caller's tensor when the
+  // caller holds its only reference (state_owned), no other tensor shares its storage (a view, x0 taken from
+  // it), nothing needs it for a gradient, and torch's CPU allocator owns its memory (not numpy's, a DLPack
+  // producer's, shared or pinned memory).
+  const bool inplace =
+      !st.is_same(state) || (state_owned && !state.requires_grad() && state.storage().use_count() == 1 &&
+                             state.storage().allocator() == c10::GetCPUAllocator());
+  at::Tensor st_out = inplace ? st : at::Tensor(at::detail::empty_cpu(st.sizes(), st.scalar_type()));
   at::Tensor r_out = at::detail::empty_cpu({last ? n : 0}, at::kDouble);
   std::vector<double> step_ln(B);
   std::vector<uint8_t> flags(2 * B);  // per group: resampled, degenerate
@@ -634,6 +666,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fk_step_cpu(
     }
   }
   return {anc, st_out, r_out};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fk_step_cpu(
+    at::Tensor& log_weights, const at::Tensor& rewards, at::Tensor& r_state, at::Tensor& applied, at::Tensor& log_norm,
+    at::Tensor& ess_history, at::Tensor& resampled_history, int64_t row, const at::Tensor& state,
+    const std::optional<at::Tensor>& uniforms_opt, std::optional<at::Generator> generator,
+    c10::string_view potential, double lam, bool first, bool last, c10::string_view method, double ess_threshold,
+    bool raise_degenerate) {
+  // the op never writes its state argument (its schema says so)
+  return fk_step_cpu_owning(log_weights, rewards, r_state, applied, log_norm, ess_history, resampled_history, row,
+                            state, uniforms_opt, std::move(generator), potential, lam, first, last, method,
+                            ess_threshold, raise_degenerate, /*state_owned=*/false);
 }
 
 TORCH_LIBRARY_IMPL(fusedlab, CPU, m) {

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from sys import getrefcount
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -25,6 +26,15 @@ import torch
 
 from fusedlab import _C
 from fusedlab.ops.resample import METHODS, gather, resample
+
+def _one_name_refcount() -> int:
+    """What sys.getrefcount reports for an object that a single local name holds (2 on CPython through 3.13:
+    the name and the call's argument; an interpreter that borrows the argument reports 1)."""
+    obj = object()
+    return getrefcount(obj)
+
+
+_ONE_NAME_REFS = _one_name_refcount()
 
 POTENTIALS = ("diff", "max", "add", "rt")
 
@@ -200,15 +210,19 @@ class FKSteering:
                 continue
             last = i == last_step
             r = reward_fn(x if last else x0)
+            # the latents may move in place, with no new buffer, when this loop holds the only reference to the
+            # step's output (a step or reward function that kept it, or returned it as x0, adds one); the kernel
+            # also checks that no other tensor shares its storage and that torch allocated it
+            owned = getrefcount(x) == _ONE_NAME_REFS
             try:  # the op reads float32 and float64 rewards, NaN as -inf
                 anc, x, moved_r = op(lw, r, r_state, applied, log_norm, ess_history, resampled_history, row, x, None,
-                                     gen, pot, lam, first, last, method, thr, raise_dead)
+                                     gen, pot, lam, first, last, method, thr, raise_dead, owned)
             except (RuntimeError, TypeError):
                 # the op checks its arguments before it touches the bookkeeping or draws: rewards of the wrong
                 # type or shape are reported here and other dtypes converted, off the per-step path
                 r = self._check_rewards(r, n).to(torch.float64)
                 anc, x, moved_r = op(lw, r, r_state, applied, log_norm, ess_history, resampled_history, row, x, None,
-                                     gen, pot, lam, first, last, method, thr, raise_dead)
+                                     gen, pot, lam, first, last, method, thr, raise_dead, False)
             first, row = False, row + 1
             if last:
                 rewards = r_state if pot == "diff" else moved_r
