@@ -363,6 +363,13 @@ def test_fk_step_direct_binding_equals_the_op(gen):
             b = fusedlab._C.fk_step(*b_book, x, None, torch.Generator().manual_seed(5), *rest)
             for t, u in zip(list(a) + a_book[:7], list(b) + b_book[:7]):
                 assert t.dtype == u.dtype and torch.equal(t, u)
+            # state_owned: the latents moved in place and returned as the state itself, the same values;
+            # a non-contiguous state through the op: moved within the op's own contiguous copy
+            mine, strided = x.clone(), x.t().contiguous().t()
+            c = fusedlab._C.fk_step(*book(rewards), mine, None, torch.Generator().manual_seed(5), *rest, True)
+            d = torch.ops.fusedlab.fk_step(*book(rewards), strided, None, torch.Generator().manual_seed(5), *rest)
+            assert c[1] is mine and torch.equal(c[1], a[1]) and torch.equal(c[0], a[0])
+            assert torch.equal(d[1], a[1]) and torch.equal(strided, x) and not strided.is_contiguous()
     dead = r.clone()
     dead[K:2 * K] = -math.inf  # group 1 dies
     for call in (torch.ops.fusedlab.fk_step, fusedlab._C.fk_step):
