@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from sys import getrefcount
 from dataclasses import dataclass
+from sys import getrefcount
 from typing import Callable, Optional
 
 import torch
 
 from fusedlab import _C
 from fusedlab.ops.resample import METHODS, gather, resample
+
 
 def _one_name_refcount() -> int:
     """What sys.getrefcount reports for an object that a single local name holds (2 on CPython through 3.13:
