@@ -4,7 +4,8 @@ Semantics: python/fusedlab/reference/newton_schulz.py. The C++ CPU kernel runs t
 batch of same-shaped matrices in one op, with the epilogues fused into baddbmm; the Triton kernels
 (triton_kernels/newton_schulz.py: symmetric X X^T and b A + c A A, fused a X + B X) run it on GPUs, and so
 does the CUDA kernel (csrc/cuda/newton_schulz.cu: the same op name, dispatched by device; cuBLAS products with
-the epilogues in baddbmm, the normalization and the transposes in custom kernels; not yet run on a GPU).
+the epilogues in baddbmm, the normalization and the transposes in custom kernels; tested and timed on an H100
+and an H200).
 """
 from __future__ import annotations
 
