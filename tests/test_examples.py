@@ -110,6 +110,27 @@ def test_config_sweep_harness(monkeypatch):
                                 "dkv": dict(config=[16, 32, 4, 1], us=1.0)}
 
 
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning")
+def test_newton_schulz_sweep_harness(monkeypatch):
+    """The Newton-Schulz sweep on the CPU interpreter with a stand-in timer: a lone "large" matrix also gets
+    the row of a X + B X by torch's GEMM (UPDATE_X = "matmul"), checked against the default, and the module's
+    configs and UPDATE_X are restored."""
+    import torch
+    from fusedlab.perf import sweep
+    from fusedlab.triton_kernels import newton_schulz as tk
+
+    before = dict(tk.CONFIGS)
+    monkeypatch.setattr(sweep, "NS_CANDIDATES", {"large": [(16, 16, 1, 1), (32, 16, 1, 1)]})
+    monkeypatch.setattr(tk, "CONFIGS", {k: (16, 16, 1, 1) for k in tk.CONFIGS})
+    rows = sweep.ns_sweep("cpu", dtype=torch.float32, shapes=[("large", (1, 32, 48))],
+                          device_time=lambda fn, names: 2.0 if "gemm" in names else 1.0)
+    assert tk.CONFIGS == {k: (16, 16, 1, 1) for k in before} and tk.UPDATE_X == "triton"
+    assert [r["config"] for r in rows] == [[16, 16, 1, 1], [32, 16, 1, 1], [16, 16, 1, 1]]
+    assert all(r["ok"] and r["max_rel_vs_default"] < 1e-5 for r in rows)
+    assert rows[-1]["update_x"] == "matmul" and rows[-1]["us"] == 2.0 and rows[-1]["us_triton_update"] == 2.0
+    assert set(sweep.best(rows)) == {"large@1x32x48", "large, aX+BX by cuBLAS@1x32x48"}
+
+
 def test_resample_graph_rows_harness(monkeypatch):
     """The CUDA-graph resample comparison with the capture replaced by a plain re-call (no GPU here): one row
     per implementation, ratios from the same run, and a path that fails to capture reported, not fatal."""

@@ -112,6 +112,22 @@ def test_each_term_of_one_step(abc, gen, small_tiles):
     torch.testing.assert_close(triton_ns(G, 1, abc).double().cpu(), want, rtol=0, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_update_by_matmul(dtype, gen, small_tiles, monkeypatch):
+    """UPDATE_X = "matmul": the symmetric kernels with a X + B X from torch.baddbmm (cuBLAS on a GPU), wide,
+    tall (the copy back transposes) and unaligned, one step (each term) and five; the kernel variant agrees."""
+    monkeypatch.setattr(tk, "UPDATE_X", "matmul")
+    for shape, steps, coefficients in (((40, 56), 1, (-0.5, 2.0, -3.0)), ((2, 48, 16), 5, "keller"),
+                                       ((37, 21), 5, "polar_express")):
+        G = randn(shape, gen)
+        got = fusedlab.ops.newton_schulz(G.to(DEVICE), steps, coefficients, dtype=dtype, backend="triton")
+        assert got.shape == G.shape and got.dtype == dtype
+        assert rel(got, ref.newton_schulz(G.double(), steps, coefficients)) < (1e-10 if dtype == torch.float64 else 1e-4)
+    monkeypatch.setattr(tk, "UPDATE_X", "cublas")
+    with pytest.raises(ValueError, match="UPDATE_X must be one of"):
+        triton_ns(G)
+
+
 def test_tall_input_unaligned_and_transposed_store(gen):
     """A tall G is orthogonalized on its transpose; sizes that are multiples of 16 store straight into the
     output (transposed for a tall G), others store whole tiles and copy."""

@@ -13,7 +13,8 @@ batch, int64 batch offsets):
 * ``_update_x_kernel``: X' = a X + B X, a general tiled GEMM with a X added in the epilogue. The last
   step stores straight into the caller's output (transposed for a tall input) when its sizes are
   multiples of 16; otherwise it stores whole tiles and one copy moves the result (masked unaligned stores
-  of a whole tile spill registers).
+  of a whole tile spill registers). With ``UPDATE_X = "matmul"`` this product is torch.baddbmm's instead
+  (cuBLAS on a GPU), a candidate the GPU benchmark and sweep time against the kernel for lone large matrices.
 
 The matrices are zero-padded to whole tiles, which is exact (padded rows and columns of X, A and B stay
 zero) and costs no extra tile products (a masked edge tile computes a whole tile anyway): loads need no
@@ -69,6 +70,12 @@ CONFIGS = {
     ("fp64", "large"): (32, 16, 4, 3),
     ("fp64", "small"): (32, 16, 4, 3),
 }
+#: How X' = a X + B X is computed: "triton" (``_update_x_kernel``) or "matmul" (torch.baddbmm with beta = a: cuBLAS
+#: on a GPU, so the two symmetric products stay Triton's and the general one is the vendor GEMM's, as a
+#: candidate for lone large matrices; then the result takes one extra copy into the caller's layout).
+UPDATE_X = "triton"
+_UPDATE_X_CHOICES = ("triton", "matmul")
+
 #: A call is "large" when the large tile still yields this many upper-triangle programs over the batch
 #: (about one wave on an H100); otherwise the small tile fills the GPU better.
 LARGE_MIN_PROGRAMS = 128
@@ -307,15 +314,21 @@ def newton_schulz(G: torch.Tensor, coefficients: Sequence[float], norm_scale: fl
     grid_x = (t * (np_ // cfg["BLOCK"]), gb)
     A = _out((batch, mp, mp), dtype, G.device)
     Bm = _out((batch, mp, mp), dtype, G.device)
+    if UPDATE_X not in _UPDATE_X_CHOICES:
+        raise ValueError(f"UPDATE_X must be one of {_UPDATE_X_CHOICES}, got {UPDATE_X!r}")
+    matmul = UPDATE_X == "matmul"
     # the last step stores into the caller's layout when its sizes are multiples of 16 (see the module doc)
-    direct = m % 16 == 0 and n % 16 == 0
+    direct = m % 16 == 0 and n % 16 == 0 and not matmul
     spare = _out((batch, mp, np_), dtype, G.device) if steps > 1 or not direct else None
     out = _out((batch, rows, cols), dtype, G.device)
     for s in range(steps):
         a, b, c = coefficients[3 * s: 3 * s + 3]
         _xxt_kernel[grid_sym](X, A, batch, mp, np_, **cfg)
         _gram_update_kernel[grid_sym](A, Bm, batch, mp, b, c, **cfg)
-        if s == steps - 1 and direct:
+        if matmul:  # spare = a X + B X in one GEMM (the a X term rides in beta), zero padding kept
+            torch.baddbmm(X, Bm, X, beta=a, out=spare)
+            X, spare = spare, X
+        elif s == steps - 1 and direct:
             _update_x_kernel[grid_x](Bm, X, out, batch, mp, np_, m, n, m * n, m if tall else n, a, TRANS_OUT=tall,
                                      **cfg)
         else:

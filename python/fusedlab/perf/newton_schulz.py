@@ -5,6 +5,7 @@ torch.optim.Muon step on the same parameters and gradients.
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 
 import torch
@@ -39,15 +40,38 @@ def check(backend, device, seed=0):
     return worst
 
 
+@contextlib.contextmanager
+def _update_x(choice):
+    """Run the Triton path with its UPDATE_X set to ``choice`` (None: unchanged)."""
+    if choice is None:
+        yield
+        return
+    from fusedlab.triton_kernels import newton_schulz as tk
+
+    old, tk.UPDATE_X = tk.UPDATE_X, choice
+    try:
+        yield
+    finally:
+        tk.UPDATE_X = old
+
+
 def rows(device, backends, shapes=SHAPES, min_run_time=0.2, progress=None):
     out = []
     for bsz, m, n in shapes:
         G = torch.randn(bsz, m, n, generator=torch.Generator().manual_seed(1)).to(device)
         peer = measure(lambda: torch_loop(G), min_run_time)
-        for be in backends:
-            t = measure(lambda be=be: fusedlab.ops.newton_schulz(G, dtype=torch.bfloat16, backend=be), min_run_time)
+        # on a GPU, the Triton path also with a X + B X as cuBLAS's GEMM (UPDATE_X = "matmul"): a candidate for
+        # lone large matrices, where the symmetric kernels save FLOPs and the general product may not
+        variants = [(be, None) for be in backends]
+        if G.is_cuda and "triton" in backends and bsz == 1 and min(m, n) >= 2048:
+            variants.append(("triton", "matmul"))
+        for be, update_x in variants:
+            with _update_x(update_x):
+                t = measure(lambda be=be: fusedlab.ops.newton_schulz(G, dtype=torch.bfloat16, backend=be),
+                            min_run_time)
             flops = bsz * 5 * (4 * min(m, n) ** 2 * max(m, n) + 2 * min(m, n) ** 3)
-            out.append(dict(family="newton_schulz", op="newton_schulz (bf16, 5 steps)", backend=be,
+            out.append(dict(family="newton_schulz", op="newton_schulz (bf16, 5 steps)",
+                            backend=be if update_x is None else f"{be} (aX + BX by cuBLAS)",
                             shape=f"{bsz}x{m}x{n}", ms=t.median_ms, peer="torch.optim.Muon's NS, per matrix",
                             peer_ms=peer.median_ms, speedup=peer.median_ms / t.median_ms,
                             note=f"{flops / t.median_ms / 1e6:.0f} GFLOP/s"))

@@ -118,7 +118,35 @@ def ns_sweep(device="cuda", dtype=torch.bfloat16, device_time=device_us, shapes=
         part = _sweep(tk, lambda pas: (kind, pas), {cls: NS_CANDIDATES[cls]}, run, lambda pas: NS_KERNELS,
                       tol=2e-2, device_time=device_time)
         rows += [dict(r, shape=list(shape)) for r in part]
+        if shape[0] == 1 and cls == "large":  # a lone large matrix: a X + B X by cuBLAS instead (UPDATE_X)
+            rows.append(dict(_update_x_row(tk, run, device_time), shape=list(shape), pass_=f"{cls}, aX+BX by cuBLAS",
+                             key=[kind, cls], config=list(tk.CONFIGS[(kind, cls)]), default=False))
     return rows
+
+
+#: the kernels of the UPDATE_X = "matmul" variant: the symmetric ones and cuBLAS's GEMM (named by its kernel
+#: families) plus the copy into the caller's layout
+_MATMUL_KERNELS = NS_KERNELS + ("gemm", "nvjet", "xmma", "cutlass", "copy", "elementwise")
+
+
+def _update_x_row(tk, run, device_time) -> dict:
+    """The default config with UPDATE_X = "matmul", checked against UPDATE_X = "triton"; both timed over the
+    same kernel names (the GEMM's and the copies too, so the normalization's elementwise kernels count on
+    both sides)."""
+    expect = run()
+    triton_us = device_time(run, _MATMUL_KERNELS)
+    old, tk.UPDATE_X = tk.UPDATE_X, "matmul"
+    row = dict(update_x="matmul", us_triton_update=triton_us)
+    try:
+        err = _max_rel(run(), expect)
+        row.update(max_rel_vs_default=err, ok=err <= 2e-2)
+        row["us"] = device_time(run, _MATMUL_KERNELS) if row["ok"] else None
+        row["note"] = f"Triton's aX + BX: {triton_us:.1f} us over the same kernels"
+    except Exception as e:  # reported, not fatal
+        row.update(ok=False, us=None, note=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+    finally:
+        tk.UPDATE_X = old
+    return row
 
 
 def best(rows):
