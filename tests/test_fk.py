@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 import fusedlab
 
@@ -303,12 +304,18 @@ def test_latents_move_in_place_only_when_nothing_else_sees_them(method):
     no other tensor shares its storage; a step that keeps its outputs, or returns x0 as a view of x, sees them
     untouched. Every way gives the generic loop's result (residual's ancestors are not sorted: through a
     scratch copy)."""
-    def run(backend, keep=None, x0_view=False, numpy=None):
+    def run(backend, keep=None, x0_view=False, numpy=None, weak=None):
         g, noise = torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)
         ptrs = []  # (input, output) storage addresses per step
 
         def step(x, i):
+            if weak is not None:  # a cache keyed by the tensor (weakly): a hit must hold x's current values
+                cache, stale = weak
+                if x in cache and not torch.equal(cache[x], x):
+                    stale.append(i)
             nxt = 0.7 * x + 0.5 * torch.randn(x.shape, generator=noise, dtype=torch.float64)
+            if weak is not None:
+                weak[0][nxt] = nxt.clone()
             if numpy is not None:  # memory numpy owns (and the caller keeps)
                 numpy.append((nxt.numpy().copy(), nxt.numpy().copy()))
                 nxt = torch.from_numpy(numpy[-1][0])
@@ -333,12 +340,73 @@ def test_latents_move_in_place_only_when_nothing_else_sees_them(method):
     torch.testing.assert_close(got.log_weights, want.log_weights, rtol=1e-12, atol=1e-12)
     # resampling steps 0, 2, 4 (not the last, 6): the next step received the previous step's own buffer
     assert all(ptrs[i + 1][0] == ptrs[i][1] for i in (0, 2, 4)), ptrs
-    for kw in (dict(keep=[]), dict(x0_view=True), dict(numpy=[])):
+    for kw in (dict(keep=[]), dict(x0_view=True), dict(numpy=[]), dict(weak=(WeakIdKeyDictionary(), []))):
         got, ptrs = run("auto", **kw)
         torch.testing.assert_close(got.samples, want.samples, rtol=1e-12, atol=1e-12)
         assert all(ptrs[i + 1][0] != ptrs[i][1] for i in (0, 2, 4)), (kw, ptrs)
         for kept, copy in kw.get("keep", []) + kw.get("numpy", []):
             assert (kept == copy).all()
+        assert not kw.get("weak", (None, []))[1], kw  # no stale cache hit
+
+
+def test_one_name_refcount_calibration_is_capped():
+    """A tracer that reads frame locals during the calibration holds one more reference to the probe object;
+    the baseline stays at most 2, so such a run can never take a tensor held elsewhere for the loop's own."""
+    import sys
+
+    from fusedlab.smc import fk
+
+    def tracer(frame, event, arg):
+        frame.f_locals  # noqa: B018 (the locals snapshot keeps a reference)
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        traced = fk._one_name_refcount()
+        capped = fk._calibrated_one_name_refs()
+    finally:
+        sys.settrace(None)
+    assert traced >= capped and capped <= 2 and fk._ONE_NAME_REFS <= 2
+
+
+def test_fk_step_direct_binding_guards(gen):
+    """The direct binding skips the dispatcher's checks: other devices and layouts are refused; a lazily negated
+    state is moved by value; an in-place move bumps the tensor's version (autograd refuses a stale saved
+    tensor), and works on inference tensors (which have no version)."""
+    B, K = 3, 4
+    r = torch.randn(B * K, generator=gen, dtype=torch.float64)
+
+    def book(rewards=r):
+        return [torch.zeros(B, K, dtype=torch.float64), rewards, torch.zeros(B * K, dtype=torch.float64),
+                torch.zeros(B * K, dtype=torch.float64), torch.zeros(B, dtype=torch.float64),
+                torch.zeros(1, B, dtype=torch.float64), torch.zeros(1, B, dtype=torch.bool), 0]
+
+    def call(state, owned, rewards=r):
+        return fusedlab._C.fk_step(*book(rewards), state, None, torch.Generator().manual_seed(1), "diff", 4.0, True,
+                                   False, "systematic", 1.0, True, owned)
+
+    x = torch.randn(B * K, 2, generator=gen)
+    want = call(x.clone(), False)
+    assert not torch.equal(want[0], torch.arange(K).expand(B, K))  # some particle moved
+    # a negative view: its values move, not its raw bytes, through the op and the binding
+    neg = torch._neg_view(-x)
+    assert neg.is_neg() and torch.equal(call(neg, True)[1], want[1])
+    assert torch.equal(torch.ops.fusedlab.fk_step(*book(), neg, None, torch.Generator().manual_seed(1), "diff", 4.0, True,
+                                                  False, "systematic", 1.0, True)[1], want[1])
+    # in place on a tensor autograd saved: its version moves on, so the stale backward raises
+    mine, w = x.clone(), torch.ones(2, requires_grad=True)
+    y = (mine * w).sum()
+    got = call(mine, True)
+    assert got[1] is mine and torch.equal(mine, want[1])
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+    with torch.inference_mode():
+        inf = x.clone()
+    got = call(inf, True)
+    assert got[1] is inf and torch.equal(inf, want[1])
+    for state, rewards in ((x.to("meta"), r), (x, r.to("meta")), (x.to_sparse(), r)):
+        with pytest.raises(RuntimeError, match="dense CPU tensor"):
+            call(state, False, rewards)
 
 
 def test_fk_step_direct_binding_equals_the_op(gen):

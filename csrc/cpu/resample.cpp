@@ -112,9 +112,10 @@ double running_sum(const double* __restrict w, double* __restrict cdf, int64_t K
   return offset;
 }
 
-// A group that is not resampled: ancestors i and the carried log-weights (NaN as -inf).
+// A group that is not resampled: ancestors i and the carried log-weights (NaN as -inf). `out` may be `x` (fk_step
+// carries the log-weights over themselves), so the two are not declared __restrict.
 template <typename scalar_t>
-inline void carry_body(const scalar_t* __restrict x, scalar_t* __restrict out, int64_t* __restrict anc, int64_t K,
+inline void carry_body(const scalar_t* x, scalar_t* out, int64_t* __restrict anc, int64_t K,
                        double log_total, double log_k) {
   for (int64_t j = 0; j < K; ++j) {
     anc[j] = j;
@@ -558,6 +559,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fk_step_cpu_owning(
            "), got ", row);
   FL_CHECK(state.dim() >= 1 && state.size(0) == n, "fusedlab.fk_step: state must have B * K = ", n,
            " rows, got shape ", state.sizes());
+  // the direct binding (fusedlab._C.fk_step) skips the dispatcher, which would have sent other devices elsewhere
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{
+           &log_weights, &rewards, &r_state, &applied, &log_norm, &ess_history, &resampled_history, &state})
+    FL_CHECK(t->device().is_cpu() && t->layout() == at::kStrided,
+             "fusedlab.fk_step: every tensor must be a dense CPU tensor, got one on ", t->device().str());
+  // the latents move as raw bytes, which a quantized tensor's values are not
+  FL_CHECK(!state.is_quantized(), "fusedlab.fk_step: state must not be quantized; call dequantize() first");
   // every check before the bookkeeping is touched; the uniforms, when not given, drawn from the generator
   const int32_t m = parse_resample_method(std::string(method));
   check_resample_log_weights(log_weights, ess_threshold);
@@ -604,14 +612,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fk_step_cpu_owning(
       w[i] += g;
     }
   }
-  // The latents in the FK layout [B*K, ...]: contiguous, they are already the groups' rows.
-  const at::Tensor st = state.contiguous();
+  // The latents in the FK layout [B*K, ...]: contiguous, they are already the groups' rows. A lazily conjugated
+  // or negated view is materialized first, since the rows move as raw bytes (checked before calling: each
+  // dispatched call costs tens of microseconds right after the model's forward).
+  at::Tensor resolved = state;
+  if (resolved.is_conj()) resolved = resolved.resolve_conj();
+  if (resolved.is_neg()) resolved = resolved.resolve_neg();
+  const at::Tensor st = resolved.contiguous();
   const int64_t row_bytes = n > 0 ? st.numel() / n * static_cast<int64_t>(st.element_size()) : 0;
   // Outputs straight from the CPU allocator (after the model's forward every dispatched call starts from
   // cold caches, so a step is cheaper the fewer it makes), the step's internal results in plain buffers.
   at::Tensor anc = at::detail::empty_cpu({B, K}, at::kLong);
   // The latents are moved in place, with no new buffer and only the rows that change copied, where nothing
-  // else can see them: in the copy made above for non-contiguous latents, or in the caller's tensor when the
+  // else can see them: in the copy made above for non-contiguous or lazy views, or in the caller's tensor when the
   // caller holds its only reference (state_owned), no other tensor shares its storage (a view, x0 taken from
   // it), nothing needs it for a gradient, and torch's CPU allocator owns its memory (not numpy's, a DLPack
   // producer's, shared or pinned memory).
@@ -619,6 +632,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fk_step_cpu_owning(
       !st.is_same(state) || (state_owned && !state.requires_grad() && state.storage().use_count() == 1 &&
                              state.storage().allocator() == c10::GetCPUAllocator());
   at::Tensor st_out = inplace ? st : at::Tensor(at::detail::empty_cpu(st.sizes(), st.scalar_type()));
+  // an in-place move is a write: anything that saved this tensor's version (autograd) must see it (an inference
+  // tensor has no version counter, and nothing can save it for a gradient)
+  if (inplace && st.is_same(state) && !state.is_inference()) state.unsafeGetTensorImpl()->bump_version();
   at::Tensor r_out = at::detail::empty_cpu({last ? n : 0}, at::kDouble);
   std::vector<double> step_ln(B);
   std::vector<uint8_t> flags(2 * B);  // per group: resampled, degenerate

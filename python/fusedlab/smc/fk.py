@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from sys import getrefcount
 from typing import Callable, Optional
+from weakref import getweakrefcount
 
 import torch
 
@@ -35,7 +36,13 @@ def _one_name_refcount() -> int:
     return getrefcount(obj)
 
 
-_ONE_NAME_REFS = _one_name_refcount()
+def _calibrated_one_name_refs() -> int:
+    """The baseline, at most 2: a tracer or debugger reading the frame's locals during the calibration holds one
+    more reference, and a baseline too high would take a tensor that someone else holds for the loop's own."""
+    return min(_one_name_refcount(), 2)
+
+
+_ONE_NAME_REFS = _calibrated_one_name_refs()
 
 POTENTIALS = ("diff", "max", "add", "rt")
 
@@ -214,14 +221,19 @@ class FKSteering:
             # the latents may move in place, with no new buffer, when this loop holds the only reference to the
             # step's output (a step or reward function that kept it, or returned it as x0, adds one); the kernel
             # also checks that no other tensor shares its storage and that torch allocated it
-            owned = getrefcount(x) == _ONE_NAME_REFS
-            try:  # the op reads float32 and float64 rewards, NaN as -inf
+            # (a weak reference, e.g. a cache keyed by the tensor, would see its contents change)
+            owned = getrefcount(x) == _ONE_NAME_REFS and not getweakrefcount(x)
+            try:  # the op reads float32 and float64 CPU rewards, NaN as -inf
                 anc, x, moved_r = op(lw, r, r_state, applied, log_norm, ess_history, resampled_history, row, x, None,
                                      gen, pot, lam, first, last, method, thr, raise_dead, owned)
             except (RuntimeError, TypeError):
                 # the op checks its arguments before it touches the bookkeeping or draws: rewards of the wrong
-                # type or shape are reported here and other dtypes converted, off the per-step path
-                r = self._check_rewards(r, n).to(torch.float64)
+                # type, shape or device are reported here and other dtypes converted, off the per-step path. Any
+                # other error (raised later, perhaps after the potential was applied) is not retried.
+                if (isinstance(r, torch.Tensor) and r.dtype in (torch.float32, torch.float64) and r.shape == (n,)
+                        and r.device.type == "cpu"):
+                    raise
+                r = self._check_rewards(r, n).to(device="cpu", dtype=torch.float64)
                 anc, x, moved_r = op(lw, r, r_state, applied, log_norm, ess_history, resampled_history, row, x, None,
                                      gen, pot, lam, first, last, method, thr, raise_dead, False)
             first, row = False, row + 1
