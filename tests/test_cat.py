@@ -2,6 +2,7 @@
 gradients, autocast and argument errors."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -149,6 +150,20 @@ def test_return_forms_and_default_scale(gen):
     assert torch.equal(o, o2) and torch.equal(o, o3) and torch.equal(lse, lse3)
     assert lse.dtype == torch.float32 and oc.shape == qc.shape and lse_c.shape == (1, 2, 3)
     torch.testing.assert_close(o, fusedlab.ops.cat_attention(q, k, v, kc, vc, 4, scale=0.25))
+    # numpy and torch integer chunk sizes are sizes; a bool is not
+    torch.testing.assert_close(o, fusedlab.ops.cat_attention(q, k, v, kc, vc, np.int64(4)))
+    torch.testing.assert_close(o, fusedlab.ops.cat_attention(q, k, v, kc, vc, torch.tensor(4)))
+    with pytest.raises(ValueError, match="chunk_size must be an int"):
+        fusedlab.ops.cat_attention(q, k, v, kc, vc, True)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_log_sum_exps_carry_no_gradient_on_any_backend(backend, gen):
+    """As FlashAttention's: the returned log-sum-exps are constants for autograd, so every backend gives the
+    same gradients whatever a loss does with them."""
+    q, k, v, kc, vc, qc = (t.requires_grad_() for t in draw(gen, 1, 2, 2, 8, 3, 16, dtype=torch.float64))
+    o, oc, lse, lse_c = fusedlab.ops.cat_attention(q, k, v, kc, vc, 4, qc=qc, return_lse=True, backend=backend)
+    assert not lse.requires_grad and not lse_c.requires_grad and o.requires_grad and oc.requires_grad
 
 
 def test_autocast_casts_inputs(gen):
@@ -220,7 +235,10 @@ def test_decode_matches_attention_over_the_filled_cache(gen):
                                              (dict(n_raw=torch.tensor([3, 1])), r"n_raw must lie in \[0, 2\]"),
                                              (dict(n_raw=torch.tensor([1.0, 0.0])), "n_raw must be an integer"),
                                              (dict(q=torch.zeros(2, 3, 8)), "multiple of the cache's 2 kv heads"),
-                                             (dict(k=torch.zeros(2, 2, 2, 4)), "expected q")])
+                                             (dict(k=torch.zeros(2, 2, 2, 4)), "expected q"),
+                                             (dict(kc=torch.zeros(2, 0, 4, 8), vc=torch.zeros(2, 0, 4, 8),
+                                                   k=torch.zeros(2, 0, 2, 8), v=torch.zeros(2, 0, 2, 8)),
+                                              "multiple of the cache's 0 kv heads")])
 def test_decode_errors(change, pattern):
     args = dict(q=torch.zeros(2, 4, 8), kc=torch.zeros(2, 2, 4, 8), vc=torch.zeros(2, 2, 4, 8),
                 n_slots=torch.tensor([4, 1]), k=torch.zeros(2, 2, 2, 8), v=torch.zeros(2, 2, 2, 8),
@@ -228,6 +246,19 @@ def test_decode_errors(change, pattern):
     args.update(change)
     with pytest.raises(ValueError, match=pattern):
         fusedlab.ops.cat_decode(**args)
+
+
+def test_decode_under_autocast_casts_inputs(gen):
+    """As cat_attention: under torch.autocast a float32 cache and a bfloat16 query are cast to the autocast
+    dtype first (a generation loop's query comes from an autocast linear, its cache may not)."""
+    q = torch.randn(2, 4, 8, generator=gen).bfloat16()
+    kc, vc = torch.randn(2, 2, 2, 4, 8, generator=gen)
+    k, v = torch.randn(2, 2, 2, 3, 8, generator=gen)
+    n_slots, n_raw = torch.tensor([4, 2]), torch.tensor([1, 3])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fusedlab.ops.cat_decode(q, kc, vc, n_slots, k, v, n_raw)
+    want = fusedlab.ops.cat_decode(*(t.bfloat16() for t in (q, kc, vc)), n_slots, *(t.bfloat16() for t in (k, v)), n_raw)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
 
 
 # -------------------------------------------------------------------------------------------- decode: the C++ op

@@ -65,9 +65,17 @@ def test_rotary_is_a_rotation_and_identity_at_zero(gen):
     # relative: <R(p) a, R(p + s) b> depends on s only
     a, b = x[0, 0], x[1, 0]
     dots = [(rotary(a[None], torch.tensor([p])) * rotary(b[None], torch.tensor([p + 2]))).sum() for p in (0, 3, 7)]
-    # the angle tables are float32: the dots agree to float32 precision (float64's default tolerance fails
-    # on some draws)
-    torch.testing.assert_close(torch.stack(dots), dots[0].expand(3), rtol=1e-5, atol=1e-5)
+    # float64 inputs get float64 angle tables: the dots agree to float64 precision
+    torch.testing.assert_close(torch.stack(dots), dots[0].expand(3), rtol=1e-12, atol=1e-12)
+    # and match an exact rotation
+    ang = 7 * 10000.0 ** (-torch.arange(4, dtype=torch.float64) * 2 / 8)
+    want = torch.cat([a[:4] * ang.cos() - a[4:] * ang.sin(), a[:4] * ang.sin() + a[4:] * ang.cos()])
+    torch.testing.assert_close(rotary(a[None], torch.tensor([7]))[0], want, rtol=1e-14, atol=1e-14)
+
+
+def test_empty_batch():
+    layer = fusedlab.nn.CATAttention(32, 4, 4)
+    assert layer(torch.randn(0, 5, 32)).shape == (0, 5, 32)
 
 
 @pytest.mark.parametrize("kw, pattern", [(dict(n_heads=3, n_kv_heads=2), "multiple of n_kv_heads"),

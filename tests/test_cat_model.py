@@ -115,3 +115,49 @@ def test_generate_errors(gen):
         model.generate(torch.zeros(1, 0, dtype=torch.long), 10)
     with pytest.raises(ValueError, match="temperature"):
         model.generate(torch.zeros(1, 3, dtype=torch.long), 2, temperature=-1.0)
+
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
+def test_sliced_batches_autocast_and_the_default_chunk_size(gen):
+    """Inputs as training loops make them: a sliced batch (tokens[:, :-1], not contiguous) at a multiple of l;
+    CPU autocast (the two streams come out in different dtypes) through forward, loss and generate; no chunk
+    size means the largest trained one."""
+    model = make((2, 4, 8)).float()
+    batch = torch.randint(0, 40, (2, 17), generator=gen)
+    sliced = batch[:, :16]
+    assert not sliced.is_contiguous()
+    torch.testing.assert_close(model(sliced, 4), model(sliced.contiguous(), 4), rtol=0, atol=0)
+    assert torch.equal(model.generate(sliced[:, :8], 5, chunk_size=4),
+                       model.generate(sliced[:, :8].contiguous(), 5, chunk_size=4))
+    assert model._chunk_size(None) == 8 and torch.equal(model(batch), model(batch, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(batch, 4)
+        loss = model.loss(batch, 4)
+        out = model.generate(batch[:, :5], 6, chunk_size=4)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(loss) and out.shape == (2, 11)
+    torch.testing.assert_close(logits.float(), model(batch, 4), atol=0.1, rtol=0.1)
+
+
+def test_generate_uses_the_configured_backend_and_keeps_the_prompt_dtype(gen, monkeypatch):
+    from fusedlab.nn import cat_model
+
+    model = make((4,), backend="reference")
+    seen = []
+    decode = cat_model.cat_decode
+    monkeypatch.setattr(cat_model, "cat_decode", lambda *a, **kw: seen.append(kw.get("backend")) or decode(*a, **kw))
+    prompt = torch.randint(0, 40, (2, 3), generator=gen, dtype=torch.int32)
+    out = model.generate(prompt, 4)
+    assert seen and set(seen) == {"reference"} and out.dtype == torch.int32
+    assert cat_model._decode_backend("cpu", torch.device("meta")) == "auto"
+
+
+def test_loss_and_generate_argument_errors(gen):
+    model = make((4,))
+    with pytest.raises(ValueError, match="L >= 2"):
+        model.loss(torch.zeros(2, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="top_k an int"):
+        model.generate(torch.zeros(1, 3, dtype=torch.long), 2, temperature=1.0, top_k=2.0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(torch.zeros(1, 3, dtype=torch.long), True)
+    with pytest.raises(ValueError, match="chunk_size must be one of"):
+        model(torch.zeros(1, 8, dtype=torch.long), True)

@@ -25,8 +25,9 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> t
     """Rotate pairs (x[..., :d/2], x[..., d/2:]) of x [..., T, d] by angles positions * base^(-2i/d)."""
     d = x.shape[-1]
     half = d // 2
-    freqs = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) * 2 / d)
-    ang = positions.to(torch.float32)[:, None] * freqs[None, :]
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32  # float64 models rotate exactly
+    freqs = base ** (-torch.arange(half, device=x.device, dtype=work) * 2 / d)
+    ang = positions.to(work)[:, None] * freqs[None, :]
     cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
     a, b = x[..., :half], x[..., half: 2 * half]
     out = torch.cat([a * cos - b * sin, a * sin + b * cos], -1)
@@ -97,7 +98,7 @@ class CATAttention(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be [B, L, {self.dim}], got shape {tuple(x.shape)}")
         B, L, _ = x.shape
-        heads = lambda t, n: t.view(B, -1, n, self.head_dim).transpose(1, 2)  # noqa: E731
+        heads = lambda t, n: t.view(B, t.shape[1], n, self.head_dim).transpose(1, 2)  # noqa: E731 (B may be 0)
         q = heads(self.wq(x), self.n_heads)
         k = heads(self.wk(x), self.n_kv_heads)
         v = heads(self.wv(x), self.n_kv_heads)

@@ -16,6 +16,7 @@ chunk (F at 0; tokens at 1.., or SEP at 1 and tokens at 2.. adaptive).
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -168,7 +169,7 @@ class Compressor(nn.Module):
         c = self.config
         B, n = tokens.shape
         K = n // l
-        x = self.wte(tokens.view(B * K, l))
+        x = self.wte(tokens.reshape(B * K, l))  # reshape: a sliced batch (tokens[:, :-1]) is not contiguous
         index = torch.arange(first_chunk, first_chunk + K, device=tokens.device)
         special = [self.pos_tokens(index).repeat(B, 1)[:, None]]
         if self.size_tokens is not None:
@@ -218,9 +219,16 @@ class DecoderBlock(nn.Module):
         else:
             cache.add_raw(k, v)
             n_raw = cache.n_raw
-        o = cat_decode(q[:, :, 0], cache.kc, cache.vc, cache.n_slots, cache.k, cache.v, n_raw)
+        o = cat_decode(q[:, :, 0], cache.kc, cache.vc, cache.n_slots, cache.k, cache.v, n_raw,
+                       backend=_decode_backend(self.backend, h.device))
         h = h + self.attn.out(o[:, :, None])
         return h + self.mlp(self.mlp_norm(h))
+
+
+def _decode_backend(backend: str, device: torch.device) -> str:
+    """The model's cat_attention backend for cat_decode where it applies to the device ("cpu" names the C++
+    kernel, which only takes CPU tensors; "auto" otherwise)."""
+    return "auto" if backend == "cpu" and device.type != "cpu" else backend
 
 
 class _LayerCache:
@@ -290,11 +298,14 @@ class CATTransformer(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
 
     def _chunk_size(self, chunk_size):
+        """The chunk size of a call: one of config.chunk_sizes, the largest when None."""
         c = self.config
-        chunk_size = c.chunk_sizes[-1] if chunk_size is None else chunk_size
-        if chunk_size not in c.chunk_sizes:
-            raise ValueError(f"chunk_size must be one of the trained sizes {c.chunk_sizes}, got {chunk_size}")
-        return chunk_size
+        if chunk_size is None:
+            return max(c.chunk_sizes)
+        if isinstance(chunk_size, bool) or not hasattr(chunk_size, "__index__") or \
+                operator.index(chunk_size) not in c.chunk_sizes:
+            raise ValueError(f"chunk_size must be one of the trained sizes {c.chunk_sizes}, got {chunk_size!r}")
+        return operator.index(chunk_size)
 
     def compressed_stream(self, tokens: torch.Tensor, l: int) -> torch.Tensor:
         """[B, K + 1, dim]: F_0 (start / conditioning) and the compression of every chunk (the last one
@@ -352,11 +363,16 @@ class CATTransformer(nn.Module):
         return self.norm(x), self.norm(f), l
 
     def forward(self, tokens: torch.Tensor, chunk_size: Optional[int] = None) -> torch.Tensor:
+        """Next-token logits [B, L, vocab] of tokens [B, L] at ``chunk_size`` (one of config.chunk_sizes; None:
+        the largest; an adaptive model is trained on each, e.g. with chunk_size_for_step)."""
         x, f, l = self.hidden(tokens, chunk_size)
         return self._logits_from(x, f, tokens.shape[1], l)
 
     def loss(self, tokens: torch.Tensor, chunk_size: Optional[int] = None) -> torch.Tensor:
-        """Mean next-token cross-entropy over positions 0..L-2."""
+        """Mean next-token cross-entropy over positions 0..L-2 (L >= 2), at ``chunk_size`` as in forward."""
+        if tokens.dim() != 2 or tokens.shape[1] < 2:
+            raise ValueError(f"loss needs tokens [B, L] with L >= 2 (a next token to predict), got shape "
+                             f"{tuple(tokens.shape)}")
         logits = self(tokens, chunk_size)[:, :-1]
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
 
@@ -388,13 +404,14 @@ class CATTransformer(nn.Module):
         l = self._chunk_size(chunk_size)
         if prompt.dim() != 2 or prompt.shape[1] < 1:
             raise ValueError(f"prompt must be [B, P] with P >= 1, got shape {tuple(prompt.shape)}")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         total = prompt.shape[1] + max_new_tokens
         if total > c.max_seq_len:
             raise ValueError(f"prompt + max_new_tokens = {total} exceeds max_seq_len {c.max_seq_len}")
-        if temperature < 0 or (top_k is not None and top_k < 1):
-            raise ValueError(f"temperature must be >= 0 and top_k >= 1, got {temperature}, {top_k}")
+        if not temperature >= 0 or (top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
+                                                          or top_k < 1)):
+            raise ValueError(f"temperature must be >= 0 and top_k an int >= 1, got {temperature!r}, {top_k!r}")
         B, P = prompt.shape
         block = l + 1 if c.adaptive else l
         dtype = self.wte.weight.dtype
@@ -423,7 +440,7 @@ class CATTransformer(nn.Module):
         n = P
         for _ in range(max_new_tokens):
             nxt = self._pick(logits, temperature, top_k, generator)
-            out.append(nxt[:, None])
+            out.append(nxt[:, None].to(prompt.dtype))
             n += 1
             if n == total:
                 break
@@ -462,9 +479,11 @@ class CATTransformer(nn.Module):
     def _predicting_hidden(self, x, f, L, l):
         """[B, L, dim]: the hidden state that predicts each of the L tokens (a raw position's or a slot's)."""
         from_f, rows = self._predicting_rows(L, l, x.device)
-        h = x.new_empty(x.shape[0], L, x.shape[2])
-        h[:, from_f] = f[:, rows[from_f]]
-        h[:, ~from_f] = x[:, rows[~from_f]]
+        # under CPU autocast the two streams can come out in different dtypes (the compressed one from an
+        # autocast linear, the raw one with the float32 embedding added)
+        h = x.new_empty(x.shape[0], L, x.shape[2], dtype=torch.promote_types(x.dtype, f.dtype))
+        h[:, from_f] = f[:, rows[from_f]].to(h.dtype)
+        h[:, ~from_f] = x[:, rows[~from_f]].to(h.dtype)
         return h
 
     @staticmethod

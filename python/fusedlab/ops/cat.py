@@ -22,6 +22,7 @@ differentiable.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional
 
 import torch
@@ -154,6 +155,19 @@ torch.library.register_autograd(
 # argument checks
 
 
+def _chunk_int(chunk_size) -> int:
+    """chunk_size as a Python int >= 1 (numpy and torch integer scalars too; bools are not sizes)."""
+    try:
+        if isinstance(chunk_size, bool):
+            raise TypeError
+        value = operator.index(chunk_size)
+    except TypeError:
+        value = None
+    if value is None or value < 1:
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    return value
+
+
 def _check_inputs(q, k, v, kc, vc, qc, chunk_size, scale):
     named = [("q", q), ("k", k), ("v", v), ("kc", kc), ("vc", vc)] + ([("qc", qc)] if qc is not None else [])
     for name, t in named:
@@ -167,8 +181,7 @@ def _check_inputs(q, k, v, kc, vc, qc, chunk_size, scale):
             raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name} must be on {q.device} like q, got {t.device}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    chunk_size = _chunk_int(chunk_size)
     B, H, L, d = q.shape
     if k.shape != v.shape:
         raise ValueError(f"k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
@@ -189,10 +202,10 @@ def _check_inputs(q, k, v, kc, vc, qc, chunk_size, scale):
     if qc is not None and tuple(qc.shape) != (B, H, Nc, d):
         raise ValueError(f"qc must be [B, H, Nc, d] = {[B, H, Nc, d]}, got {tuple(qc.shape)}")
     if scale is None:
-        return 1.0 / math.sqrt(d) if d else 1.0
+        return chunk_size, (1.0 / math.sqrt(d) if d else 1.0)
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
-    return float(scale)
+    return chunk_size, float(scale)
 
 
 def _autocast_dtype(q) -> Optional[torch.dtype]:
@@ -223,12 +236,14 @@ def cat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.T
         chunk_size: l >= 1; L need not be a multiple of it.
         qc: optional [B, H, Nc, d] compressed queries.
         scale: score scale, default 1 / sqrt(d).
-        return_lse: also return the log-sum-exp of each query's scaled scores (float32; float64 for float64).
+        return_lse: also return the log-sum-exp of each query's scaled scores (float32; float64 for float64),
+            without a gradient on every backend (as FlashAttention's): a loss that uses it gets no gradient
+            through it.
         backend: "auto" (CUDA tensors: "triton"; CPU tensors: "cpu"), "cuda" (head dims 64 and 128; fp32
             arithmetic on CUDA cores, no tensor cores yet), "triton", "cpu" or "reference".
 
     All inputs share one dtype (float16, bfloat16, float32; float64 on "cpu" and "reference") and device; under
-    torch.autocast they are cast to the autocast dtype first. Differentiable in every input.
+    torch.autocast they are cast to the autocast dtype first. o and oc are differentiable in every input.
 
     Returns:
         o [B, H, L, d]; with ``qc``, (o, oc); with ``return_lse``, the log-sum-exps follow:
@@ -253,7 +268,7 @@ def cat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.T
         q, k, v, kc, vc, qc = [t.to(cast) if isinstance(t, torch.Tensor) else t for t in (q, k, v, kc, vc, qc)]
         with torch.autocast(q.device.type, enabled=False):
             return cat_attention(q, k, v, kc, vc, chunk_size, qc, scale, return_lse, backend)
-    scale = _check_inputs(q, k, v, kc, vc, qc, chunk_size, scale)
+    chunk_size, scale = _check_inputs(q, k, v, kc, vc, qc, chunk_size, scale)
     which = _backend.resolve(backend, _FAMILY, q.device)
     if which == "cuda" and (q.dtype == torch.float64 or q.shape[-1] not in _CUDA_DIMS):
         raise ValueError(f"backend='cuda' computes float16, bfloat16 or float32 with head dims {_CUDA_DIMS}, got "
@@ -275,8 +290,10 @@ def cat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.T
         o, lse, oc, lse_c = torch.ops.fusedlab.cat_attention(q, k, v, kc, vc, qc, chunk_size, scale)
     else:
         out = ref.cat_attention(q, k, v, kc, vc, chunk_size, qc, scale)
-        o, lse = out[:2]
-        oc, lse_c = out[2:] if qc is not None else (None, None)
+        # the log-sum-exps carry no gradient on any backend (as FlashAttention's): the kernels' backward
+        # reads them, it does not differentiate them
+        o, lse = out[0], out[1].detach()
+        oc, lse_c = (out[2], out[3].detach()) if qc is not None else (None, None)
     if qc is None:
         return (o, lse) if return_lse else o
     return (o, oc, lse, lse_c) if return_lse else (o, oc)
@@ -336,7 +353,7 @@ def cat_decode(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, n_slots: tor
             over all S + R keys per query).
 
     Returns [B, H, d]: one softmax over the filled slots and raw keys, accumulated in float32 (float64 for
-    float64). Inference only on "triton", "cuda" and "cpu" (a backward through them is an error); "reference"
+    float64). Under torch.autocast the inputs are cast to the autocast dtype first, as in cat_attention. Inference only on "triton", "cuda" and "cpu" (a backward through them is an error); "reference"
     is differentiable.
 
     Example:
@@ -349,6 +366,11 @@ def cat_decode(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, n_slots: tor
     for name, t in (("q", q), ("kc", kc), ("vc", vc), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
             raise TypeError(f"{name} must be a floating-point tensor")
+    cast = _autocast_dtype(q)
+    if cast is not None:  # as cat_attention: cast once, then compute exactly as outside autocast
+        q, kc, vc, k, v = (t.to(cast) for t in (q, kc, vc, k, v))
+        with torch.autocast(q.device.type, enabled=False):
+            return cat_decode(q, kc, vc, n_slots, k, v, n_raw, scale, backend)
     if q.dim() != 3 or kc.dim() != 4 or k.dim() != 4 or kc.shape != vc.shape or k.shape != v.shape:
         raise ValueError(f"expected q [B, H, d], kc = vc [B, Hkv, S, d], k = v [B, Hkv, R, d]; got q "
                          f"{tuple(q.shape)}, kc {tuple(kc.shape)}, vc {tuple(vc.shape)}, k {tuple(k.shape)}, "
@@ -359,7 +381,7 @@ def cat_decode(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, n_slots: tor
     B, H, d = q.shape
     if kc.shape[0] != B or k.shape[0] != B or kc.shape[3] != d or k.shape[3] != d or kc.shape[1] != k.shape[1]:
         raise ValueError("kc, vc, k, v must share q's batch and head dim and one kv head count")
-    if H % kc.shape[1]:
+    if kc.shape[1] < 1 or H % kc.shape[1]:
         raise ValueError(f"q's {H} heads must be a multiple of the cache's {kc.shape[1]} kv heads")
     for name, n, size, low in (("n_slots", n_slots, kc.shape[2], 1), ("n_raw", n_raw, k.shape[2], 0)):
         if not isinstance(n, torch.Tensor) or n.shape != (B,) or n.dtype.is_floating_point:
