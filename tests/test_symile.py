@@ -285,6 +285,14 @@ def test_mip_matches_package(gen):
         torch.testing.assert_close(fusedlab.ops.mip(c, queries), theirs, rtol=1e-6, atol=1e-6)
     # a [d] query before a [B, d] one broadcasts here (the package's in-place product cannot)
     torch.testing.assert_close(fusedlab.ops.mip(c, [v, y]), (v * y) @ c.T)
+    # so does a [1, d] query, on every backend here; mixed dtypes are computed in their promoted dtype
+    for backend in ("auto", "cpu", "reference"):
+        torch.testing.assert_close(fusedlab.ops.mip(c, [y, v[None]], backend=backend), (y * v) @ c.T)
+    got = fusedlab.ops.mip(c.bfloat16(), [y.bfloat16(), z])
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, (y.bfloat16().float() * z) @ c.bfloat16().float().T)
+    with pytest.raises(ValueError, match="B = 4 rows like the other 2-D queries"):
+        fusedlab.ops.mip(c, [y, torch.randn(3, 5)])
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
@@ -366,3 +374,14 @@ def test_drop_in_signatures():
 def test_errors(call, exc, pattern):
     with pytest.raises(exc, match=pattern):
         call()
+
+
+def test_numpy_logit_scale(gen):
+    import numpy as np
+
+    reps = [torch.nn.functional.normalize(torch.randn(5, 4, generator=gen), dim=1) for _ in range(3)]
+    for mode in ("n", "n_squared"):
+        kw = dict(generator=torch.Generator().manual_seed(0)) if mode == "n" else {}
+        got = fusedlab.ops.symile_loss(reps, np.float32(7.5), mode, **kw)
+        kw = dict(generator=torch.Generator().manual_seed(0)) if mode == "n" else {}
+        assert torch.equal(got, fusedlab.ops.symile_loss(reps, 7.5, mode, **kw))

@@ -49,6 +49,36 @@ def test_float64_matches_reference(M, N, d, tile, gen):
         assert rel(a, b) < 1e-12
 
 
+def test_chunks_bound_the_operand_as_well_as_the_logits(gen, monkeypatch):
+    """With d > N a chunk's [chunk * N, d] operand outgrows its N x chunk x N logits: both stay within
+    tile_elems, and the loss and gradients are unchanged."""
+    seen = []
+    logits = symile_gemm._logits
+
+    def spy(reps, w, acc):
+        S, P = logits(reps, w, acc)
+        seen.append((S.numel(), P.numel()))
+        return S, P
+
+    monkeypatch.setattr(symile_gemm, "_logits", spy)
+    reps, scale, tile = make_reps(4, 4, 64, gen), torch.tensor(2.0, dtype=F64), 1024
+    got = loss_and_grads(gemm_op(tile), reps, scale)
+    assert seen and max(max(s) for s in seen) <= tile, seen
+    for a, b in zip(got, loss_and_grads(ref.symile_loss_n_squared, reps, scale)):
+        assert rel(a, b) < 1e-12
+
+
+def test_autocast_forward_and_backward_see_the_same_logits(gen):
+    """Under autocast the GEMM chunks still compute in float32 in both passes (the backward recomputes the
+    forward's logits): the same loss and gradients as outside autocast, at logits in the hundreds."""
+    reps, scale = make_reps(3, 6, 8, gen, "layernorm", dtype=torch.float32), torch.tensor(20.0)
+    want = loss_and_grads(gemm_op(1 << 25), reps, scale)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = loss_and_grads(gemm_op(1 << 25), reps, scale)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and rel(a, b) < 1e-6
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("M", [2, 3, 4])
 def test_zero_features(M):

@@ -28,6 +28,7 @@ an online log-sum-exp per anchor, save only the [M, N] statistics and recompute 
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -131,7 +132,9 @@ def _symile_gemm(reps: list[torch.Tensor], logit_scale: torch.Tensor,
                  tile_elems: int) -> tuple[torch.Tensor, torch.Tensor]:
     from fusedlab.ops import symile_gemm
 
-    return symile_gemm.forward(reps, logit_scale, tile_elems)
+    # autocast off in both passes: the backward recomputes the forward's logits and needs the same ones
+    with torch.autocast(reps[0].device.type, enabled=False):
+        return symile_gemm.forward(reps, logit_scale, tile_elems)
 
 
 @_symile_gemm.register_fake
@@ -145,7 +148,8 @@ def _symile_gemm_backward(grad: torch.Tensor, reps: list[torch.Tensor], logit_sc
                           tile_elems: int) -> tuple[list[torch.Tensor], torch.Tensor]:
     from fusedlab.ops import symile_gemm
 
-    return symile_gemm.backward(grad, reps, logit_scale, lse, tile_elems)
+    with torch.autocast(reps[0].device.type, enabled=False):
+        return symile_gemm.backward(grad, reps, logit_scale, lse, tile_elems)
 
 
 @_symile_gemm_backward.register_fake
@@ -238,7 +242,7 @@ def _check_logit_scale(logit_scale, like: torch.Tensor) -> torch.Tensor:
         if not logit_scale.dtype.is_floating_point:
             return logit_scale.to(device=like.device, dtype=like.dtype)
         return logit_scale.to(like.device)
-    if isinstance(logit_scale, (int, float)) and not isinstance(logit_scale, bool):
+    if isinstance(logit_scale, numbers.Real) and not isinstance(logit_scale, bool):  # numpy scalars too
         return torch.tensor(float(logit_scale), dtype=like.dtype, device=like.device)
     raise TypeError(f"logit_scale must be a scalar (a float or a one-element tensor), got "
                     f"{type(logit_scale).__name__}")
@@ -322,6 +326,8 @@ def symile_loss(reps: Sequence[torch.Tensor], logit_scale, negative_sampling: st
         elif which == "triton" and backend == "auto" and (
                 reps[0].dtype == torch.float32 or (N >= GEMM_MIN_N and reps[0].shape[1] >= GEMM_MIN_D)):
             which = "gemm"
+        elif which == "reference" and backend == "auto" and reps[0].is_cuda:
+            which = "gemm"  # CUDA without Triton: the GEMM chunks are plain ATen, not the N^M oracle
         if which == "reference":
             return ref.symile_loss_n_squared(reps, scale.reshape(()))
         if which == "cuda" and (reps[0].dtype == torch.float64 or M > _CUDA_MAX_M):
@@ -395,12 +401,14 @@ def mip(candidates: torch.Tensor, query_reps: Sequence[torch.Tensor], backend: s
             raise ValueError(f"query_reps[{m}] must be a [B, d] or [d] tensor, got {got}")
         if q.shape[-1] != d:
             raise ValueError(f"query_reps[{m}] must have d = {d} features like candidates [C, d], got {q.shape[-1]}")
-        if q.dim() == 2:
+        if q.dim() == 2 and q.shape[0] != 1:  # one row broadcasts, as in the package's product
             if batch is not None and q.shape[0] != batch:
-                raise ValueError(f"query_reps[{m}] must have B = {batch} rows like the other 2-D queries, "
+                raise ValueError(f"query_reps[{m}] must have B = {batch} rows like the other 2-D queries (or 1), "
                                  f"got {q.shape[0]}")
             batch = q.shape[0]
     queries = list(query_reps)
+    if batch is not None and backend != "auto":  # the kernels take whole batches: broadcast rows expanded
+        queries = [q.expand(batch, d) if q.dim() == 2 and q.shape[0] == 1 else q for q in queries]
     # "auto" runs the reference, measured fastest on CPU and CUDA tensors (docstring)
     which = "reference" if backend == "auto" else _backend.resolve(backend, _FAMILY, candidates.device)
     same = all(q.dtype == candidates.dtype and q.device == candidates.device for q in queries)

@@ -7,11 +7,13 @@ feeds every anchor's online log-sum-exp: over (u, j) per row i, over (i, u) per 
 (i, j) (the outer anchors' log-sum-exps are log-sum-exps of those). The backward recomputes each chunk's
 tile, forms dL/dS = g s / (M N) * sum_a exp(S - L_a) and runs two more GEMMs (dr_0 += G P, dP = G^T r_0).
 
-Only one chunk's logits exist at a time (``tile_elems`` of them, fp32), with a few buffers of that size
-around them (exponentials, the [chunk * N, d] operand and its gradient): bounded memory whatever N and M,
+Only one chunk's logits exist at a time (at most ``tile_elems`` of them, fp32), with a few buffers of at
+most that size around them (exponentials, the [chunk * N, d] operand and its gradient: a chunk is sized so
+that neither N x chunk x N nor chunk x N x d passes ``tile_elems``): bounded memory whatever N, d and M,
 about 1.35 GB at N = 512, d = 1024 (measured on an H100), at the speed of the vendor GEMM. fp16/bf16 products run on tensor cores with fp32 outputs on CUDA
-(torch.mm's out_dtype); elsewhere they are computed in fp32. These are ATen ops, so the same code runs on
-CPU tensors (that is how it is tested against the reference).
+(torch.mm's out_dtype); elsewhere they are computed in fp32. Both passes run with autocast off, so under
+torch.autocast the backward recomputes exactly the forward's logits. These are ATen ops, so the same code
+runs on CPU tensors (that is how it is tested against the reference).
 """
 from __future__ import annotations
 
@@ -51,9 +53,10 @@ def _tuple_products(reps, rows: list[torch.Tensor], acc) -> torch.Tensor:
 
 def _chunks(reps, tile_elems: int):
     """(u0, u1, row indices of modalities 2..M-1) per chunk of tuples, about tile_elems logits each."""
-    N, M = reps[0].shape[0], len(reps)
+    (N, d), M = reps[0].shape, len(reps)
     U = N ** (M - 2)
-    per = max(1, min(U, tile_elems // max(N * N, 1)))
+    # a chunk holds N x chunk x N logits and the [chunk * N, d] operand P (and its gradient): both bounded
+    per = max(1, min(U, tile_elems // max(N * max(N, d), 1)))
     dev = reps[0].device
     for u0 in range(0, U, per):
         u1 = min(U, u0 + per)

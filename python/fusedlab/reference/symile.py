@@ -30,11 +30,13 @@ STRATEGIES = ("n", "n_squared")
 
 
 def mip(candidates: torch.Tensor, query_reps: Sequence[torch.Tensor]) -> torch.Tensor:
-    """[B, C] scores: (elementwise product of the query modalities) @ candidates^T, 2-D even for 1-D queries."""
+    """[B, C] scores: (elementwise product of the query modalities) @ candidates^T, 2-D even for 1-D queries;
+    mixed dtypes computed in their promoted dtype."""
     q = query_reps[0]
     for r in query_reps[1:]:
         q = q * r
-    out = q @ candidates.T
+    dtype = torch.promote_types(q.dtype, candidates.dtype)
+    out = q.to(dtype) @ candidates.to(dtype).T
     return out.unsqueeze(0) if out.dim() == 1 else out
 
 
