@@ -108,6 +108,63 @@ def test_errors(make, pattern):
         make(torch.nn.Parameter(torch.zeros(4, 4)))
 
 
+@pytest.mark.parametrize("group, pattern", [
+    (dict(adjust_lr_fn="match_rms_adam"), "adjust_lr_fn"), (dict(lr=math.nan), "lr must be a finite"),
+    (dict(weight_decay=-1.0), "weight_decay"), (dict(ns_steps=1000), "ns_steps"), (dict(ns_method="gramm"), "ns_method"),
+    (dict(eps=math.inf), "eps"), (dict(ns_coefficients=(3.4, -4.7)), "one \\(a, b, c\\) triple"),
+    (dict(params=[torch.nn.Parameter(torch.zeros(4))]), "1-D parameter")])
+def test_param_groups_are_checked_and_a_rejected_group_is_not_kept(group, pattern):
+    """Hyperparameters given per group get the constructor's checks; a group that fails them is not left in
+    the optimizer (a caller that catches the error keeps stepping the others)."""
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    opt = fusedlab.optim.Muon([p], lr=0.02)
+    with pytest.raises(ValueError, match=pattern):
+        opt.add_param_group(dict(dict(params=[torch.nn.Parameter(torch.randn(4, 4))]), **group))
+    assert len(opt.param_groups) == 1
+    p.grad = torch.randn(4, 4)
+    opt.step()
+    with pytest.raises(ValueError, match="adjust_lr_fn"):
+        fusedlab.optim.muon.adjusted_lr(0.1, "spectral", 4, 4)
+
+
+def test_coefficients_and_steps_as_numpy_or_tensors():
+    import numpy as np
+
+    p = torch.nn.Parameter(torch.randn(8, 4))
+    p.grad = torch.randn(8, 4)
+    twin = torch.nn.Parameter(p.detach().clone())
+    twin.grad = p.grad.clone()
+    fusedlab.optim.Muon([p], ns_coefficients=(np.float64(3.4445), torch.tensor(-4.775, dtype=torch.float64), 2.0315),
+                        ns_steps=np.int64(5)).step()
+    fusedlab.optim.Muon([twin]).step()
+    assert torch.equal(p, twin)
+
+
+def test_loads_a_torch_muon_state_dict(gen):
+    """Swapping the import keeps old checkpoints: torch.optim.Muon's state dict lacks this optimizer's extra
+    group keys, which take their defaults; the momentum buffers carry over."""
+    shapes = [(16, 8), (8, 24)]
+    ours, theirs = make_params(gen, shapes), make_params(gen, shapes)
+    for a, b in zip(ours, theirs):
+        a.data.copy_(b.data)
+    grads = full_rank_grads(gen, 2, shapes)
+    torch_opt = torch.optim.Muon(theirs, lr=0.02)
+    run_steps = lambda opt, params, gs: [setattr(p, "grad", g.clone()) for p, g in zip(params, gs)] and opt.step()  # noqa: E731
+    run_steps(torch_opt, theirs, grads[0])
+    opt = fusedlab.optim.Muon(ours, lr=0.02, ns_dtype=torch.bfloat16)
+    for a, b in zip(ours, theirs):
+        a.data.copy_(b.data)
+    opt.load_state_dict(copy.deepcopy(torch_opt.state_dict()))  # as from a file: no buffers shared with torch_opt
+    assert opt.param_groups[0]["backend"] == "auto" and opt.param_groups[0]["ns_method"] == "auto"
+    for a, b in zip(ours, theirs):
+        assert torch.equal(opt.state[a]["momentum_buffer"], torch_opt.state[b]["momentum_buffer"])
+    start = [p.detach().clone() for p in theirs]
+    run_steps(torch_opt, theirs, grads[1])
+    run_steps(opt, ours, grads[1])
+    for a, b, s in zip(ours, theirs, start):  # one step's update, to bf16 rounding (as test_matches_torch_muon)
+        assert ((a - b).norm() / (b - s).norm()).item() < 0.03
+
+
 def test_ns_method_gram(gen):
     """Gram Newton-Schulz in the optimizer: the standard step in float64, and what "auto" runs for a batch
     of strongly rectangular float32 matrices."""
@@ -176,6 +233,25 @@ def test_muon_with_aux_adam_errors():
         fusedlab.optim.MuonWithAuxAdam([dict(params=[p], use_muon=True, betas=(0.9, 0.99))])
     with pytest.raises(ValueError, match="1-D parameter"):
         fusedlab.optim.MuonWithAuxAdam([dict(params=[torch.nn.Parameter(torch.zeros(3))], use_muon=True)])
+    for bad, pattern in ((dict(lr=math.nan), "lr"), (dict(betas=(1.5, 0.9)), "betas"), (dict(eps=-1.0), "eps"),
+                         (dict(weight_decay=math.inf), "weight_decay")):
+        with pytest.raises(ValueError, match=pattern):
+            opt.add_param_group(dict(params=[torch.nn.Parameter(torch.zeros(3))], use_muon=False, **bad))
+    assert len(opt.param_groups) == 2  # the rejected groups are not kept
+    emb = torch.nn.Embedding(5, 3, sparse=True)
+    emb(torch.tensor([1, 2])).sum().backward()
+    sparse = fusedlab.optim.MuonWithAuxAdam([dict(params=emb.parameters(), use_muon=False)])
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        sparse.step()
+
+
+def test_split_muon_params_takes_whole_heads():
+    model = torch.nn.Module()
+    model.body = torch.nn.Linear(8, 8)
+    model.head = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    muon, adam = fusedlab.optim.split_muon_params(model)
+    assert [id(p) for p in muon] == [id(model.body.weight)]
+    assert {id(p) for p in model.head.parameters()} <= {id(p) for p in adam}
 
 
 @pytest.mark.parametrize("kw", KWS)

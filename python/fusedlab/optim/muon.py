@@ -7,6 +7,7 @@ orthogonalized together in one batched call.
 from __future__ import annotations
 
 import math
+import operator
 from collections import defaultdict
 
 import torch
@@ -26,10 +27,53 @@ def _finite_nonneg(name, value):
 
 
 def adjusted_lr(lr: float, adjust_lr_fn, rows: int, cols: int) -> float:
-    """torch.optim.Muon's rules: "original" sqrt(max(1, rows/cols)); "match_rms_adamw" 0.2 sqrt(max(rows, cols))."""
+    """torch.optim.Muon's rules: "original" sqrt(max(1, rows/cols)); "match_rms_adamw" 0.2 sqrt(max(rows, cols)).
+    rows and cols are those of the matrix as orthogonalized ([out, -1] for a conv filter)."""
     if adjust_lr_fn is None or adjust_lr_fn == "original":
         return lr * math.sqrt(max(1.0, rows / cols))
-    return lr * 0.2 * math.sqrt(max(rows, cols))
+    if adjust_lr_fn == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(rows, cols))
+    raise ValueError(f"adjust_lr_fn must be one of {_ADJUST}, got {adjust_lr_fn!r}")
+
+
+def check_muon_group(group: dict) -> None:
+    """Muon's hyperparameter checks, for the constructor's defaults and every param group as merged."""
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError("lr: a tensor lr must have one element")
+    for name in ("lr", "weight_decay", "momentum", "eps"):
+        _finite_nonneg(name, group[name])
+    steps = group["ns_steps"]
+    if isinstance(steps, bool) or not hasattr(steps, "__index__") or not 0 <= operator.index(steps) < 100:
+        raise ValueError(f"ns_steps must be an int in [0, 100), got {steps!r}")
+    if group["adjust_lr_fn"] not in _ADJUST:
+        raise ValueError(f"adjust_lr_fn must be one of {_ADJUST}, got {group['adjust_lr_fn']!r}")
+    triples, _ = resolve_coefficients(group["ns_coefficients"], steps)  # validates names and shapes
+    if not all(math.isfinite(v) for t in triples for v in t):
+        raise ValueError(f"ns_coefficients must be finite, got {group['ns_coefficients']!r}")
+    if group["ns_method"] not in _METHODS:
+        raise ValueError(f"ns_method must be one of {_METHODS}, got {group['ns_method']!r}")
+    if group["ns_method"] == "gram" and group["backend"] not in ("auto", "reference"):
+        raise ValueError(f"ns_method='gram' needs backend 'auto' or 'reference' (it has no {group['backend']!r} "
+                         "kernel)")
+
+
+def _check_matrices(params) -> None:
+    for p in params:
+        if p.ndim < 2:
+            raise ValueError(f"Muon orthogonalizes matrices: got a {p.ndim}-D parameter of shape "
+                             f"{tuple(p.shape)}; optimize gains, biases and embeddings with AdamW")
+
+
+def _add_checked_group(opt, add, param_group, check) -> None:
+    """Add a param group with ``add`` (the base class's), then check the group as merged with the defaults;
+    a group that fails is removed again, so a caller who catches the error keeps a working optimizer."""
+    add(param_group)
+    try:
+        check(opt.param_groups[-1])
+    except Exception:
+        opt.param_groups.pop()
+        raise
 
 
 class Muon(torch.optim.Optimizer):
@@ -46,9 +90,15 @@ class Muon(torch.optim.Optimizer):
     one (``torch.distributed.group.WORLD`` for all ranks) to shard the work when every rank holds the same
     parameters and gradients (data parallel, after DDP's all-reduce): each rank orthogonalizes its share of
     the matrices, the results are all-gathered, and every rank ends with the parameters one process would
-    compute; a parameter without a gradient on a rank then counts as a zero gradient, so all ranks make the
-    same collective calls. Without it the optimizer never communicates (as torch.optim.Muon), which is right
-    for pipeline- or tensor-parallel jobs.
+    compute; a parameter without a gradient rides in the batch as zeros, so all ranks make the same collective
+    calls, and is left untouched as in one process (data parallel: the same parameters lack a gradient on
+    every rank). Without it the optimizer never communicates (as torch.optim.Muon), which is right for
+    pipeline- or tensor-parallel jobs.
+
+    The learning-rate adjustment (``adjust_lr_fn``) reads the shape of the matrix as orthogonalized, [out, -1]
+    for a conv filter. Per-group hyperparameters get the constructor's checks. A torch.optim.Muon state dict
+    loads (its groups take this optimizer's extra keys' defaults). Under torch.compile each new learning
+    rate (a schedule) compiles the step again, since the rates reach the kernels as Python numbers.
 
     Example:
         >>> import torch, fusedlab
@@ -61,35 +111,27 @@ class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
                  ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-7, ns_steps=5, adjust_lr_fn=None, *,
                  ns_dtype=None, backend="auto", ns_method="auto", process_group=None):
-        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-            raise ValueError("lr: a tensor lr must have one element")
-        _finite_nonneg("lr", lr)
-        _finite_nonneg("weight_decay", weight_decay)
-        _finite_nonneg("momentum", momentum)
-        _finite_nonneg("eps", eps)
-        if not isinstance(ns_steps, int) or not 0 <= ns_steps < 100:
-            raise ValueError(f"ns_steps must be an int in [0, 100), got {ns_steps!r}")
-        if adjust_lr_fn not in _ADJUST:
-            raise ValueError(f"adjust_lr_fn must be one of {_ADJUST}, got {adjust_lr_fn!r}")
-        triples, _ = resolve_coefficients(ns_coefficients, ns_steps)  # validates names and shapes
-        if not all(math.isfinite(v) for t in triples for v in t):
-            raise ValueError(f"ns_coefficients must be finite, got {ns_coefficients!r}")
-        if ns_method not in _METHODS:
-            raise ValueError(f"ns_method must be one of {_METHODS}, got {ns_method!r}")
-        if ns_method == "gram" and backend not in ("auto", "reference"):
-            raise ValueError(f"ns_method='gram' needs backend 'auto' or 'reference' (it has no {backend!r} kernel)")
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
                         ns_dtype=ns_dtype, backend=backend, ns_method=ns_method)
+        check_muon_group(defaults)
         super().__init__(params, defaults)
         self.process_group = process_group
 
     def add_param_group(self, param_group):
-        super().add_param_group(param_group)
-        for p in self.param_groups[-1]["params"]:
-            if p.ndim < 2:
-                raise ValueError(f"Muon orthogonalizes matrices: got a {p.ndim}-D parameter of shape "
-                                 f"{tuple(p.shape)}; optimize gains, biases and embeddings with AdamW")
+        def check(group):
+            check_muon_group(group)
+            _check_matrices(group["params"])
+
+        _add_checked_group(self, super().add_param_group, param_group, check)
+
+    def __setstate__(self, state):
+        # torch's load_state_dict keeps the saved groups' keys: a torch.optim.Muon state dict lacks this
+        # optimizer's extra ones (ns_dtype, backend, ns_method), which take their defaults
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -111,9 +153,15 @@ class Muon(torch.optim.Optimizer):
         # parameters grouped by (matrix shape, dtype, device): one batched Newton-Schulz call per group
         batches = defaultdict(list)
         for p in group["params"]:
-            if p.grad is None and pg is None:
+            if p.grad is None and world == 1:
                 continue
-            g = p.grad if p.grad is not None else torch.zeros_like(p)  # sharded: every rank, every matrix
+            if p.grad is None:
+                # sharded: every rank stacks every matrix, so all make the same collective calls; a parameter
+                # without a gradient rides along as zeros and, as in one process, is not touched
+                batches[((p.shape[0], p.numel() // max(1, p.shape[0])), p.dtype, p.device)].append(
+                    (p, torch.zeros_like(p), None))
+                continue
+            g = p.grad
             if g.is_sparse:
                 raise RuntimeError("Muon does not support sparse gradients")
             if torch.is_complex(p):
@@ -129,19 +177,23 @@ class Muon(torch.optim.Optimizer):
                 continue
             updates = []
             for _, g, buf in items:
+                if buf is None:  # no gradient (sharded runs only): a zero matrix in the batch
+                    updates.append(g.reshape(shape))
+                    continue
                 buf.lerp_(g, 1 - momentum)
                 update = g.lerp(buf, momentum) if group["nesterov"] else buf
                 updates.append(update.reshape(shape))
             stacked = torch.stack(updates) if len(updates) > 1 else updates[0].unsqueeze(0)
             ns = lambda x: newton_schulz(x, group["ns_steps"], group["ns_coefficients"], group["eps"],  # noqa: E731
-                                         group["ns_dtype"], group["backend"],
-                                         group.get("ns_method", "auto"))  # absent from older state dicts
+                                         group["ns_dtype"], group["backend"], group["ns_method"])
             if world == 1:
                 ortho = ns(stacked)
             else:
                 out_dtype = group["ns_dtype"] or default_dtype(stacked.device)
                 ortho = _sharded(ns, stacked, world, pg, out_dtype)
-            for (p, _, _), o in zip(items, ortho.unbind(0)):
+            for (p, _, buf), o in zip(items, ortho.unbind(0)):
+                if buf is None:
+                    continue
                 p.mul_(1 - lr * wd)
                 p.add_(o.view(p.shape), alpha=-step_lr)
 
@@ -168,7 +220,7 @@ def _fused_cpu_step(group, items, shape, lr, step_lr, opt=None) -> bool:
     if any(t.dtype != torch.float32 or not t.is_contiguous() for it in items for t in it):
         return False
     dtype = group["ns_dtype"] or default_dtype(p0.device)
-    method = group.get("ns_method", "auto")
+    method = group["ns_method"]
     if dtype == torch.float64 or method == "gram" or (
             method == "auto" and _gram_faster((len(items), *shape), dtype, "cpu")):
         return False
@@ -196,17 +248,28 @@ def _sharded(ns, stacked, world, pg, out_dtype):
     return torch.cat(shares)[:n]
 
 
+def _check_adam_group(group: dict) -> None:
+    for name in ("lr", "eps", "weight_decay"):
+        _finite_nonneg(name, group[name])
+    betas = group["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and
+            all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+
+
 def split_muon_params(model: torch.nn.Module, embedding_types=(torch.nn.Embedding,), head_names=("lm_head", "head")):
     """Split a model's parameters into the two groups Muon is meant for.
 
-    Muon: hidden weights with two or more dims. AdamW: embeddings, output heads (modules whose attribute
-    name ends in one of ``head_names``), and every 1-D parameter (gains, biases). Returns
-    ``(muon_params, adam_params)``, each a list of parameters that require grad.
+    Muon: hidden weights with two or more dims. AdamW: embeddings (modules of ``embedding_types``), output
+    heads (every parameter under a module whose attribute name is one of ``head_names``), and every 1-D
+    parameter (gains, biases). Returns ``(muon_params, adam_params)``, each a list of parameters that require
+    grad. A 2-D embedding held as a bare nn.Parameter (a learned position table) is not recognized: move it
+    to the AdamW list by hand.
     """
     skip = set()
     for name, module in model.named_modules():
         if isinstance(module, embedding_types) or name.split(".")[-1] in head_names:
-            skip.update(id(p) for p in module.parameters(recurse=False))
+            skip.update(id(p) for p in module.parameters())  # a head built as a container: all of it
     muon, adam = [], []
     for p in model.parameters():
         if not p.requires_grad:
@@ -248,10 +311,21 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
         if unknown:
             raise ValueError(f"a param group with use_muon={param_group['use_muon']} has unknown keys "
                              f"{sorted(unknown)}")
-        super().add_param_group({**defaults, **param_group})
-        if param_group["use_muon"]:  # Muon's checks, through a throwaway instance on the same parameters
-            g = self.param_groups[-1]
-            Muon(g["params"], **{k: g[k] for k in self.MUON_DEFAULTS})
+
+        def check(group):
+            if group["use_muon"]:
+                check_muon_group(group)
+                _check_matrices(group["params"])
+            else:
+                _check_adam_group(group)
+
+        _add_checked_group(self, super().add_param_group, {**defaults, **param_group}, check)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:  # keys a saved group lacks take their defaults (as in Muon)
+            for key, value in (self.MUON_DEFAULTS if group.get("use_muon") else self.ADAM_DEFAULTS).items():
+                group.setdefault(key, value)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -271,6 +345,8 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
         for p in group["params"]:
             if p.grad is None:
                 continue
+            if p.grad.is_sparse:
+                raise RuntimeError("MuonWithAuxAdam's AdamW groups do not support sparse gradients")
             state = self.state[p]
             if not state:
                 state["step"] = 0

@@ -7,6 +7,9 @@ Polar Express set). Works on a batch [..., m, n] and in any floating dtype (floa
 """
 from __future__ import annotations
 
+import numbers
+import operator
+
 import torch
 
 KELLER = ((3.4445, -4.7750, 2.0315),)  # repeated every step
@@ -18,6 +21,13 @@ POLAR_EXPRESS = (  # the 5-step set of modded-nanogpt and Dion (safety factor 1.
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 )
 COEFFICIENT_SETS = {"keller": (KELLER, 1.0), "polar_express": (POLAR_EXPRESS, 1.02)}
+
+
+def _is_number(v) -> bool:
+    """A real scalar: Python and numpy numbers, one-element real tensors (not bools)."""
+    if isinstance(v, torch.Tensor):
+        return v.numel() == 1 and not v.is_complex() and v.dtype != torch.bool
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def resolve_coefficients(coefficients, steps: int):
@@ -32,19 +42,21 @@ def resolve_coefficients(coefficients, steps: int):
         triples, scale = COEFFICIENT_SETS[coefficients]
     else:
         seq = list(coefficients)
-        if len(seq) == 3 and all(isinstance(v, (int, float)) for v in seq):
+        if seq and all(_is_number(v) for v in seq):  # one flat set: a triple used at every step, or a mistake
+            if len(seq) != 3:
+                raise ValueError(f"coefficients: one (a, b, c) triple or a sequence of them, got {len(seq)} numbers")
             seq = [tuple(seq)]
         triples = []
         for t in seq:
-            t = tuple(float(v) for v in t)
-            if len(t) != 3:
-                raise ValueError(f"coefficients: each step needs an (a, b, c) triple, got {t}")
-            triples.append(t)
+            if _is_number(t) or isinstance(t, str) or len(t) != 3 or not all(_is_number(v) for v in t):
+                raise ValueError(f"coefficients: each step needs an (a, b, c) triple of numbers, got {t!r}")
+            triples.append(tuple(float(v) for v in t))
         if not triples:
             raise ValueError("coefficients: got an empty sequence")
         scale = 1.0
-    if not isinstance(steps, int) or steps < 0:
+    if isinstance(steps, bool) or not hasattr(steps, "__index__") or operator.index(steps) < 0:
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+    steps = operator.index(steps)
     out = [triples[min(i, len(triples) - 1)] for i in range(steps)]
     return out, scale
 
