@@ -124,6 +124,49 @@ def test_support_mismatch_and_bad_input():
         tailrisk.estimate_tail_probability(lm(logP), bad, harm, torch.tensor([1]), 10, 3, mixture=1.5)
 
 
+def test_zero_weights_stop_tokens_and_bootstrap_options():
+    """Every sample weighted 0 (the proposal only emits a token the target cannot): "is" and "smc" estimate 0,
+    "snis" refuses; the support check skips rows that already stopped; several stop ids; no bootstrap."""
+    logP = markov(1e-2).clone()
+    logP[:, 2] = -math.inf  # the target never emits token 2
+    bias = torch.zeros(V, dtype=torch.float64)
+    bias[2] = 40.0  # ... the proposal does with probability 1 - 1e-17 (keeping the target's support)
+    only2 = lambda toks: torch.log_softmax(bias.expand(toks.shape[0], V), -1)  # noqa: E731
+    for method in ("is", "smc"):
+        e = tailrisk.estimate_tail_probability(lm(logP), only2, harm, torch.tensor([0]), 8, 3, method=method,
+                                               mixture=1.0, generator=torch.Generator().manual_seed(1))
+        assert e.estimate == 0.0 and e.ess == 0.0 and torch.all(e.log_weights == -math.inf)
+    with pytest.raises(ValueError, match="every sample has weight 0"):
+        tailrisk.estimate_tail_probability(lm(logP), only2, harm, torch.tensor([0]), 8, 3, method="snis",
+                                           mixture=1.0, generator=torch.Generator().manual_seed(1))
+    # q = 0 only right after the stop token 0, where every row's next token is forced: no false alarm
+    q = lambda toks: torch.where((toks[:, -1:] == 0) & (torch.arange(V) == 1), -math.inf, logP[toks[:, -1]])  # noqa: E731
+    q_norm = lambda toks: torch.log_softmax(q(toks), -1)  # noqa: E731
+    start = torch.tensor([1])
+    e = tailrisk.estimate_tail_probability(lm(logP), q_norm, harm, start, 50, 4, mixture=1.0, eos_token_id=0,
+                                           n_bootstrap=0, generator=torch.Generator().manual_seed(2))
+    assert all(math.isnan(v) for v in e.ci_bootstrap) and math.isfinite(e.estimate)
+    # several stop ids: after either one, the row only pads with the first
+    e = tailrisk.estimate_tail_probability(lm(logP), proposal(logP), harm, torch.tensor([0]), 200, 6,
+                                           eos_token_id=[HARM, 1], generator=torch.Generator().manual_seed(3))
+    after = e.tokens[:, 1:]
+    for row in after:
+        stops = ((row == HARM) | (row == 1)).nonzero()
+        if len(stops):
+            assert (row[stops[0, 0] + 1:] == HARM).all()
+    for bad, pattern in ((dict(confidence=1.5), "confidence"), (dict(n_bootstrap=-1), "n_bootstrap"),
+                         (dict(eos_token_id=[]), "eos_token_id")):
+        with pytest.raises(ValueError, match=pattern):
+            tailrisk.estimate_tail_probability(lm(logP), proposal(logP), harm, torch.tensor([0]), 8, 2, **bad)
+
+
+def test_ess_from_log_weights():
+    """Weights far below float64's range still give their ESS (two equal weights: 2)."""
+    assert abs(tailrisk._kish_ess(torch.tensor([-1000.0, -1000.0], dtype=torch.float64)) - 2.0) < 1e-12
+    assert abs(tailrisk._kish_ess(torch.tensor([800.0, 800.0 + math.log(3)], dtype=torch.float64)) - 1.6) < 1e-12
+    assert tailrisk._kish_ess(torch.full((3,), -math.inf, dtype=torch.float64)) == 0.0
+
+
 def test_hf_gpt2_adapters():
     transformers = pytest.importorskip("transformers")
     cfg = transformers.GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=2, n_head=2)
