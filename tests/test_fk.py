@@ -240,6 +240,27 @@ def test_diffusers_deterministic_ddim_refused():
     sched = diffusers.DDIMScheduler(num_train_timesteps=100)
     with pytest.raises(ValueError, match="eta must be > 0"):
         fusedlab.smc.DiffusersSampler(sched, lambda x, t: x, 10, eta=0.0)
+    with pytest.raises(ValueError, match="steps deterministically"):
+        fusedlab.smc.DiffusersSampler(diffusers.EulerDiscreteScheduler(num_train_timesteps=100), lambda x, t: x, 10)
+
+
+@pytest.mark.parametrize("cls", ["DDIMScheduler", "DDPMScheduler"])
+def test_diffusers_sampler_owns_its_schedule(cls):
+    """Another sampler (or pipeline) setting the same scheduler's timesteps does not change this one's runs,
+    and a second run repeats the first."""
+    def run(sampler):
+        g = torch.Generator().manual_seed(5)
+        sampler.generator = g
+        sampler.step_kwargs.update(generator=g) if "generator" in sampler.step_kwargs else None
+        return fusedlab.smc.sample(sampler, torch.randn(4, 2, generator=torch.Generator().manual_seed(6)), 10)
+
+    sched = getattr(diffusers, cls)(num_train_timesteps=100)
+    model = lambda x, t: 0.1 * x  # noqa: E731
+    a = fusedlab.smc.DiffusersSampler(sched, model, 10)
+    want = run(a)
+    fusedlab.smc.DiffusersSampler(sched, model, 5)
+    sched.set_timesteps(7)
+    assert torch.equal(run(a), want)
 
 
 def test_baselines():
@@ -253,6 +274,77 @@ def test_baselines():
     best = bon.best()
     assert best.shape == (B, 1)
     assert torch.equal(best[:, 0], bon.samples.view(B, K).max(-1).values)
+    # both carry an FKTrace, as FK's result does
+    assert bon.trace.ess.shape == (0, B) and len(bon.trace) == 0
+    assert out.trace.ess.shape == (1, B) and out.trace[0][0] == T - 1
+    with pytest.raises(ValueError, match="B\\*K rows"):
+        fusedlab.smc.importance_resample(exact_sampler(gen), lambda x: x[:, 0], torch.zeros(10, 1), T, 4, lam)
+
+
+@pytest.mark.parametrize("potential", fusedlab.smc.POTENTIALS)
+def test_a_revived_group_starts_over(potential):
+    """on_degenerate="uniform": a prompt whose particles all die is resampled uniformly and then steered
+    afresh, so its final weights still carry the final-step correction (not uniform); both loops agree."""
+    K = 32
+
+    def reward_fn():
+        calls = {"n": 0}
+
+        def reward(x0):
+            r = x0[:, 0].clone()
+            if calls["n"] == 1:
+                r[:K] = float("nan")  # prompt 0 dies at the second scheduled step
+            calls["n"] += 1
+            return r
+        return reward
+
+    outs = []
+    for backend in ("auto", "reference"):
+        gen = torch.Generator().manual_seed(8)
+        fk = fusedlab.smc.FKSteering(reward_fn(), lmbda=1.0, potential=potential, num_particles=K, start=5, every=8,
+                                     on_degenerate="uniform", generator=gen, backend=backend, progress=False)
+        outs.append(fk.run(exact_sampler(gen), start(2, K, gen), T))
+    assert outs[0].trace.resampled[1].all()
+    assert 1.0 < outs[0].trace.ess[-1, 0] < K - 1  # the final correction weighs prompt 0's particles
+    torch.testing.assert_close(outs[0].samples, outs[1].samples, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(outs[0].trace.ess, outs[1].trace.ess, rtol=1e-9, atol=1e-9)
+
+
+def test_step_functions_see_their_moved_states_and_infinite_rewards():
+    """The caller's states dict is moved in place, so a step function reading it sees each particle's own
+    state; a -inf log-potential (lambda < 0, r = +inf) kills a particle on both loops; no tqdm, no bar."""
+    import sys
+
+    gs = torch.Generator().manual_seed(4)
+    states = {"h": torch.zeros(8, 1, dtype=torch.float64)}
+
+    def step(x, i):
+        assert torch.equal(states["h"], x), i
+        x = x + torch.randn(x.shape, generator=gs, dtype=x.dtype)
+        states["h"] = x.clone()
+        return x, x
+
+    for backend in ("auto", "reference"):
+        states["h"] = torch.zeros(8, 1, dtype=torch.float64)
+        fusedlab.smc.FKSteering(lambda x0: x0[:, 0], lmbda=3.0, num_particles=4, backend=backend,
+                                progress=False).run(step, torch.zeros(8, 1, dtype=torch.float64), 5, states=states)
+    lws = []
+    for backend in ("auto", "reference"):
+        reward = lambda x0: torch.tensor([0.3, math.inf, 0.1, 0.2], dtype=torch.float64)  # noqa: E731
+        fk = fusedlab.smc.FKSteering(reward, lmbda=-1.0, potential="rt", num_particles=4, ess_threshold=0.0,
+                                     backend=backend, progress=False)
+        lws.append(fk.run(lambda x, i: (x, x), torch.zeros(4, 1, dtype=torch.float64), 2).log_weights)
+    assert lws[0][0, 1] == -math.inf and lws[1][0, 1] == -math.inf
+    torch.testing.assert_close(lws[0], lws[1])
+    saved = sys.modules.get("tqdm")
+    sys.modules["tqdm"] = None  # import fails
+    try:
+        fusedlab.smc.FKSteering(lambda x0: x0[:, 0], num_particles=2).run(lambda x, i: (x, x), torch.zeros(4, 1), 2)
+    finally:
+        if saved is None:
+            del sys.modules["tqdm"]
+        else:
+            sys.modules["tqdm"] = saved
 
 
 @pytest.mark.parametrize("potential", fusedlab.smc.POTENTIALS)

@@ -679,6 +679,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fk_step_cpu_owning(
         if (pot != kDiff) ap[b * K + i] = tmp[K + src];
         if (ro) ro[b * K + i] = reward(b * K + src);
       }
+      // a group whose particles all died, resampled uniformly (raise_degenerate off), starts over: no
+      // potential applied and no reward history, whose -inf would cancel the final correction ("max" starts
+      // from the next reward itself)
+      if (flags[2 * b + 1] && !last)
+        for (int64_t i = 0; i < K; ++i) {
+          rs[b * K + i] = pot == kMax ? -inf : 0.0;
+          ap[b * K + i] = 0.0;
+        }
     }
   }
   return {anc, st_out, r_out};

@@ -11,7 +11,8 @@ proportional to p(x0) exp(lambda r(x0)) for every potential:
   at the last step these subtract the log-potentials applied so far and add lambda r(x0).
 
 NaN and -inf rewards kill a particle (log G = -inf); a prompt whose particles all die raises a ValueError
-naming it (or is resampled uniformly with on_degenerate="uniform"). Weights are carried in log space when
+naming it (or is resampled uniformly with on_degenerate="uniform", and then starts over: no potential
+applied, no reward history). Weights are carried in log space when
 an ESS-adaptive step does not resample, never reset.
 """
 from __future__ import annotations
@@ -96,6 +97,15 @@ def schedule(num_steps: int, start: int = 0, end: Optional[int] = None, every: i
     return sorted(s for s in steps if 0 <= s < num_steps)
 
 
+def _restart_dead_groups(dead, r_state, applied, potential, K):
+    """Groups whose particles all died and were resampled uniformly (on_degenerate="uniform") start over: no
+    potential applied yet and no reward history (their -inf ones would otherwise cancel the final correction)."""
+    rows = dead.repeat_interleave(K)
+    fresh = -math.inf if potential == "max" else 0.0  # "max" starts from the next reward itself
+    return (torch.where(rows, torch.full_like(r_state, fresh), r_state),
+            torch.where(rows, torch.zeros_like(applied), applied))
+
+
 class FKSteering:
     """Steer a stochastic diffusion sampler toward high reward with B x K particles.
 
@@ -150,9 +160,8 @@ class FKSteering:
         self.generator, self.backend, self.progress = generator, backend, progress
 
     def _rewards(self, x0: torch.Tensor) -> torch.Tensor:
-        """The reward of each particle, float64 with NaN read as -inf."""
-        r = self._check_rewards(self.reward_fn(x0), x0.shape[0])
-        r = r if r.dtype == torch.float64 else r.to(torch.float64)
+        """The reward of each particle, float64 on the latents' device, with NaN read as -inf."""
+        r = self._check_rewards(self.reward_fn(x0), x0.shape[0]).to(x0.device, torch.float64)
         return r.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)  # NaN: dead
 
     @staticmethod
@@ -165,7 +174,8 @@ class FKSteering:
     def run(self, step_fn: Callable[[torch.Tensor, int], tuple], x: torch.Tensor, num_steps: int,
             states: Optional[dict] = None) -> FKResult:
         """Run ``num_steps`` sampler steps from latents ``x`` [B*K, ...]; ``states`` holds other per-particle
-        tensors [B*K, ...] (moved with the particles; the updated ones are in ``result.states``)."""
+        tensors [B*K, ...], moved with the particles in that dict itself (so a step function that reads it sees
+        each particle's own state; ``result.states`` is the same dict)."""
         K = self.K
         if x.shape[0] % K:
             raise ValueError(f"x must have B*K rows with K = num_particles = {K}, got {x.shape[0]} rows")
@@ -176,13 +186,17 @@ class FKSteering:
                     # previous r, running max or running sum; and the sum of log-potentials applied so far
                     r_state=torch.zeros(B * K, dtype=torch.float64, device=dev),
                     applied=torch.zeros(B * K, dtype=torch.float64, device=dev))
-        states = dict(states or {})
+        # the caller's dict itself: a step function that reads its per-particle states finds them moved
+        states = {} if states is None else states
         steps = set(schedule(num_steps, self.start, self.end, self.every))
         it = range(num_steps)
         if self.progress:
-            from tqdm import tqdm
-
-            it = tqdm(it, desc="FK steering", leave=False)
+            try:
+                from tqdm import tqdm
+            except ImportError:  # tqdm is optional (an extra): no bar without it
+                tqdm = None
+            if tqdm is not None:
+                it = tqdm(it, desc="FK steering", leave=False)
         # CPU tensors take the fused C++ step (torch.ops.fusedlab.fk_step): the potential, the weights, the
         # resampling and the moves of the latents and of the reward bookkeeping in one call per step
         loop = self._loop_fused if dev.type == "cpu" and self.backend in ("auto", "cpu") else self._loop
@@ -268,8 +282,11 @@ class FKSteering:
             if last and self.potential != "diff":
                 log_g = lam * r - applied  # the product of all potentials becomes exp(lambda r(x0))
             first = False
-            # a dead reward (NaN or -inf) kills the particle whatever the potential and the sign of lambda
-            log_g = torch.where(torch.isneginf(r), torch.full_like(log_g, -math.inf), log_g.nan_to_num(nan=-math.inf))
+            # a dead reward (NaN or -inf) kills the particle whatever the potential and the sign of lambda, as
+            # does a -inf potential (lambda < 0 with r = +inf); +inf becomes the largest finite value (as the
+            # fused CPU step does)
+            log_g = torch.where(torch.isneginf(r), torch.full_like(log_g, -math.inf),
+                                log_g.nan_to_num(nan=-math.inf, neginf=-math.inf))
             applied = applied + log_g
             lw = lw + log_g.view(B, K)
             # one fused call: weights, ESS, decision, ancestors, and the latents moved by them
@@ -286,6 +303,8 @@ class FKSteering:
             move = lambda v: torch.gather(v.view(B, K), 1, anc).view(B * K)  # noqa: E731
             r_state = move(r_state) if self.potential != "rt" else r_state
             applied = move(applied) if self.potential != "diff" else applied
+            if not last and bool(res.degenerate.any()):
+                r_state, applied = _restart_dead_groups(res.degenerate, r_state, applied, self.potential, K)
             if last:
                 rewards = r_state if self.potential == "diff" else move(r)
             for k, v in states.items():
