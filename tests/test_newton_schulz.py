@@ -104,14 +104,56 @@ def test_torch_compile_fullgraph(gen):
     torch.testing.assert_close(f(G), fusedlab.ops.newton_schulz(G, dtype=torch.float32))
 
 
+def test_extreme_scales_empty_matrices_and_autocast(gen):
+    """Norms past float32's range (every element finite) and subnormal inputs with eps = 0 normalize on every
+    path; empty matrices come back empty; autocast does not lower a requested float32 on the paths written as
+    torch products; leading dims of the torch-order reference; a numpy eps."""
+    import numpy as np
+
+    G = torch.randn(8, 16, generator=gen, dtype=torch.float64)
+    want = ref.newton_schulz(G, 5)
+    big = (G / G.abs().max() * 1e38).float()  # ||G||_F above float32's largest value
+    tiny = (G * 1e-41).float()  # subnormal: 1 / ||G|| passes float32's range
+    for backend, method in (("cpu", "standard"), ("reference", "standard"), ("auto", "gram")):
+        for x, eps in ((big, 1e-7), (tiny, 0.0)):
+            got = fusedlab.ops.newton_schulz(x, dtype=torch.float32, eps=eps, backend=backend, method=method)
+            assert rel(got, want) < 1e-3, (backend, method, eps)
+    huge64 = G * 1e160  # float64 norms overflow without the max-abs scaling too
+    assert rel(fusedlab.ops.newton_schulz(huge64, dtype=torch.float64, backend="reference"), want) < 1e-10
+    for backend in ("cpu", "reference"):
+        assert fusedlab.ops.newton_schulz(torch.randn(4, 0, 5), backend=backend).shape == (4, 0, 5)
+    wide = torch.randn(256, 768, generator=gen)
+    exact = ref.newton_schulz(wide.double(), 5)
+    for backend in ("auto", "reference"):  # "auto" takes the Gram path at this shape in float32
+        plain = fusedlab.ops.newton_schulz(wide, dtype=torch.float32, backend=backend)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cast = fusedlab.ops.newton_schulz(wide, dtype=torch.float32, backend=backend)
+        assert cast.dtype == torch.float32 and rel(cast, exact) < 2 * rel(plain, exact) + 1e-6, backend
+    batch = torch.randn(2, 3, 8, 12, generator=gen)
+    torch.testing.assert_close(ref.newton_schulz_torch_order(batch),
+                               ref.newton_schulz_torch_order(batch.reshape(6, 8, 12)).reshape(batch.shape))
+    torch.testing.assert_close(fusedlab.ops.newton_schulz(G.float(), eps=np.float32(1e-7), dtype=torch.float32),
+                               fusedlab.ops.newton_schulz(G.float(), dtype=torch.float32))
+
+
+def test_torch_compile_fullgraph_with_the_default_dtype(gen):
+    """The hardware probe behind the default dtype is answered before tracing (a cache torch.compile would
+    trace through otherwise stops the graph)."""
+    torch._dynamo.reset()
+    f = torch.compile(fusedlab.ops.newton_schulz, fullgraph=True, backend="aot_eager")
+    G = torch.randn(2, 16, 48, generator=gen)
+    torch.testing.assert_close(f(G), fusedlab.ops.newton_schulz(G))
+
+
 @pytest.mark.parametrize("call, exc, pattern", [
     (lambda: fusedlab.ops.newton_schulz(torch.zeros(5)), ValueError, "at least 2 dims"),
-    (lambda: fusedlab.ops.newton_schulz(torch.zeros(2, 3, dtype=torch.int32)), TypeError, "floating-point"),
+    (lambda: fusedlab.ops.newton_schulz(torch.zeros(2, 3, dtype=torch.int32)), TypeError, "G must be float16, bfloat16, float32 or float64"),
     (lambda: fusedlab.ops.newton_schulz(torch.zeros(2, 3), coefficients="kellerr"), ValueError, "coefficients must be one of"),
     (lambda: fusedlab.ops.newton_schulz(torch.zeros(2, 3), coefficients=[(1.0, 2.0)]), ValueError, "triple"),
     (lambda: fusedlab.ops.newton_schulz(torch.zeros(2, 3), coefficients=(math.nan, 1.0, 1.0)), ValueError, "finite"),
     (lambda: fusedlab.ops.newton_schulz(torch.zeros(2, 3), eps=-1.0), ValueError, "eps"),
     (lambda: fusedlab.ops.newton_schulz(torch.zeros(2, 3), dtype=torch.int8), ValueError, "dtype"),
+    (lambda: fusedlab.ops.newton_schulz(torch.zeros(2, 3).to(torch.float8_e4m3fn)), TypeError, "G must be float16"),
     (lambda: fusedlab.ops.newton_schulz(torch.zeros(2, 3), backend="cuda"), ValueError, "needs CUDA tensors"),
 ])
 def test_errors(call, exc, pattern):

@@ -121,12 +121,13 @@ def test_zero_rank_deficient_and_scale_invariance(dtype, gen):
     ((128, 512), torch.float32, "cpu", False),    # small: per-call overhead eats the FLOP saving
     ((768, 768), torch.float32, "cpu", False),
     ((768, 3072), torch.float64, "cpu", False),
-    ((768, 3072), torch.bfloat16, "cuda", True),  # the published rule: aspect > 2, short side > 256
-    ((12, 3072, 768), torch.float32, "cuda", True),
-    ((4096, 16384), torch.bfloat16, "cuda", True),
-    ((256, 1024), torch.bfloat16, "cuda", False),
-    ((1024, 2048), torch.bfloat16, "cuda", False),
-    ((4096, 4096), torch.bfloat16, "cuda", False),
+    ((768, 3072), torch.bfloat16, "cuda", False),  # bf16: 0.51x the CUDA kernel on the H200
+    ((12, 3072, 768), torch.float32, "cuda", True),  # float32: the published rule, aspect > 2, short side > 256
+    ((768, 3072), torch.float32, "cuda", True),
+    ((4096, 16384), torch.float32, "cuda", True),
+    ((256, 1024), torch.float32, "cuda", False),
+    ((1024, 2048), torch.float32, "cuda", False),
+    ((4096, 4096), torch.float32, "cuda", False),
 ])
 def test_auto_rule(shape, dtype, device, gram_pays):
     assert _gram_faster(shape, dtype, device) is gram_pays

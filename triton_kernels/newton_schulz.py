@@ -31,8 +31,8 @@ products and fp32 sums instead of TF32, so the fp32 path is reproducible and com
 reference. The b A + c A A and a X + B X epilogues are computed in the accumulator type and rounded once.
 
 The normalization (Frobenius norm in fp32, scaled by max |G| so it neither underflows nor overflows,
-clamped at eps) runs as plain torch ops: a few O(mn) passes next to the O(m^2 n) products, written with
-the reference's formula. The tall-to-wide transpose is fused into the cast copy that produces X.
+clamped at eps) runs as plain torch ops, the reference's ``normalize`` itself: a few O(mn) passes next to
+the O(m^2 n) products. The tall-to-wide transpose is fused into the cast copy that produces X.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedlab.reference.newton_schulz import frobenius_norm_fp32
+from fusedlab.reference.newton_schulz import normalize
 from fusedlab.triton_kernels._common import cdiv, check_device, empty
 
 #: CUDA's limit on grid axis 1; larger batches are walked by each program in strides of this many matrices.
@@ -293,8 +293,7 @@ def newton_schulz(G: torch.Tensor, coefficients: Sequence[float], norm_scale: fl
     if G.numel() == 0:
         return torch.empty(G.shape, dtype=dtype, device=G.device)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    g = G.reshape(-1, rows, cols).to(acc)
-    g = g / (frobenius_norm_fp32(g, g.dtype) * norm_scale).clamp(min=eps)
+    g = normalize(G.reshape(-1, rows, cols), norm_scale, eps, acc)  # the reference's formula, in acc
     steps = len(coefficients) // 3
     if steps == 0:
         return g.to(dtype).reshape(G.shape)

@@ -107,8 +107,11 @@ at::Tensor newton_schulz_cpu(const at::Tensor& G, at::ArrayRef<double> coefficie
   const at::ScalarType acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor g = G.reshape({-1, m, n});
   const at::Tensor norm = at::linalg_vector_norm(g, 2, at::IntArrayRef{-2, -1}, true, at::kDouble);
-  const at::Tensor inv = norm.mul(norm_scale).clamp_min(eps).reciprocal().to(acc);
-  at::Tensor X = g.to(acc).mul(inv).to(dtype);
+  // 1 / max(norm, eps) passes float32's range only when eps < ~3e-39 (subnormal inputs): then the scaling runs
+  // in float64, where it stays finite
+  const bool wide = acc == at::kFloat && eps < 1e-30;
+  const at::Tensor inv = norm.mul(norm_scale).clamp_min(eps).reciprocal().to(wide ? at::kDouble : acc);
+  at::Tensor X = g.to(wide ? at::kDouble : acc).mul(inv).to(dtype);
   const bool tall = m > n;  // iterate on the wide orientation: the Gram matrix is min(m, n) square
   if (tall) X = X.transpose(1, 2);
   X = iterate(X, coefficients, /*own_x=*/!tall, /*out_to_caller=*/true);  // X: this call's buffer
@@ -142,9 +145,10 @@ struct MuonBatch {
 struct MuonLerps {
   float w_buf, w_nesterov;
   bool small_buf, small_nesterov, nesterov;
-  MuonLerps(float mu, bool nest)
-      : w_buf(1.0f - mu), w_nesterov(mu), small_buf(std::abs(1.0f - mu) < 0.5f), small_nesterov(std::abs(mu) < 0.5f),
-        nesterov(nest) {}
+  // 1 - mu rounded once from double, as torch computes the weight it passes to lerp
+  MuonLerps(double mu, bool nest)
+      : w_buf(static_cast<float>(1.0 - mu)), w_nesterov(static_cast<float>(mu)), small_buf(std::abs(1.0 - mu) < 0.5),
+        small_nesterov(std::abs(mu) < 0.5), nesterov(nest) {}
 };
 
 // F<kSmallBuf, kNesterov, kSmallNesterov>::run(args...) for the pass's formulas.
@@ -330,7 +334,7 @@ void muon_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList b
   s.tall = s.rows > s.cols;
   s.blocks = (s.rows + kRowBlock - 1) / kRowBlock;
   if (p0.numel() == 0) return;
-  const MuonLerps lerps(static_cast<float>(momentum), nesterov);
+  const MuonLerps lerps(momentum, nesterov);
   const int64_t items = count * s.blocks;
 
   // pass 1: buf <- lerp(buf, g, 1 - mu); partial sums of the update's squares per row block, in float64

@@ -9,8 +9,9 @@ and an H200).
 """
 from __future__ import annotations
 
-import functools
+import contextlib
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -57,13 +58,27 @@ def _setup_nothing(ctx, inputs, output):
     pass
 
 
-@functools.lru_cache(maxsize=None)
+# hardware probes, answered once per process into plain dicts (a functools cache is traced through by
+# torch.compile, which cannot trace the probes themselves)
+_BF16_MATMUL: dict = {}
+
+
 def _cpu_has_bf16_matmul() -> bool:
-    cpu = torch.cpu
-    try:
-        return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
-    except AttributeError:  # a torch without these probes: assume no native bf16 matmul
-        return False
+    if "cpu" not in _BF16_MATMUL:
+        cpu = torch.cpu
+        try:
+            _BF16_MATMUL["cpu"] = bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+        except AttributeError:  # a torch without these probes: assume no native bf16 matmul
+            _BF16_MATMUL["cpu"] = False
+    return _BF16_MATMUL["cpu"]
+
+
+def _cuda_has_bf16_matmul(device: torch.device) -> bool:
+    """bf16 tensor cores: compute capability 8.0 (Ampere) and later."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _BF16_MATMUL:
+        _BF16_MATMUL[index] = torch.cuda.get_device_capability(index) >= (8, 0)
+    return _BF16_MATMUL[index]
 
 
 def check_matrices(G) -> None:
@@ -72,13 +87,14 @@ def check_matrices(G) -> None:
         raise TypeError(f"G must be a torch.Tensor, got {type(G).__name__}")
     if G.dim() < 2:
         raise ValueError(f"G must be [..., m, n] with at least 2 dims, got shape {tuple(G.shape)}")
-    if not G.dtype.is_floating_point:
-        raise TypeError(f"G must be a floating-point tensor, got dtype {G.dtype}")
+    if G.dtype not in _DTYPES:
+        raise TypeError(f"G must be float16, bfloat16, float32 or float64, got dtype {G.dtype}")
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 where the hardware multiplies bf16 natively (GPUs, AVX-512-BF16 or AMX CPUs), else float32."""
-    if device.type == "cuda" or (device.type == "cpu" and _cpu_has_bf16_matmul()):
+    """bfloat16 where the hardware multiplies bf16 natively (GPUs from Ampere on, AVX-512-BF16 or AMX CPUs),
+    else float32."""
+    if (device.type == "cuda" and _cuda_has_bf16_matmul(device)) or (device.type == "cpu" and _cpu_has_bf16_matmul()):
         return torch.bfloat16
     return torch.float32
 
@@ -107,9 +123,10 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients="keller", eps: f
             torch's batched products on any device, or the plain reference with backend="reference"; fewer
             FLOPs on strongly rectangular matrices, none on square ones), or "auto": "gram" only with
             backend="auto" and where it is faster at the standard path's accuracy, else "standard". On CUDA
-            tensors that is the published rule (long side > 2x short side > 256; not measured here); on CPU
-            tensors, float32 or float16 with long side >= 3x short side >= 256 (as measured; bf16 stays
-            standard, since CPUs without float16 matrix units multiply float16 far slower than bf16).
+            tensors, float32 with long side > 2x short side > 256 (the published shape rule; measured faster
+            in float32 on an H100 and an H200, not in bf16 against the CUDA kernel); on CPU tensors, float32
+            or float16 with long side >= 3x short side >= 256 (as measured; bf16 stays standard, since CPUs
+            without float16 matrix units multiply float16 far slower than bf16).
 
     Example:
         >>> import torch, fusedlab
@@ -125,8 +142,9 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients="keller", eps: f
     triples, scale = ref.resolve_coefficients(coefficients, steps)
     if not all(math.isfinite(v) for t in triples for v in t):
         raise ValueError(f"coefficients must be finite, got {triples}")
-    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    eps = float(eps)
     dtype = default_dtype(G.device) if dtype is None else dtype
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype}")
@@ -138,19 +156,30 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients="keller", eps: f
                          f"(backend='reference'); it has no {backend!r} kernel, got backend={backend!r}")
     if method == "auto":  # an explicit backend asks for that kernel, which iterates on X
         method = "gram" if backend == "auto" and _gram_faster(G.shape, dtype, G.device.type) else "standard"
+    if G.shape[-1] == 0 or G.shape[-2] == 0:  # empty matrices: nothing to normalize or multiply
+        return torch.empty(G.shape, dtype=dtype, device=G.device)
     if method == "gram" and steps > 0 and G.numel() > 0:
         restarts = gram_restarts(steps)
-        if which == "reference":
-            return ref.gram_newton_schulz(G, steps, coefficients, eps, dtype, restarts)
-        return _gram_newton_schulz(G, triples, scale, eps, dtype, restarts)
+        with _no_autocast(G):  # plain torch products: autocast would lower the requested dtype
+            if which == "reference":
+                return ref.gram_newton_schulz(G, steps, coefficients, eps, dtype, restarts)
+            return _gram_newton_schulz(G, triples, scale, eps, dtype, restarts)
     if backend == "auto" and G.device.type == "cuda":
         which = auto_cuda_choice(G.shape, [b for b in ("cuda", "triton") if b in _backend.backends()])
     if which == "reference":
-        return ref.newton_schulz(G, steps, coefficients, eps, dtype)
+        with _no_autocast(G):
+            return ref.newton_schulz(G, steps, coefficients, eps, dtype)
     flat = [float(v) for t in triples for v in t]
     if which == "triton":
         return torch.ops.fusedlab.newton_schulz_triton(G, flat, float(scale), float(eps), dtype)
     return torch.ops.fusedlab.newton_schulz(G, flat, float(scale), float(eps), dtype)
+
+
+def _no_autocast(G):
+    """Autocast off for the paths written as plain torch products (the kernels compute in ``dtype`` anyway)."""
+    if torch.is_autocast_enabled(G.device.type):
+        return torch.autocast(G.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def auto_cuda_choice(shape, kernels) -> str:
@@ -220,10 +249,12 @@ def _gram_faster(shape, dtype: torch.dtype, device_type: str) -> bool:
     if m == 0 or dtype == torch.float64:  # float64 is the oracle's dtype: the plain iteration
         return False
     if device_type == "cuda":
-        # Not measured on a GPU yet: the published rule (aspect ratio above 2, short side above 256). It was
-        # measured with symmetric-output kernels and one restart; with cuBLAS products and a restart every
-        # second step the FLOP saving is 1.09x at aspect 2 and 1.29x at 4, against Triton's symmetric kernels.
-        return n > 2 * m and m > 256
+        # Measured at 768x3072 (aspect 4) against the standard path "auto" takes: on the H200
+        # (bench/results/gpu/h200-2/newton_schulz_gpu.json) float32 1.11x on one matrix and 1.24x on a batch
+        # of 12 (the H100: 2.6x on the batch), but bf16 0.51x and 0.89x against the CUDA kernel (the H100:
+        # 1.24x and 0.98x against the Triton kernels). So float32 only, with the published shape rule (aspect
+        # ratio above 2, short side above 256).
+        return dtype == torch.float32 and n > 2 * m and m > 256
     if device_type == "cpu":
         # Measured on a 2-core Sapphire Rapids (AMX-BF16, no AMX-FP16), one thread, against the C++ kernel:
         # in bf16 the Gram path's float16 products run about 8x slower than AMX bf16 ones, so it took

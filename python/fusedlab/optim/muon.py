@@ -219,6 +219,10 @@ def _fused_cpu_step(group, items, shape, lr, step_lr, opt=None) -> bool:
         return False
     if any(t.dtype != torch.float32 or not t.is_contiguous() for it in items for t in it):
         return False
+    # a parameter listed twice (torch.optim only warns) would have its buffer updated concurrently there; and
+    # eps below float32's normal range could overflow the kernel's float32 1 / max(norm, eps)
+    if len({p.data_ptr() for p, _, _ in items}) < len(items) or group["eps"] < 1e-30:
+        return False
     dtype = group["ns_dtype"] or default_dtype(p0.device)
     method = group["ns_method"]
     if dtype == torch.float64 or method == "gram" or (

@@ -61,19 +61,22 @@ def resolve_coefficients(coefficients, steps: int):
     return out, scale
 
 
-def frobenius_norm_fp32(G: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """||G||_F over the last two dims in ``dtype`` (float32 by default) without underflow or overflow:
-    scaled by max |G| first."""
-    g = G.to(dtype)
+def normalize(G: torch.Tensor, scale: float, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """G / max(scale * ||G||_F, eps) per matrix, computed in float32 (float64 when dtype is float64), cast to dtype.
+
+    Without forming the norm, which can overflow where every element is finite: each matrix is divided by its
+    max |G| first (in float64 for a float64 input, so values beyond float32's range survive the cast), and
+    G / max(s ||G||, eps) = (G / a) / max(s ||G / a||, eps / a) with ||G / a|| in [1, sqrt(mn)]."""
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    g = G.to(torch.float64 if G.dtype == torch.float64 else work)
+    if g.numel() == 0:
+        return g.to(dtype)
     amax = g.abs().amax(dim=(-2, -1), keepdim=True)
     safe = torch.where(amax > 0, amax, torch.ones_like(amax))
-    return (g / safe).square().sum(dim=(-2, -1), keepdim=True).sqrt() * safe
-
-
-def normalize(G: torch.Tensor, scale: float, eps: float, dtype: torch.dtype) -> torch.Tensor:
-    """G / max(scale * ||G||_F, eps) per matrix, computed in float32 (float64 when dtype is float64), cast to dtype."""
-    norm = frobenius_norm_fp32(G) if dtype != torch.float64 else torch.linalg.matrix_norm(G.double(), keepdim=True)
-    return (G.to(norm.dtype) / (norm * scale).clamp(min=eps)).to(dtype)
+    u = (g / safe).to(work)
+    norm = u.square().sum(dim=(-2, -1), keepdim=True).sqrt()
+    floor = (eps / safe.to(torch.float64)).to(work)  # per matrix, in float64: eps / a can pass float32's range
+    return (u / torch.maximum(norm * scale, floor)).to(dtype)
 
 
 def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients="keller", eps: float = 1e-7,
@@ -95,6 +98,8 @@ def newton_schulz_torch_order(G: torch.Tensor, steps: int = 5, coefficients=(3.4
                               eps: float = 1e-7) -> torch.Tensor:
     """torch.optim.Muon's computation, step for step: bf16 cast, bf16 norm clamped at eps, addmm chain."""
     a, b, c = coefficients
+    if G.dim() > 3:  # torch's function takes one matrix or a batch: leading dims flattened into the batch
+        return newton_schulz_torch_order(G.reshape(-1, *G.shape[-2:]), steps, coefficients, eps).reshape(G.shape)
     X = G.bfloat16()
     if G.size(-2) > G.size(-1):
         X = X.mT
