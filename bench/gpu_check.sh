@@ -38,7 +38,7 @@ echo "== build (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a})" | tee -a "$
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16}
 t0=$(date +%s)
 if ! $PY -m pip install --no-deps --no-build-isolation -e . >> "$LOG" 2>&1; then
-  # a CUDA build error must not cost the Triton tests and benchmarks of a GPU session: show it, build without _C_cuda
+  # a CUDA build error must not cost the Triton tests and benchmarks of a GPU run: show it, build without _C_cuda
   echo "CUDA BUILD FAILED; retrying with FUSEDLAB_NO_CUDA=1" | tee -a "$LOG"
   grep -E "error|Error" "$LOG" | head -40
   if ! FUSEDLAB_NO_CUDA=1 $PY -m pip install --no-deps --no-build-isolation -e . >> "$LOG" 2>&1; then
@@ -59,7 +59,7 @@ XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n ${TEST_WORKERS:-4}"
 timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q $XDIST $TESTS -p no:cacheprovider -p no:warnings -rfEs --durations=8 2>&1 \
   | tee -a "$LOG" | tail -40 || status=1
 for fam in "${families[@]}"; do
-  # one GPU session runs the whole script: each family gets what is left of BUDGET_S (at most 200 s), and the
+  # one run of the whole script: each family gets what is left of BUDGET_S (at most 200 s), and the
   # families that no longer fit are skipped by name, so the results of the others still come back
   left=$(( ${BUDGET_S:-540} - ($(date +%s) - start) ))
   if [ "$left" -lt 60 ]; then
