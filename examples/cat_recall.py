@@ -126,7 +126,7 @@ def train(model, batches, steps, lr, chunked, desc):
 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
-    for step in tqdm(range(steps), desc=desc, leave=False):
+    for step in tqdm(range(steps), desc=desc, leave=False, disable=None):
         tokens, weight = batches()
         l = CHUNKS[step % len(CHUNKS)] if chunked else None
         logits = model(tokens, l)[:, :-1]
@@ -156,14 +156,16 @@ def evaluate(model, batches, n, l, metric):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="tiny run for tests (seconds); no plot unless --out is given")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--window", type=int, default=16, help="the sliding-window baseline's window")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="cat_recall.png")
+    p.add_argument("--out", default=None, help="plot path (default cat_recall.png; none in --smoke)")
     args = p.parse_args(argv)
+    if args.out is None and not args.smoke:
+        args.out = "cat_recall.png"
     steps = 12 if args.smoke else args.steps
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
@@ -202,8 +204,9 @@ def main(argv=None):
     print(f"{'model':<22}" + "".join(f"{t:>24}" for t in tasks))
     for n in names:
         print(f"{n:<22}" + "".join(f"{results[(t, n)]:>24.3f}" for t in tasks))
-    plot(results, list(tasks), names, args.out)
-    print(f"\nwrote {args.out}")
+    if args.out:
+        plot(results, list(tasks), names, args.out)
+        print(f"\nwrote {args.out}")
     return results
 
 

@@ -128,7 +128,7 @@ def train_diffusion(x, sched, iters, gen, batch=256, lr=2e-3, desc="diffusion"):
     ema.load_state_dict(model.state_dict())
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     lr_at = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=iters, pct_start=0.05)
-    for n in tqdm(range(iters), desc=desc, leave=False, mininterval=1.0):
+    for n in tqdm(range(iters), desc=desc, leave=False, mininterval=1.0, disable=None):
         x0 = x[torch.randint(len(x), (batch,), generator=gen)]
         t = torch.randint(1, sched.T + 1, (batch,), generator=gen)
         eps = torch.randn(x0.shape, generator=gen)
@@ -155,7 +155,7 @@ def train_classifier(x, y, eps_model, sched, iters, gen, batch=256, lr=2e-3, des
     opt = torch.optim.Adam(clf.parameters(), lr=lr, weight_decay=1e-4)
     lr_at = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=iters, pct_start=0.05)
     h = batch // 2
-    for _ in tqdm(range(iters), desc=desc, leave=False, mininterval=1.0):
+    for _ in tqdm(range(iters), desc=desc, leave=False, mininterval=1.0, disable=None):
         idx = torch.randint(len(x), (batch,), generator=gen)
         x0, lab = x[idx], y[idx]
         clean = (x0[:h] + 0.1 * torch.randn(x0[:h].shape, generator=gen)).clamp(-1, 1)

@@ -85,28 +85,32 @@ def retrieval_accuracy(kind, encoders, bits, p, n, seed):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="tiny run for tests (seconds); no plot unless --out is given")
     ap.add_argument("--bits", type=int, default=5)
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--dim", type=int, default=32, help="embedding width (16 leaves some seeds one bit short)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="symile_xor.png")
+    ap.add_argument("--out", default=None, help="plot path (default symile_xor.png; none in --smoke)")
     args = ap.parse_args(argv)
+    if args.out is None and not args.smoke:
+        args.out = "symile_xor.png"
     steps = 30 if args.smoke else args.steps
     ps = (0.0, 1.0) if args.smoke else (0.0, 0.25, 0.5, 0.75, 1.0)
     from tqdm import tqdm
 
     results = {}
-    for kind, p in tqdm(list(itertools.product(("Symile", "pairwise CLIP"), ps)), desc="training"):
+    n_eval = 500 if args.smoke else 2000
+    for kind, p in tqdm(list(itertools.product(("Symile", "pairwise CLIP"), ps)), desc="training", disable=None):
         enc = train(kind, args.bits, p, steps, 256, args.dim, args.seed)
-        results[(kind, p)] = retrieval_accuracy(kind, enc, args.bits, p, 2000, args.seed)
+        results[(kind, p)] = retrieval_accuracy(kind, enc, args.bits, p, n_eval, args.seed)
     print(f"\nzero-shot retrieval of c given (a, b) among {2 ** args.bits} candidates (chance "
           f"{1 / 2 ** args.bits:.3f}), {steps} steps per model\n")
     print(f"{'p (XOR share)':<16}{'Symile':>10}{'pairwise CLIP':>16}")
     for p in ps:
         print(f"{p:<16}{results[('Symile', p)]:>10.3f}{results[('pairwise CLIP', p)]:>16.3f}")
-    plot(results, ps, args.bits, args.out)
-    print(f"\nwrote {args.out}")
+    if args.out:
+        plot(results, ps, args.bits, args.out)
+        print(f"\nwrote {args.out}")
     return results
 
 

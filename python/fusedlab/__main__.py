@@ -101,8 +101,43 @@ COLS = [("op", "op"), ("backend", "backend"), ("shape", "shape"), ("max err vs r
         ("time (median)", "time"), ("peer", "peer"), ("speedup vs peer", "speedup"), ("notes", "note")]
 
 
+class _NoBar:
+    """What tqdm's progress bar does when tqdm is not installed (an optional dependency): nothing."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n=1):
+        pass
+
+
+def _tqdm():
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar
+    return tqdm
+
+
+def _save_plot(plot, results, path):
+    """Draw with matplotlib (an optional dependency) when it is installed; say so when it is not."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print(f"matplotlib is not installed: no plot ({path})")
+        return
+    plot(results, path)
+    print(f"wrote {path}")
+
+
 def demo(quick=False):
-    from tqdm import tqdm
+    tqdm = _tqdm()
 
     print(info(), "\n")
     min_run_time = 0.01 if quick else 0.2
@@ -135,10 +170,13 @@ def demo(quick=False):
 
 
 def _write_results(out_dir, name, title, rows, shown, cols):
-    """bench/results/<name>_<cpu|gpu>.json (every row) and .md (the shown columns); returns the base path."""
+    """bench/results/<name>_<cpu|gpu>.json (every row) and .md (the shown columns); returns the base path. The
+    suffix says where the rows ran ("gpu" when any ran on CUDA), not what the machine has."""
     os.makedirs(out_dir, exist_ok=True)
     results = {"machine": machine(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "rows": rows}
-    base = os.path.join(out_dir, f"{name}_{'gpu' if torch.cuda.is_available() else 'cpu'}")
+    devices = {r.get("device") for r in rows} - {None}
+    on_gpu = "cuda" in devices if devices else torch.cuda.is_available()
+    base = os.path.join(out_dir, f"{name}_{'gpu' if on_gpu else 'cpu'}")
     with open(base + ".json", "w") as f:
         json.dump(results, f, indent=1)
     with open(base + ".md", "w") as f:
@@ -156,7 +194,7 @@ def bench(out_dir, min_run_time=0.5, shapes=perf_resample.SHAPES, family="resamp
         return bench_cat(out_dir, min_run_time, quick=shapes != perf_resample.SHAPES, device=device)
     if family == "symile":
         return bench_symile(out_dir, min_run_time, quick=shapes != perf_resample.SHAPES, device=device)
-    from tqdm import tqdm
+    tqdm = _tqdm()
 
     all_rows = []
     for device, backends in _devices_and_backends(device):
@@ -170,8 +208,7 @@ def bench(out_dir, min_run_time=0.5, shapes=perf_resample.SHAPES, family="resamp
             ("median ms", "ms"), ("speedup vs plain", "vs_plain"), ("speedup vs naive", "vs_naive"),
             ("time / clone", "over_clone")] + ([("kernel launches", "launches")] if torch.cuda.is_available() else [])
     base, results = _write_results(out_dir, "resample", "resample + gather", all_rows, shown, cols)
-    _plot(results, base + ".png")
-    print(f"wrote {base}.png")
+    _save_plot(_plot, results, base + ".png")
     if shapes == perf_resample.SHAPES and any(dev == "cuda" for dev, _ in _devices_and_backends(device)):
         # the same calls replayed from CUDA graphs: GPU time without the host's per-call cost (written last)
         cuda_backends = dict(_devices_and_backends(device))["cuda"]
@@ -206,7 +243,7 @@ def bench_newton_schulz(out_dir, min_run_time=0.5, quick=False, device="all"):
 
 def bench_cat(out_dir, min_run_time=0.5, quick=False, device="all"):
     """CAT attention forward+backward against dense causal SDPA and FlexAttention's interleaved mask."""
-    from tqdm import tqdm
+    tqdm = _tqdm()
 
     rows = []
     for dev, _ in _devices_and_backends(device):
@@ -321,7 +358,7 @@ def bench_symile(out_dir, min_run_time=0.5, quick=False, device="all"):
     """Symile's "n_squared" loss forward+backward (M = 3) against the symile package: time over a grid of
     (N, d), mip scoring against the package's MIPSimilarity, peak memory growth in a fresh process at the
     target points, and (CUDA) the largest N one card runs for each."""
-    from tqdm import tqdm
+    tqdm = _tqdm()
 
     # each result file is written as soon as its numbers exist, so that a run stopped by a time limit keeps
     # what it measured (the largest-N search on a GPU starts a fresh process per try and comes last)
@@ -345,8 +382,7 @@ def bench_symile(out_dir, min_run_time=0.5, quick=False, device="all"):
     if not any(r["device"] == "cuda" for r in rows):  # TFLOP/s reported for GPUs (the json keeps every row's)
         cols = [c for c in cols if c[1] != "tflops"]
     base, results = _write_results(out_dir, "symile", "Symile n_squared loss forward+backward", rows, shown, cols)
-    _plot_symile(results, base + ".png")
-    print(f"wrote {base}.png")
+    _save_plot(_plot_symile, results, base + ".png")
     # mip scoring against the package's MIPSimilarity
     mips = []
     for dev, backends in devices:
@@ -452,17 +488,24 @@ def _plot(results, path):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m fusedlab", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="command")
     sub.add_parser("info", help="versions, backends and device")
     d = sub.add_parser("demo", help="every family on every backend: checked and timed against the peer")
     d.add_argument("--quick", action="store_true", help="one small shape, short timing (for smoke tests)")
-    b = sub.add_parser("bench", help="benchmark target points -> json, markdown and PNG")
-    b.add_argument("--out", default="bench/results")
-    b.add_argument("--family", default="resample", choices=["resample", "newton_schulz", "cat", "symile"])
-    b.add_argument("--quick", action="store_true")
+    b = sub.add_parser("bench", help="one family's benchmark target points -> json, markdown (and a PNG for "
+                                     "resample and symile)")
+    b.add_argument("--out", default=None, help="results folder (default: bench/results; bench/results/tmp with --quick, "
+                                              "so a smoke run never replaces the recorded results)")
+    b.add_argument("--family", default="resample", choices=["resample", "newton_schulz", "cat", "symile"],
+                   help="which family (default: resample; `make bench` runs every family)")
+    b.add_argument("--quick", action="store_true", help="tiny shapes and short timing (for smoke tests)")
     b.add_argument("--device", default="all", choices=["all", "cpu", "cuda"], help="where to run (default: every device here)")
     args = p.parse_args(argv)
     quick = getattr(args, "quick", False)
+    if args.cmd == "bench":
+        args.out = args.out or ("bench/results/tmp" if quick else "bench/results")
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            p.error(f"--out {args.out!r} exists and is not a folder")
     if args.cmd == "info":
         print(info())
     elif args.cmd == "demo":
