@@ -311,6 +311,28 @@ def test_fused_resample_gather(method, gen):
     assert_same(r, fusedlab.smc.resample(lw, method, 0.5, uniforms=u))
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_in_place_gather_and_autograd(backend):
+    """gather_ under autograd: a tensor autograd saved is seen to change (its version moves), a leaf that
+    requires grad is refused, and a non-leaf's gradient flows through the move; both backends agree."""
+    anc = torch.tensor([[2, 2, 0]])
+    w = torch.ones(1, 3, 1, requires_grad=True)
+    state = torch.arange(3.0).reshape(1, 3, 1)
+    used = (w * state).sum()  # saves state
+    version = state._version
+    fusedlab.smc.gather_(state, anc, backend=backend)
+    assert state._version > version and state.flatten().tolist() == [2.0, 2.0, 0.0]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        used.backward()
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        fusedlab.smc.gather_(torch.zeros(1, 3, 1, requires_grad=True), anc, backend=backend)
+    a = torch.arange(3.0, requires_grad=True)
+    b = a.reshape(1, 3, 1) * 1.0
+    fusedlab.smc.gather_(b, anc, backend=backend)
+    (b.flatten() * torch.tensor([1.0, 10.0, 100.0])).sum().backward()
+    assert a.grad.tolist() == [100.0, 0.0, 11.0]
+
+
 def test_gather_rejects_out_of_range():
     with pytest.raises(RuntimeError, match="ancestors must lie in"):
         fusedlab.smc.gather(torch.zeros(1, 3), torch.tensor([[0, 3, 1]]))

@@ -403,14 +403,19 @@ def gather_(state: torch.Tensor, ancestors: torch.Tensor, backend: str = "auto")
     ``state`` must be contiguous. Extra memory: one group's worth per thread on the CPU; none on CUDA for
     groups of at most 32 KiB (staged in shared memory), a full-size temporary for larger groups and on the
     Triton backend. Out-of-range ancestors raise on the CPU; on CUDA they are a device-side assertion, as in
-    torch's own index kernels. Not differentiable (use :func:`gather` under autograd).
+    torch's own index kernels. A state that requires grad (with grad enabled) is moved as
+    ``state.copy_(gather(state.clone(), ancestors))``, so autograd records it (or refuses it on a leaf, as for any
+    in-place op); otherwise the move bumps the tensor's version, so autograd sees that a tensor it saved
+    changed.
     """
     ancestors = _check_ancestors(ancestors, state)
     if not state.is_contiguous():
         raise ValueError("state must be contiguous for the in-place gather_ (use gather for strided input)")
     which = _backend.resolve(backend, _FAMILY, state.device)
-    if which in ("cpu", "cuda"):
+    if which in ("cpu", "cuda") and not (torch.is_grad_enabled() and state.requires_grad):
         torch.ops.fusedlab.gather_(state, ancestors)
-    else:
-        state.copy_(gather(state, ancestors, backend=which))
+        if not torch.compiler.is_compiling() and not state.is_inference():
+            torch.autograd.graph.increment_version(state)  # the C++ op does not (no ADInplaceOrView kernel)
+    else:  # gathered from a copy: the gather's autograd node must not see the overwritten values
+        state.copy_(gather(state.clone(), ancestors, backend="reference" if which in ("cpu", "cuda") else which))
     return state
