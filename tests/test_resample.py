@@ -312,6 +312,23 @@ def test_fused_resample_gather(method, gen):
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_residual_keeps_whole_copies(backend, gen):
+    """Weights in whole ratios make K w / S whole numbers, which rounding puts a few ulps either side: residual
+    resampling still gives each particle at least floor(K w / S) copies, and both backends the same ancestors."""
+    patterns = [[1, 2, 3], [6, 2, 1], [1, 1, 1, 1, 2, 2], [3, 1, 0, 2, 1, 1], [5, 3, 2, 2, 1, 1, 1, 1]]
+    for pattern in patterns:
+        w = torch.tensor(pattern, dtype=torch.float64)
+        K = len(pattern)
+        x = w.log()[None].expand(64, K).contiguous()
+        u = torch.rand(64, K, generator=gen, dtype=torch.float64)
+        anc = fusedlab.smc.resample(x, "residual", uniforms=u, backend=backend).ancestors
+        copies = torch.stack([(anc == j).sum(-1) for j in range(K)], -1)
+        whole = torch.floor(K * w / w.sum() + 1e-9).to(torch.int64)
+        assert (copies >= whole).all(), (pattern, copies[0].tolist(), whole.tolist())
+        assert torch.equal(anc, fusedlab.smc.resample(x, "residual", uniforms=u, backend="reference").ancestors)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_in_place_gather_and_autograd(backend):
     """gather_ under autograd: a tensor autograd saved is seen to change (its version moves), a leaf that
     requires grad is refused, and a non-leaf's gradient flows through the move; both backends agree."""

@@ -32,6 +32,8 @@ from fusedlab.triton_kernels._common import cdiv, check_device, empty, next_powe
 
 from fusedlab.reference import resample as _ref
 
+RESIDUAL_SNAP = tl.constexpr(_ref.RESIDUAL_SNAP)  # a global the kernels read: a constexpr
+
 #: Largest BLOCK_K (next power of two of K) handled here. Larger groups: backend="cuda" or "cpu".
 MAX_BLOCK_K = 1 << 20
 #: Lanes a program works on at once; K is walked in chunks of this size (a power of two).
@@ -189,8 +191,8 @@ def _resample_kernel(lw_ptr, u_ptr, anc_ptr, lw_out_ptr, ess_ptr, log_norm_ptr, 
                     idx = c0 + lanes
                     w, x = _weights(lw_row, idx, K, m, degenerate)
                     kw = K * w / s
-                    n = tl.floor(kw)
-                    r = kw - n
+                    n = tl.floor(kw + RESIDUAL_SNAP * K)  # whole numbers stay whole (resample.h)
+                    r = tl.maximum(kw - n, 0.0)
                     tl.store(tab_a + idx, n_det + tl.cumsum(n, axis=0))
                     tl.store(tab_b + idx, r_sum + tl.cumsum(r, axis=0))
                     tl.store(counts + idx, tl.zeros([CHUNK], dtype=tl.int32), mask=idx < K)

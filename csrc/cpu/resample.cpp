@@ -287,9 +287,9 @@ uint8_t resample_group(const scalar_t* x_in, const double* u, int32_t method, do
   if (method == kResidual) {
     for (int64_t j = 0; j < K; ++j) {
       const double kw = static_cast<double>(K) * s.w[j] / sw;
-      const double n = std::floor(kw);
-      for (int64_t c = 0; c < static_cast<int64_t>(n); ++c) anc[n_det++] = j;
-      s.w[j] = kw - n;  // residual weight
+      const double n = residual_copies(kw, K);
+      for (int64_t c = 0; c < static_cast<int64_t>(n) && n_det < K; ++c) anc[n_det++] = j;
+      s.w[j] = residual_weight(kw, n);
     }
     if (n_det == K) return status;
     total = 0.0;

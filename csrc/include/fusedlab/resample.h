@@ -42,6 +42,16 @@ FL_HD FL_INLINE double ess(double sum_w, double sum_w2) { return sum_w * sum_w /
 // log_total = max + log(sum of shifted weights) and log_k = log K computed once per group.
 FL_HD FL_INLINE double carried_log_weight(double x, double log_total, double log_k) { return x - log_total + log_k; }
 
+// Residual resampling's deterministic copies of a particle with kw = K w / S: floor(kw), taken up to the next
+// whole number when kw lies within kResidualSnap * K below it, since rounding puts a K w / S that is exactly
+// a whole number (weights in whole ratios) a few ulps either side of it, and the floor would lose a copy
+// residual resampling guarantees. The residual weight is then max(kw - n, 0). Every backend uses this rule.
+constexpr double kResidualSnap = 1e-13;
+FL_HD FL_INLINE double residual_copies(double kw, int64_t K) {
+  return floor(kw + kResidualSnap * static_cast<double>(K));
+}
+FL_HD FL_INLINE double residual_weight(double kw, double n) { return kw > n ? kw - n : 0.0; }
+
 // Systematic and stratified points: (i + u) / K.
 FL_HD FL_INLINE double grid_point(int64_t i, double u, int64_t K) {
   return (static_cast<double>(i) + u) / static_cast<double>(K);

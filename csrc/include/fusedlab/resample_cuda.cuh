@@ -236,16 +236,18 @@ __device__ FL_INLINE void resample_group(const ResampleParams<scalar_t>& p, int6
   int base = 0, M = K, lst = last;
   double total = sw;
   if (p.method == kResidual) {
-    // n_j = floor(K w_j / S) deterministic copies; the residuals K w_j / S - n_j replace the weights.
+    // n_j = floor(K w_j / S) deterministic copies (residual_copies: whole numbers kept whole); the residuals
+    // K w_j / S - n_j replace the weights.
     Sums r{0.0, 0.0, -1};
     for (int j = tid; j < K; j += NT) {
       const double kw = static_cast<double>(K) * cdf[j] / sw;
-      const double n = floor(kw);
-      cdf[j] = kw - n;
+      const double n = residual_copies(kw, K);
+      const double rw = residual_weight(kw, n);
+      cdf[j] = rw;
       cnt[j] = static_cast<int>(n);
-      r.a += kw - n;
+      r.a += rw;
       r.b += n;
-      if (kw - n > 0.0) r.last = j;
+      if (rw > 0.0) r.last = j;
     }
     r = typename GroupShared<NT>::ReduceSums(sh.tmp.sums).Reduce(r, SumsOp());
     if (tid == 0) sh.rsums = r;

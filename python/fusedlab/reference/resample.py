@@ -24,6 +24,8 @@ import math
 import torch
 
 METHODS = ("multinomial", "stratified", "systematic", "residual")
+#: residual's deterministic copies: floor(K w / S + RESIDUAL_SNAP * K) (csrc/include/fusedlab/resample.h)
+RESIDUAL_SNAP = 1e-13
 
 # the columns of status
 FLAG_RESAMPLED = 0
@@ -61,13 +63,15 @@ def _group(x: torch.Tensor, u: torch.Tensor, method: str, ess_threshold: float):
     last = int(positive[-1])
     if method == "residual":
         kw = K * w / s
-        n = torch.floor(kw)
+        # whole numbers stay whole: rounding puts an exact K w / S a few ulps either side (resample.h,
+        # residual_copies: every backend uses this rule)
+        n = torch.floor(kw + RESIDUAL_SNAP * K)
         det = torch.repeat_interleave(torch.arange(K), n.to(torch.int64))
         R = K - det.numel()
         if R == 0:
             anc = det
         else:
-            r = kw - n
+            r = (kw - n).clamp_min(0.0)
             rlast = int(torch.nonzero(r > 0).flatten()[-1])
             cdf = torch.cumsum(r, 0) / r.sum()
             cdf[rlast:] = 1.0
