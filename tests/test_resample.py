@@ -546,3 +546,11 @@ def test_backend_queries_compile_to_constants():
     torch._dynamo.reset()
     f = torch.compile(lambda x: x + len(fusedlab.backends()), fullgraph=True)
     assert f(torch.zeros(2)).tolist() == [len(fusedlab.backends())] * 2
+
+
+def test_op_checks_uniform_values_on_cpu():
+    """The ops called directly (past the wrapper's checks) refuse NaN or out-of-range uniforms on the CPU."""
+    x = torch.randn(2, 4, dtype=torch.float64)
+    for bad in (float("nan"), 1.0, -0.5):
+        with pytest.raises(RuntimeError, match=r"uniforms must lie in \[0, 1\)"):
+            torch.ops.fusedlab.resample.default(x, torch.full((2, 1), bad, dtype=torch.float64), "systematic", 1.0)

@@ -47,6 +47,14 @@ inline void check_resample_uniforms(const at::Tensor& lw, const at::Tensor& u, i
            resample::kMethodNames[method], "', got ", u.sizes());
   FL_CHECK(u.device() == lw.device(), "fusedlab.resample: uniforms must be on ", lw.device(), " like log_weights, got ",
            u.device());
+  // On the CPU the values are checked too (the Python wrapper checks them on every device; a GPU check here
+  // would synchronize): a NaN would break the sort of multinomial points, a 1.0 index past the CDF.
+  if (u.device().is_cpu()) {
+    const at::Tensor uc = u.contiguous();
+    const double* p = uc.data_ptr<double>();
+    for (int64_t i = 0, n = uc.numel(); i < n; ++i)
+      FL_CHECK(p[i] >= 0.0 && p[i] < 1.0, "fusedlab.resample: uniforms must lie in [0, 1), found ", p[i]);
+  }
 }
 
 // `anc` is the ancestors argument (gather) or the ancestors the op will compute (resample_gather, whose
