@@ -23,6 +23,9 @@ from fusedlab.ops.resample import gather, resample
 
 METHODS = ("mc", "is", "snis", "smc")
 
+__all__ = ["METHODS", "ActivationSteeringProposal", "HFCausalLM", "LogitBiasProposal", "TailRiskEstimate",
+           "estimate_tail_probability"]
+
 
 @dataclass
 class TailRiskEstimate:

@@ -13,10 +13,12 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
+from fusedlab import _backend
 from fusedlab.ops.newton_schulz import _gram_faster, default_dtype, newton_schulz
 from fusedlab.reference.newton_schulz import resolve_coefficients
 
 _ADJUST = (None, "original", "match_rms_adamw")
+_NS_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 _METHODS = ("auto", "standard", "gram")
 
 
@@ -48,9 +50,16 @@ def check_muon_group(group: dict) -> None:
         raise ValueError(f"ns_steps must be an int in [0, 100), got {steps!r}")
     if group["adjust_lr_fn"] not in _ADJUST:
         raise ValueError(f"adjust_lr_fn must be one of {_ADJUST}, got {group['adjust_lr_fn']!r}")
-    triples, _ = resolve_coefficients(group["ns_coefficients"], steps)  # validates names and shapes
+    try:  # validates names and shapes; the message names Muon's argument
+        triples, _ = resolve_coefficients(group["ns_coefficients"], steps)
+    except ValueError as e:
+        raise ValueError(f"ns_{e}") from None
     if not all(math.isfinite(v) for t in triples for v in t):
         raise ValueError(f"ns_coefficients must be finite, got {group['ns_coefficients']!r}")
+    if group["ns_dtype"] is not None and group["ns_dtype"] not in _NS_DTYPES:
+        raise ValueError(f"ns_dtype must be None or one of {_NS_DTYPES}, got {group['ns_dtype']!r}")
+    if group["backend"] not in _backend.BACKENDS:
+        raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {group['backend']!r}")
     if group["ns_method"] not in _METHODS:
         raise ValueError(f"ns_method must be one of {_METHODS}, got {group['ns_method']!r}")
     if group["ns_method"] == "gram" and group["backend"] not in ("auto", "reference"):
