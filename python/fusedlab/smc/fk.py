@@ -303,7 +303,7 @@ class FKSteering:
             move = lambda v: torch.gather(v.view(B, K), 1, anc).view(B * K)  # noqa: E731
             r_state = move(r_state) if self.potential != "rt" else r_state
             applied = move(applied) if self.potential != "diff" else applied
-            if not last and bool(res.degenerate.any()):
+            if not last and self.on_degenerate == "uniform":  # (with "raise" a dead group never gets here)
                 r_state, applied = _restart_dead_groups(res.degenerate, r_state, applied, self.potential, K)
             if last:
                 rewards = r_state if self.potential == "diff" else move(r)
