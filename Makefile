@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 export MAX_JOBS ?= 2
 
-.PHONY: install demo test test-fast bench gpu-check docs clean
+.PHONY: install demo test test-fast bench gpu-check clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
