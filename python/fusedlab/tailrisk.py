@@ -216,18 +216,20 @@ def estimate_tail_probability(target: Callable, proposal: Optional[Callable], ha
                 if bool(bad.any()):
                     raise ValueError("proposal: log q = -inf for a token the target can emit (p > 0) while "
                                      "mixture = 1: importance weights would be biased; use mixture < 1")
-            lmix = torch.logaddexp(log_b + lq, log_1mb + lp)
             use_prop = torch.rand(N, generator=generator, dtype=torch.float64, device=dev) < mixture
             probs = torch.where(use_prop.unsqueeze(-1), lq, lp).exp()
         else:
-            lmix, probs = lp, lp.exp()
+            lq, probs = None, lp.exp()
         # float64 draws: float32 sampling on a GPU under-samples tokens below ~1e-7 of the top one, which the
         # weights (exact float64 densities) would not correct
         nxt = torch.multinomial(probs.clamp_min(0), 1, generator=generator).squeeze(-1)
         if eos is not None:
             nxt = torch.where(done, eos[0].expand_as(nxt), nxt)
-        inc = (lp - lmix).gather(1, nxt.unsqueeze(-1)).squeeze(-1)
-        log_w = log_w + torch.where(done, torch.zeros_like(inc), inc)
+        if lq is not None:  # log p - log(b q + (1 - b) p), at the drawn token only (not the whole vocabulary)
+            tok = nxt.unsqueeze(-1)
+            lp_t, lq_t = lp.gather(1, tok).squeeze(-1), lq.gather(1, tok).squeeze(-1)
+            inc = lp_t - torch.logaddexp(log_b + lq_t, log_1mb + lp_t)
+            log_w = log_w + torch.where(done, torch.zeros_like(inc), inc)
         tokens = torch.cat([tokens, nxt.unsqueeze(-1)], -1)
         if eos is not None:
             done = done | torch.isin(nxt, eos)
