@@ -322,6 +322,34 @@ def test_muon_step_op_checks(gen):
 
 
 @pytest.mark.timeout(300)
+def test_compiled_step_with_a_tensor_rate_follows_a_schedule_without_recompiling(gen):
+    """A tensor lr changed every step (a schedule) neither recompiles the compiled step nor drifts from eager."""
+    torch._dynamo.reset()
+    compiles = []
+
+    def backend(gm, example_inputs):
+        compiles.append(1)
+        return gm.forward
+
+    params = make_params(gen)
+    twin = copy.deepcopy(params)
+    grads = full_rank_grads(gen, 5)
+    lr_eager, lr_compiled = torch.tensor(0.02), torch.tensor(0.02)
+    eager = fusedlab.optim.Muon(params, lr=lr_eager, ns_dtype=torch.float32)
+    compiled = fusedlab.optim.Muon(twin, lr=lr_compiled, ns_dtype=torch.float32)
+    step = torch.compile(compiled.step, backend=backend)
+    for i, gs in enumerate(grads):
+        lr_eager.fill_(0.02 / (i + 1))
+        lr_compiled.fill_(0.02 / (i + 1))
+        for p, q, g in zip(params, twin, gs):
+            p.grad, q.grad = g.clone(), g.clone()
+        eager.step()
+        step()
+    assert len(compiles) <= 2, len(compiles)
+    for a, b in zip(params, twin):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_compiled_step_matches_eager(gen):
     """torch.compile(opt.step) gives the parameters of the eager step (fp32 Newton-Schulz: same arithmetic)."""
     torch._dynamo.reset()

@@ -106,8 +106,9 @@ class Muon(torch.optim.Optimizer):
 
     The learning-rate adjustment (``adjust_lr_fn``) reads the shape of the matrix as orthogonalized, [out, -1]
     for a conv filter. Per-group hyperparameters get the constructor's checks. A torch.optim.Muon state dict
-    loads (its groups take this optimizer's extra keys' defaults). Under torch.compile each new learning
-    rate (a schedule) compiles the step again, since the rates reach the kernels as Python numbers.
+    loads (its groups take this optimizer's extra keys' defaults). Under torch.compile pass ``lr`` as a
+    tensor (``torch.tensor(0.02)``) when a schedule changes it: a float rate is a constant of the compiled
+    step, so each new value compiles it again.
 
     Example:
         >>> import torch, fusedlab
@@ -155,7 +156,10 @@ class Muon(torch.optim.Optimizer):
     def _step_group(self, group):
         """One Muon update of a param group; also used by MuonWithAuxAdam (self is any Optimizer)."""
         lr = group["lr"]
-        lr = float(lr.item()) if isinstance(lr, torch.Tensor) else lr
+        # a tensor rate stays a tensor under torch.compile (a schedule then changes a value, not the graph); in
+        # eager mode it is read once (the C++ step takes numbers)
+        if isinstance(lr, torch.Tensor) and not torch.compiler.is_compiling():
+            lr = float(lr.item())
         momentum, wd = group["momentum"], group["weight_decay"]
         pg = getattr(self, "process_group", None)
         world = dist.get_world_size(pg) if pg is not None else 1
@@ -182,7 +186,8 @@ class Muon(torch.optim.Optimizer):
             batches[(shape, g.dtype, g.device)].append((p, g, state["momentum_buffer"]))
         for (shape, _, _), items in batches.items():
             step_lr = adjusted_lr(lr, group["adjust_lr_fn"], shape[0], shape[1])
-            if world == 1 and _fused_cpu_step(group, items, shape, lr, step_lr, self):
+            fused_ok = world == 1 and not isinstance(lr, torch.Tensor)  # the C++ step takes numbers
+            if fused_ok and _fused_cpu_step(group, items, shape, lr, step_lr, self):
                 continue
             updates = []
             for _, g, buf in items:
@@ -204,7 +209,10 @@ class Muon(torch.optim.Optimizer):
                 if buf is None:
                     continue
                 p.mul_(1 - lr * wd)
-                p.add_(o.view(p.shape), alpha=-step_lr)
+                if isinstance(step_lr, torch.Tensor):  # compiled with a tensor rate
+                    p.sub_(o.view(p.shape).to(p.dtype) * step_lr)
+                else:
+                    p.add_(o.view(p.shape), alpha=-step_lr)
 
 
 def _workspace(opt) -> torch.Tensor:
