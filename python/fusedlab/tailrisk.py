@@ -209,8 +209,6 @@ def estimate_tail_probability(target: Callable, proposal: Optional[Callable], ha
         lp = target(tokens).to(dev, torch.float64)
         if use_q and (switch is None or t < switch) and mixture > 0:
             lq = proposal(tokens).to(dev, torch.float64)
-            if bool(torch.isnan(lq).any() | torch.isnan(lp).any()):
-                raise ValueError("target or proposal returned NaN log-probs (overflowing half-precision logits?)")
             if mixture == 1.0:  # rows that already stopped have a forced next token and no weight
                 bad = torch.isinf(lq) & (lq < 0) & (lp > -math.inf) & ~done.unsqueeze(-1)
                 if bool(bad.any()):
@@ -247,6 +245,10 @@ def estimate_tail_probability(target: Callable, proposal: Optional[Callable], ha
                 anc = r.ancestors
                 tokens = gather(tokens.unsqueeze(0), anc)[0]
                 done = gather(done.unsqueeze(0), anc)[0]
+    # checked once, here, rather than over the whole vocabulary at every step: a NaN log-prob at a drawn token
+    # shows up in the weights
+    if bool(torch.isnan(log_w).any()):
+        raise ValueError("target or proposal returned NaN log-probs (overflowing half-precision logits?)")
     scores = torch.as_tensor(harm(tokens)).to(dev, torch.float64)
     if scores.shape != (N,):
         raise ValueError(f"harm must return one score per sample, shape [{N}], got {tuple(scores.shape)}")
