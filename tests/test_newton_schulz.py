@@ -23,6 +23,15 @@ def test_cpu_matches_reference_float64(shape, coefficients, gen):
     torch.testing.assert_close(got, ref.newton_schulz(G, 5, coefficients, dtype=torch.float64), rtol=1e-10, atol=1e-10)
 
 
+# min(m, n) of 192 and more: X X^T and bA + cA^2 by 2, 4, 6 or 8 row panels, mirrored (edges uneven at 500,
+# 650 and 777 rows); the tall shapes run on the transpose
+@pytest.mark.parametrize("shape", [(192, 200), (2, 300, 196), (3, 500, 530), (650, 660), (777, 800)])
+def test_cpu_symmetric_panels_match_reference_float64(shape, gen):
+    G = torch.randn(shape, generator=gen, dtype=torch.float64)
+    got = fusedlab.ops.newton_schulz(G, dtype=torch.float64, backend="cpu")
+    torch.testing.assert_close(got, ref.newton_schulz(G, 5, "keller", dtype=torch.float64), rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("shape", [(128, 64), (64, 192), (4, 96, 96)])
 def test_float32_path_within_1e4(shape, gen):
     G = torch.randn(shape, generator=gen)
@@ -36,7 +45,7 @@ def test_torch_order_reference_is_torch(gen):
     assert torch.equal(ref.newton_schulz_torch_order(G.T), torch_ns(G.T, KELLER, 5, 1e-7))
 
 
-@pytest.mark.parametrize("shape", [(128, 128), (96, 256), (256, 96)])
+@pytest.mark.parametrize("shape", [(128, 128), (96, 256), (256, 96), (384, 384), (200, 640)])
 def test_bf16_error_at_most_twice_torch(shape, gen):
     """The tolerance rule: against a float64 Newton-Schulz with the same coefficients, the bf16 kernel errs at
     most twice as much as torch's own bf16 computation (measured as the mean over 4 draws)."""
