@@ -23,13 +23,32 @@ def test_cpu_matches_reference_float64(shape, coefficients, gen):
     torch.testing.assert_close(got, ref.newton_schulz(G, 5, coefficients, dtype=torch.float64), rtol=1e-10, atol=1e-10)
 
 
-# min(m, n) of 192 and more: X X^T and bA + cA^2 by 2, 4, 6 or 8 row panels, mirrored (edges uneven at 500,
-# 650 and 777 rows); the tall shapes run on the transpose
-@pytest.mark.parametrize("shape", [(192, 200), (2, 300, 196), (3, 500, 530), (650, 660), (777, 800)])
+# min(m, n) of 384 and more: X X^T (X^T X when tall) and bA + cA^2 by 4, 6 or 8 row panels, mirrored (edges
+# uneven at 500, 650 and 777 rows)
+@pytest.mark.parametrize("shape", [(384, 400), (2, 500, 420), (3, 500, 530), (650, 660), (777, 800)])
 def test_cpu_symmetric_panels_match_reference_float64(shape, gen):
     G = torch.randn(shape, generator=gen, dtype=torch.float64)
     got = fusedlab.ops.newton_schulz(G, dtype=torch.float64, backend="cpu")
     torch.testing.assert_close(got, ref.newton_schulz(G, 5, "keller", dtype=torch.float64), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_normalization_pass(in_dtype, dtype, gen):
+    """Zero steps give the normalized input: the C++ passes for contiguous batches (float64 sums of squares,
+    then one scale-and-cast pass) agree with the ATen expression strided batches take, and with
+    G / max(||G||, eps) to the cast's rounding, at several scales and past one work chunk (2^16 elements)."""
+    for scale in (1e-3, 1.0, 1e3):
+        G = (torch.randn(3, 300, 260, generator=gen) * scale).to(in_dtype)
+        fused = torch.ops.fusedlab.newton_schulz(G, [], 1.0, 1e-7, dtype)
+        strided = torch.ops.fusedlab.newton_schulz(G.mT.contiguous().mT, [], 1.0, 1e-7, dtype)
+        assert fused.dtype == dtype
+        # the two sums of squares differ in order only: the float32 scale may differ in its last bit
+        rtol = {torch.float32: 2e-7, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}[dtype]
+        atol = 2 ** -24 if dtype == torch.float16 else 0  # float16's subnormal spacing
+        torch.testing.assert_close(fused.double(), strided.double(), rtol=rtol, atol=atol)
+        exact = G.double() / G.double().norm(dim=(-2, -1), keepdim=True)
+        torch.testing.assert_close(fused.double(), exact, rtol=rtol + 1e-7, atol=atol)
 
 
 @pytest.mark.parametrize("shape", [(128, 64), (64, 192), (4, 96, 96)])
@@ -45,7 +64,7 @@ def test_torch_order_reference_is_torch(gen):
     assert torch.equal(ref.newton_schulz_torch_order(G.T), torch_ns(G.T, KELLER, 5, 1e-7))
 
 
-@pytest.mark.parametrize("shape", [(128, 128), (96, 256), (256, 96), (384, 384), (200, 640)])
+@pytest.mark.parametrize("shape", [(128, 128), (96, 256), (256, 96), (384, 384), (400, 640), (640, 400)])
 def test_bf16_error_at_most_twice_torch(shape, gen):
     """The tolerance rule: against a float64 Newton-Schulz with the same coefficients, the bf16 kernel errs at
     most twice as much as torch's own bf16 computation (measured as the mean over 4 draws)."""

@@ -62,11 +62,12 @@ struct IterationBuffers {
   at::Tensor A, P, Y;
 };
 
-// The bytes of Muon's buffers for a batch [count, m, n] (the prepared update X, then the iteration's), each
-// 64-byte aligned.
+// The bytes of Muon's buffers for a batch [count, m, n] (the prepared update X and the next iterate, then the
+// Gram matrix and the polynomial, min(m, n) square), each 64-byte aligned.
 int64_t align64(int64_t bytes) { return (bytes + 63) / 64 * 64; }
 int64_t muon_workspace_bytes(int64_t count, int64_t m, int64_t n, int64_t elem) {
-  return 2 * align64(count * m * n * elem) + 2 * align64(count * m * m * elem);
+  const int64_t g = std::min(m, n);
+  return 2 * align64(count * m * n * elem) + 2 * align64(count * g * g * elem);
 }
 
 // Whether this CPU multiplies bfloat16 in AMX tiles (CPUID leaf 7, EDX bit 22).
@@ -87,14 +88,16 @@ bool cpu_has_amx_bf16() {
 // their mirror images. That is (k + 1) / 2k of the FLOPs (9/16 at k = 8). Panels are paired (i with k - 1 - i:
 // equal work) and the pairs of all matrices shared among the threads, each GEMM single-threaded. Measured on
 // a 2-core AVX-512-BF16 CPU without AMX (bf16, batches of 768 x 768 and 768 x 3072): the panel products
-// 1.4-1.6x faster than the full ones at k = 8, where 2-thread GEMMs on blocks this small kept little of the
+// 1.4-1.6x faster than the full ones at k = 8 (the whole iteration about 1.25x), where 2-thread GEMMs on blocks this small kept little of the
 // saving (at best 1.2x, often slower). Not for half types on AMX CPUs, where 2-thread block triangles measured
 // slower than the full products (65 against 43 ms for 48 products at 768 x 768) and panels were not measured.
 int64_t symmetric_panels(int64_t m, at::ScalarType dtype) {
   if ((dtype == at::kBFloat16 || dtype == at::kHalf) && cpu_has_amx_bf16()) return 1;
-  constexpr int64_t kMinPanelRows = 96;  // below this a panel GEMM's efficiency falls faster than its FLOPs
+  // panels of at least 96 rows, and at least 4 of them: below either the panel GEMMs' lower efficiency ate
+  // the saving (k = 2 at 256 x 256 measured no faster; k = 4 at 512 x 512 1.15x, at 384 x 1536 1.1x)
+  constexpr int64_t kMinPanelRows = 96;
   const int64_t k = std::min<int64_t>(8, m / kMinPanelRows) / 2 * 2;
-  return std::max<int64_t>(k, 1);
+  return k < 4 ? 1 : k;
 }
 
 // Fills square[r1:, r0:r1] with the transpose of square[r0:r1, r1:] (a contiguous [m, m] matrix), in tiles
@@ -149,42 +152,180 @@ void symmetric_product(const at::Tensor& out, const at::Tensor& L, const at::Ten
   });
 }
 
-// The iteration on a normalized batch X [b, m, n] with m <= n (already the wide orientation), into buffers
+// The iteration on a normalized batch X [b, m, n], into buffers
 // made once per call or `given` by the caller: a fresh tensor per product meant fresh pages each time, a page
 // fault per 4 KB (417,000 in one Muon step over GPT-2 small's matrices; 121,000 with per-call buffers, none
 // with the optimizer's workspace). `own_x`: X is this call's own contiguous buffer, so the iterates may
 // overwrite it. `out_to_caller`: the result may be returned to the caller, so the iterates' buffers are
 // ordinary tensors.
+// ordinary tensors. A tall batch (m > n) is iterated in its own layout, on the small Gram matrix X^T X and
+// multiplied on the right (X <- aX + X (bA + cA^2), the same iterate transposed), so no pass transposes it.
 at::Tensor iterate(const at::Tensor& X, at::ArrayRef<double> coefficients, bool own_x, bool out_to_caller,
                    const IterationBuffers* given = nullptr) {
   const int64_t steps = static_cast<int64_t>(coefficients.size() / 3);
   if (steps == 0) return X;
   const int64_t bsz = X.size(0), m = X.size(1), n = X.size(2);
+  const bool tall = m > n;
+  const int64_t g = tall ? n : m;  // the Gram matrix's side
   const auto opts = X.options();
   auto iterate_buffer = [&] {
     return out_to_caller ? at::empty({bsz, m, n}, opts) : empty_workspace({bsz, m, n}, opts);
   };
-  at::Tensor A = given ? given->A : empty_workspace({bsz, m, m}, opts);
-  at::Tensor P = given ? given->P : empty_workspace({bsz, m, m}, opts);
+  at::Tensor A = given ? given->A : empty_workspace({bsz, g, g}, opts);
+  at::Tensor P = given ? given->P : empty_workspace({bsz, g, g}, opts);
   // the iterates alternate between two buffers; step s reads the previous iterate and writes buffer s % 2
   at::Tensor bufs[2] = {given ? given->Y : iterate_buffer(),
                         steps < 2 ? at::Tensor() : own_x ? X : iterate_buffer()};
-  const bool panels = symmetric_panels(m, X.scalar_type()) > 1;
+  const bool panels = symmetric_panels(g, X.scalar_type()) > 1;
   at::Tensor cur = X;
   for (int64_t s = 0; s < steps; ++s) {
     const double a = coefficients[3 * s], b = coefficients[3 * s + 1], c = coefficients[3 * s + 2];
     at::Tensor& out = bufs[s % 2];
+    // A = X X^T, or X^T X when tall
+    const at::Tensor lhs = tall ? cur.transpose(1, 2) : cur, rhs = tall ? cur : cur.transpose(1, 2);
     if (panels) {
-      symmetric_product(A, cur, cur.transpose(1, 2), at::Tensor(), 0.0, 1.0);  // X X^T
-      symmetric_product(P, A, A, A, b, c);                                     // b A + c A^2 (A = A^T)
+      symmetric_product(A, lhs, rhs, at::Tensor(), 0.0, 1.0);
+      symmetric_product(P, A, A, A, b, c);  // b A + c A^2 (A = A^T)
     } else {
-      at::bmm_out(A, cur, cur.transpose(1, 2));
-      at::baddbmm_out(P, A, A, A, /*beta=*/b, /*alpha=*/c);  // b A + c A^2
+      at::bmm_out(A, lhs, rhs);
+      at::baddbmm_out(P, A, A, A, /*beta=*/b, /*alpha=*/c);
     }
-    at::baddbmm_out(out, cur, P, cur, /*beta=*/a, /*alpha=*/1.0);  // a X + (b A + c A^2) X
+    if (tall)
+      at::baddbmm_out(out, cur, cur, P, /*beta=*/a, /*alpha=*/1.0);  // a X + X (b A + c A^2)
+    else
+      at::baddbmm_out(out, cur, P, cur, /*beta=*/a, /*alpha=*/1.0);  // a X + (b A + c A^2) X
     cur = out;
   }
   return cur;
+}
+
+// float -> bfloat16 rounded to nearest even, NaN to 0x7FC0 (c10::BFloat16's conversion), eight at a time.
+FL_VEC_INLINE void store8(c10::BFloat16* out, f32x8 v) {
+  u32x8 bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  u32x8 r = (bits + (((bits >> 16) & 1u) + 0x7FFFu)) >> 16;
+  const u32x8 nan = {0x7FC0, 0x7FC0, 0x7FC0, 0x7FC0, 0x7FC0, 0x7FC0, 0x7FC0, 0x7FC0};
+  r = v != v ? nan : r;
+  const u16x8 h = __builtin_convertvector(r, u16x8);
+  std::memcpy(out, &h, sizeof h);
+}
+FL_VEC_INLINE void store8(float* out, f32x8 v) { std::memcpy(out, &v, sizeof v); }
+template <typename T>
+FL_VEC_INLINE void store8(T* out, f32x8 v) {
+  for (int k = 0; k < 8; ++k) out[k] = static_cast<T>(v[k]);
+}
+FL_VEC_INLINE f32x8 load8_f32(const c10::BFloat16* x) {
+  u16x8 h;
+  std::memcpy(&h, x, sizeof h);
+  const u32x8 bits = __builtin_convertvector(h, u32x8) << 16;
+  f32x8 v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+FL_VEC_INLINE f32x8 load8_f32(const float* x) {
+  f32x8 v;
+  std::memcpy(&v, x, sizeof v);
+  return v;
+}
+template <typename T>
+FL_VEC_INLINE f32x8 load8_f32(const T* x) {
+  f32x8 v;
+  for (int k = 0; k < 8; ++k) v[k] = static_cast<float>(x[k]);
+  return v;
+}
+
+// The newton_schulz op's normalization of a contiguous batch in two passes: per matrix the sum of squares in
+// float64 (eight lanes, lane k taking the elements e with e % 8 = k, partial sums of fixed chunks added in
+// a fixed order: the result does not depend on the thread count), then x = cast(g * inv) with inv =
+// 1 / max(norm * scale, eps) rounded to float32, as the ATen expression it replaces computed it (that took
+// about 10% of the op at 48 x 768 x 768: a float64 norm, an upcast, a scaled copy and a cast).
+template <typename T>
+FL_VEC_INLINE double sum_squares_body(const T* x, int64_t n) {
+  f64x8 acc = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t e = 0;
+  for (; e + 8 <= n; e += 8) {
+    const f64x8 v = __builtin_convertvector(load8_f32(x + e), f64x8);
+    acc += v * v;
+  }
+  for (; e < n; ++e) {
+    const double v = static_cast<float>(x[e]);
+    acc[e & 7] += v * v;
+  }
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+template <typename Tin, typename Tout>
+FL_VEC_INLINE void scale_cast_body(const Tin* g, float inv, Tout* x, int64_t n) {
+  int64_t e = 0;
+  for (; e + 8 <= n; e += 8) store8(x + e, load8_f32(g + e) * inv);
+  for (; e < n; ++e) x[e] = static_cast<Tout>(static_cast<float>(g[e]) * inv);
+}
+#define FL_NS_SUM_SQUARES(T) \
+  FL_TARGET_CLONES double sum_squares(const T* x, int64_t n) { return sum_squares_body(x, n); }
+#define FL_NS_SCALE_CAST(Tin, Tout)                                          \
+  FL_TARGET_CLONES void scale_cast(const Tin* g, float inv, Tout* x, int64_t n) { \
+    scale_cast_body(g, inv, x, n);                                           \
+  }
+FL_NS_SUM_SQUARES(float)
+FL_NS_SUM_SQUARES(c10::BFloat16)
+FL_NS_SUM_SQUARES(c10::Half)
+#define FL_NS_SCALE_CAST_TO(Tin) \
+  FL_NS_SCALE_CAST(Tin, float)   \
+  FL_NS_SCALE_CAST(Tin, c10::BFloat16) FL_NS_SCALE_CAST(Tin, c10::Half)
+FL_NS_SCALE_CAST_TO(float)
+FL_NS_SCALE_CAST_TO(c10::BFloat16)
+FL_NS_SCALE_CAST_TO(c10::Half)
+#undef FL_NS_SCALE_CAST_TO
+#undef FL_NS_SCALE_CAST
+#undef FL_NS_SUM_SQUARES
+
+template <typename Tin, typename Tout>
+void normalize_typed(const at::Tensor& g, double norm_scale, double eps, at::Tensor& X) {
+  constexpr int64_t kChunk = int64_t(1) << 16;  // elements per work item
+  const int64_t count = g.size(0), size = g.size(1) * g.size(2), chunks = (size + kChunk - 1) / kChunk;
+  const Tin* src = g.data_ptr<Tin>();
+  Tout* dst = X.data_ptr<Tout>();
+  auto span = [&](int64_t w, int64_t& begin, int64_t& len) {
+    begin = (w / chunks) * size + (w % chunks) * kChunk;
+    len = std::min(kChunk, size - (w % chunks) * kChunk);
+  };
+  std::vector<double> partial(count * chunks);
+  at::parallel_for(0, count * chunks, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0, begin, len; w < w1; ++w) {
+      span(w, begin, len);
+      partial[w] = sum_squares(src + begin, len);
+    }
+  });
+  std::vector<float> inv(count);
+  for (int64_t i = 0; i < count; ++i) {
+    double ss = 0.0;
+    for (int64_t c = 0; c < chunks; ++c) ss += partial[i * chunks + c];
+    inv[i] = static_cast<float>(1.0 / std::max(std::sqrt(ss) * norm_scale, eps));
+  }
+  at::parallel_for(0, count * chunks, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0, begin, len; w < w1; ++w) {
+      span(w, begin, len);
+      scale_cast(src + begin, inv[w / chunks], dst + begin, len);
+    }
+  });
+}
+
+// Only for float32, bfloat16 and float16 inputs and results (float64 takes the ATen expression).
+template <typename Tin>
+void normalize_from(const at::Tensor& g, double norm_scale, double eps, at::Tensor& X) {
+  switch (X.scalar_type()) {
+    case at::kFloat: return normalize_typed<Tin, float>(g, norm_scale, eps, X);
+    case at::kBFloat16: return normalize_typed<Tin, c10::BFloat16>(g, norm_scale, eps, X);
+    default: return normalize_typed<Tin, c10::Half>(g, norm_scale, eps, X);
+  }
+}
+at::Tensor normalize_fused(const at::Tensor& g, double norm_scale, double eps, at::ScalarType dtype) {
+  at::Tensor X = at::empty(g.sizes(), g.options().dtype(dtype));
+  switch (g.scalar_type()) {
+    case at::kFloat: normalize_from<float>(g, norm_scale, eps, X); break;
+    case at::kBFloat16: normalize_from<c10::BFloat16>(g, norm_scale, eps, X); break;
+    default: normalize_from<c10::Half>(g, norm_scale, eps, X); break;
+  }
+  return X;
 }
 
 at::Tensor newton_schulz_cpu(const at::Tensor& G, at::ArrayRef<double> coefficients, double norm_scale, double eps,
@@ -197,17 +338,17 @@ at::Tensor newton_schulz_cpu(const at::Tensor& G, at::ArrayRef<double> coefficie
   // neither underflow nor overflow; clamped at eps as torch.optim.Muon does. Then one scale-and-cast pass.
   const at::ScalarType acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor g = G.reshape({-1, m, n});
+  const auto half_or_float = [](at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; };
+  if (g.is_contiguous() && half_or_float(g.scalar_type()) && half_or_float(dtype) && eps >= 1e-30)
+    return iterate(normalize_fused(g, norm_scale, eps, dtype), coefficients, true, true).view(G.sizes());
   const at::Tensor norm = at::linalg_vector_norm(g, 2, at::IntArrayRef{-2, -1}, true, at::kDouble);
   // 1 / max(norm, eps) passes float32's range only when eps < ~3e-39 (subnormal inputs): then the scaling runs
   // in float64, where it stays finite
   const bool wide = acc == at::kFloat && eps < 1e-30;
   const at::Tensor inv = norm.mul(norm_scale).clamp_min(eps).reciprocal().to(wide ? at::kDouble : acc);
   at::Tensor X = g.to(wide ? at::kDouble : acc).mul(inv).to(dtype);
-  const bool tall = m > n;  // iterate on the wide orientation: the Gram matrix is min(m, n) square
-  if (tall) X = X.transpose(1, 2);
-  X = iterate(X, coefficients, /*own_x=*/!tall, /*out_to_caller=*/true);  // X: this call's buffer
-  if (tall) X = X.transpose(1, 2);
-  return X.contiguous().view(G.sizes());
+  X = iterate(X, coefficients, /*own_x=*/true, /*out_to_caller=*/true);  // X: this call's buffer
+  return X.view(G.sizes());
 }
 
 // ---- Muon's step for a batch of same-shaped float32 parameters (python/fusedlab/optim/muon.py, Muon._step_group).
@@ -224,11 +365,10 @@ FL_VEC_INLINE V lerp(V self, V end, float w) {
   return kSmall ? self + w * (end - self) : end - (end - self) * (1.0f - w);
 }
 
-constexpr int64_t kRowBlock = 32;  // rows per work item: the unit of parallel work and of the transposed writes
+constexpr int64_t kRowBlock = 32;  // rows per work item: the unit of parallel work
 
 struct MuonBatch {
   int64_t count, rows, cols, blocks;  // matrices, their [rows, cols] shape, row blocks per matrix
-  bool tall;                          // rows > cols: the batch holds the transposes
 };
 
 // The lerp weights of a pass and which formula each takes: momentum lerp(buf, g, 1 - mu), the Nesterov
@@ -295,57 +435,12 @@ double momentum_pass(const float* g, float* buf, int64_t n, const MuonLerps& l) 
   return with_lerps<MomentumPass>(l, g, buf, n, l);
 }
 
-// float -> bfloat16 rounded to nearest even, NaN to 0x7FC0 (c10::BFloat16's conversion), eight at a time.
-FL_VEC_INLINE void store8(c10::BFloat16* out, f32x8 v) {
-  u32x8 bits;
-  std::memcpy(&bits, &v, sizeof bits);
-  u32x8 r = (bits + (((bits >> 16) & 1u) + 0x7FFFu)) >> 16;
-  const u32x8 nan = {0x7FC0, 0x7FC0, 0x7FC0, 0x7FC0, 0x7FC0, 0x7FC0, 0x7FC0, 0x7FC0};
-  r = v != v ? nan : r;
-  const u16x8 h = __builtin_convertvector(r, u16x8);
-  std::memcpy(out, &h, sizeof h);
-}
-FL_VEC_INLINE void store8(float* out, f32x8 v) { std::memcpy(out, &v, sizeof v); }
-template <typename T>
-FL_VEC_INLINE void store8(T* out, f32x8 v) {
-  for (int k = 0; k < 8; ++k) out[k] = static_cast<T>(v[k]);
-}
-FL_VEC_INLINE f32x8 load8_f32(const c10::BFloat16* x) {
-  u16x8 h;
-  std::memcpy(&h, x, sizeof h);
-  const u32x8 bits = __builtin_convertvector(h, u32x8) << 16;
-  f32x8 v;
-  std::memcpy(&v, &bits, sizeof v);
-  return v;
-}
-FL_VEC_INLINE f32x8 load8_f32(const float* x) {
-  f32x8 v;
-  std::memcpy(&v, x, sizeof v);
-  return v;
-}
-template <typename T>
-FL_VEC_INLINE f32x8 load8_f32(const T* x) {
-  f32x8 v;
-  for (int k = 0; k < 8; ++k) v[k] = static_cast<float>(x[k]);
-  return v;
-}
-
-// Pass 2 over rows [r0, r1) of one matrix: x = cast(u * inv), x in the wide orientation. Tall matrices are
-// written column by column, each column's run of rows contiguous in x.
+// Pass 2 over rows [r0, r1) of one matrix: x = cast(u * inv), in the parameter's own layout.
 template <bool kSmallBuf, bool kNesterov, bool kSmallNesterov>
 struct ScaledPass {
   template <typename T>
   static FL_VEC_INLINE int run(const float* g, float* buf, const MuonLerps& l, float inv, T* x, const MuonBatch& s,
                                int64_t r0, int64_t r1) {
-    if (s.tall) {  // (vectorized gathers and tiled variants measured no faster: the strided side bounds it)
-      for (int64_t c = 0; c < s.cols; ++c)
-        for (int64_t r = r0; r < r1; ++r) {
-          const int64_t e = r * s.cols + c;
-          const float u = update1<kSmallBuf, kNesterov, kSmallNesterov, false>(g + e, buf + e, l);
-          x[c * s.rows + r] = static_cast<T>(u * inv);
-        }
-      return 0;
-    }
     int64_t e = r0 * s.cols;
     const int64_t end = r1 * s.cols;
     for (; e + 8 <= end; e += 8)
@@ -360,14 +455,6 @@ struct ScaledPass {
 template <typename T>
 FL_VEC_INLINE void apply_update_body(float* p, const T* o, float decay, float step, const MuonBatch& s, int64_t r0,
                                      int64_t r1) {
-  if (s.tall) {  // (scalar, as pass 2's transposed writes)
-    for (int64_t c = 0; c < s.cols; ++c)
-      for (int64_t r = r0; r < r1; ++r) {
-        float& pe = p[r * s.cols + c];
-        pe = pe * decay + step * static_cast<float>(o[c * s.rows + r]);
-      }
-    return;
-  }
   int64_t e = r0 * s.cols;
   const int64_t end = r1 * s.cols;
   for (; e + 8 <= end; e += 8) {
@@ -422,7 +509,6 @@ void muon_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList b
   s.count = count;
   s.rows = p0.size(0);
   s.cols = p0.numel() / std::max<int64_t>(1, s.rows);
-  s.tall = s.rows > s.cols;
   s.blocks = (s.rows + kRowBlock - 1) / kRowBlock;
   if (p0.numel() == 0) return;
   const MuonLerps lerps(momentum, nesterov);
@@ -446,15 +532,15 @@ void muon_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList b
     inv[i] = static_cast<float>(1.0 / std::max(std::sqrt(ss) * norm_scale, eps));
   }
 
-  // pass 2: the scaled update, cast, in the wide orientation
-  const int64_t m = std::min(s.rows, s.cols), n = std::max(s.rows, s.cols);
+  // pass 2: the scaled update, cast, in the parameter's layout (the iteration takes tall batches as they are)
+  const int64_t m = s.rows, n = s.cols, g = std::min(m, n);
   const auto opts = p0.options().dtype(dtype);
   at::Tensor X;
   IterationBuffers given;
   if (workspace.has_value()) {
     // the caller's buffer, kept between steps: no fresh pages (and their faults and zeroing) per step
     at::Tensor ws = *workspace;
-    const int64_t es = c10::elementSize(dtype), xb = align64(count * m * n * es), ab = align64(count * m * m * es);
+    const int64_t es = c10::elementSize(dtype), xb = align64(count * m * n * es), ab = align64(count * g * g * es);
     if (ws.numel() < muon_workspace_bytes(count, m, n, es))
       ws.set_(empty_workspace({muon_workspace_bytes(count, m, n, es)}, ws.options()));
     auto carve = [&](int64_t offset, int64_t bytes, at::IntArrayRef shape) {
@@ -462,8 +548,8 @@ void muon_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList b
     };
     X = carve(0, count * m * n * es, {count, m, n});
     given.Y = carve(xb, count * m * n * es, {count, m, n});
-    given.A = carve(2 * xb, count * m * m * es, {count, m, m});
-    given.P = carve(2 * xb + ab, count * m * m * es, {count, m, m});
+    given.A = carve(2 * xb, count * g * g * es, {count, g, g});
+    given.P = carve(2 * xb + ab, count * g * g * es, {count, g, g});
   } else {
     X = empty_workspace({count, m, n}, opts);
   }
@@ -481,7 +567,7 @@ void muon_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList b
   const at::Tensor O = iterate(X, coefficients, /*own_x=*/true, /*out_to_caller=*/false,
                                workspace.has_value() ? &given : nullptr);
 
-  // after: p <- p (1 - lr wd) - step_lr O, O read back in the parameter's orientation
+  // after: p <- p (1 - lr wd) - step_lr O
   const float decay = static_cast<float>(1.0 - lr * weight_decay), step = static_cast<float>(-step_lr);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "fusedlab_muon_apply", [&] {
     const scalar_t* o = O.data_ptr<scalar_t>();
