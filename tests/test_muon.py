@@ -170,8 +170,8 @@ def test_loads_a_torch_muon_state_dict(gen):
 
 
 def test_ns_method_gram(gen):
-    """Gram Newton-Schulz in the optimizer: the standard step in float64, and what "auto" runs for a batch
-    of strongly rectangular float32 matrices."""
+    """Gram Newton-Schulz in the optimizer: the standard step in float64; in float32 on a batch of strongly
+    rectangular matrices close to the standard step, which is what "auto" runs on CPUs."""
     shapes = [(24, 96), (96, 24), (24, 96), (32, 32)]
     params = make_params(gen, shapes)
     params = [torch.nn.Parameter(p.detach().double()) for p in params]
@@ -184,11 +184,14 @@ def test_ns_method_gram(gen):
     shapes = [(256, 768), (256, 768)]
     grads = full_rank_grads(gen, 1, shapes)
     auto = make_params(gen, shapes)
-    gram = copy.deepcopy(auto)
+    gram, standard = copy.deepcopy(auto), copy.deepcopy(auto)
     run(fusedlab.optim.Muon, auto, grads, lr=0.02, ns_dtype=torch.float32)
     run(fusedlab.optim.Muon, gram, grads, lr=0.02, ns_dtype=torch.float32, ns_method="gram")
-    for a, b in zip(auto, gram):
-        assert torch.equal(a, b)
+    run(fusedlab.optim.Muon, standard, grads, lr=0.02, ns_dtype=torch.float32, ns_method="standard")
+    for a, b, c in zip(auto, gram, standard):
+        assert torch.equal(a, c)
+        torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-6)
+        assert not torch.equal(b, c)  # the Gram path did run
 
 
 def test_sparse_grad_rejected():

@@ -112,14 +112,11 @@ def test_zero_rank_deficient_and_scale_invariance(dtype, gen):
 
 
 @pytest.mark.parametrize("shape, dtype, device, gram_pays", [
-    ((768, 3072), torch.bfloat16, "cpu", False),  # float16 products run ~8x slower than AMX bf16 ones
+    ((768, 3072), torch.bfloat16, "cpu", False),  # never on CPUs: no faster than the panel kernel
     ((12, 768, 3072), torch.bfloat16, "cpu", False),
-    ((768, 3072), torch.float32, "cpu", True),
-    ((3072, 768), torch.float32, "cpu", True),
-    ((512, 4096), torch.float16, "cpu", True),
-    ((1024, 2048), torch.float32, "cpu", False),  # 2:1: 1.04x, within noise
-    ((128, 512), torch.float32, "cpu", False),    # small: per-call overhead eats the FLOP saving
-    ((768, 768), torch.float32, "cpu", False),
+    ((768, 3072), torch.float32, "cpu", False),
+    ((3072, 768), torch.float32, "cpu", False),
+    ((512, 4096), torch.float16, "cpu", False),
     ((768, 3072), torch.float64, "cpu", False),
     ((768, 3072), torch.bfloat16, "cuda", False),  # bf16: 0.51x the CUDA kernel on the H200
     ((12, 3072, 768), torch.float32, "cuda", True),  # float32: the published rule, aspect > 2, short side > 256
@@ -134,9 +131,11 @@ def test_auto_rule(shape, dtype, device, gram_pays):
 
 
 def test_auto_dispatch_on_cpu(gen):
-    """method="auto" runs the Gram path exactly where the rule says, and only with backend="auto"."""
+    """method="auto" runs the standard path on CPUs; method="gram" the Gram path."""
     G = torch.randn(256, 1024, generator=gen)
-    assert torch.equal(fusedlab.ops.newton_schulz(G, dtype=torch.float32), gram(G, dtype=torch.float32))
+    assert torch.equal(fusedlab.ops.newton_schulz(G, dtype=torch.float32),
+                       fusedlab.ops.newton_schulz(G, dtype=torch.float32, method="standard"))
+    assert torch.equal(fusedlab.ops.newton_schulz(G, dtype=torch.float32, method="gram"), gram(G, dtype=torch.float32))
     assert torch.equal(fusedlab.ops.newton_schulz(G, dtype=torch.float32, backend="cpu"),
                        fusedlab.ops.newton_schulz(G, dtype=torch.float32, method="standard"))
     assert torch.equal(fusedlab.ops.newton_schulz(G, dtype=torch.bfloat16),

@@ -124,9 +124,8 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients="keller", eps: f
             FLOPs on strongly rectangular matrices, none on square ones), or "auto": "gram" only with
             backend="auto" and where it is faster at the standard path's accuracy, else "standard". On CUDA
             tensors, float32 with long side > 2x short side > 256 (the published shape rule; measured faster
-            in float32 on an H100 and an H200, not in bf16 against the CUDA kernel); on CPU tensors, float32
-            or float16 with long side >= 3x short side >= 256 (as measured; bf16 stays standard, since CPUs
-            without float16 matrix units multiply float16 far slower than bf16).
+            in float32 on an H100 and an H200, not in bf16 against the CUDA kernel); never on CPU tensors
+            (no faster than the C++ kernel's panel products, 0.88-1.12x in float32).
 
     Example:
         >>> import torch, fusedlab
@@ -256,14 +255,14 @@ def _gram_faster(shape, dtype: torch.dtype, device_type: str) -> bool:
         # ratio above 2, short side above 256).
         return dtype == torch.float32 and n > 2 * m and m > 256
     if device_type == "cpu":
-        # Measured on a 2-core Sapphire Rapids (AMX-BF16, no AMX-FP16), one thread, against the C++ kernel:
-        # in bf16 the Gram path's float16 products run about 8x slower than AMX bf16 ones, so it took
-        # 2.4-8x longer at every shape (768x3072 ... 12x768x3072); in float32 (and float16, which multiplies
-        # at float32 speed here) it ran 1.17-1.46x faster at aspect ratio >= 3 with short side >= 256, as its
-        # FLOP count predicts, and 0.84-1.09x on square, 2:1 or smaller matrices. Gram products with bfloat16
-        # operands (AMX speed) err 1.6-2.4x the standard bf16 path at 5 steps (bfloat16 or float32 results,
-        # restarts after step 2, 2 and 4, or none; 256x1024 ... 768x3072), too close to the 2x allowed.
-        return dtype in (torch.float32, torch.float16) and n >= 3 * m and m >= 256
+        # Never on CPUs. On a 2-core Sapphire Rapids (AMX-BF16), against the C++ kernel before it computed the
+        # symmetric products by panels: bf16 (whose Gram path multiplies in float16, ~8x slower there) 2.4-8x
+        # slower at every shape; float32 1.17-1.46x faster at aspect ratio >= 3, short side >= 256, as its FLOP
+        # count predicts. Against the panel kernel on a 2-core AVX-512-BF16 EPYC, float32: 0.88x at 12 x 768 x
+        # 3072, 0.96-0.98x on one 768 x 3072 and 4 x 3072 x 768, 1.12x at 2 x 512 x 2048 (float16 products run
+        # there ~300x slower than bf16 ones, so bf16 is out of the question). Gram products with bfloat16
+        # operands err 1.6-2.4x the standard bf16 path at 5 steps, too close to the 2x allowed.
+        return False
     return False
 
 

@@ -95,7 +95,7 @@ class Muon(torch.optim.Optimizer):
     Extra keyword arguments: ``ns_dtype`` (the Newton-Schulz computation dtype; default bfloat16 where the
     hardware multiplies bf16 natively, as torch does everywhere), ``backend`` (as for every fusedlab op),
     ``ns_method`` ("auto", "standard" or "gram": the ``method`` of fusedlab.ops.newton_schulz; "auto" takes
-    Gram Newton-Schulz for strongly rectangular shapes where it measured faster) and ``process_group``: pass
+    Gram Newton-Schulz for strongly rectangular float32 CUDA batches, where it measured faster) and ``process_group``: pass
     one (``torch.distributed.group.WORLD`` for all ranks) to shard the work when every rank holds the same
     parameters and gradients (data parallel, after DDP's all-reduce): each rank orthogonalizes its share of
     the matrices, the results are all-gathered, and every rank ends with the parameters one process would
