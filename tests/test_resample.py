@@ -285,11 +285,12 @@ def test_gather(dtype, trailing, gen):
         assert torch.equal(fusedlab.smc.gather(strided, anc), ref.gather(strided, anc))
 
 
-@pytest.mark.parametrize("trailing, dtype", [((32,), torch.float32), ((35,), torch.float32), ((72,), torch.bfloat16)])
-def test_gather_large_outputs(trailing, dtype, gen):
-    """Outputs of 8 MiB and more, rows of 128, 140 and 144 bytes (fixed-size and generic row copies), standalone
-    and fused with the resampling."""
-    B, K = 64, 1024
+@pytest.mark.parametrize("B, trailing, dtype", [(64, (32,), torch.float32), (128, (16,), torch.float32),
+                                                (64, (35,), torch.float32), (64, (72,), torch.bfloat16)])
+def test_gather_large_outputs(B, trailing, dtype, gen):
+    """Outputs of 8 MiB and more, rows of 128, 64, 140 and 144 bytes (whole 64-byte lines: streamed stores on
+    AVX-512 CPUs; else fixed-size and generic row copies), standalone and fused with the resampling."""
+    K = 1024
     state = torch.randn(B, K, *trailing, generator=gen).to(dtype)
     anc = torch.randint(0, K, (B, K), generator=gen)
     expect = ref.gather(state, anc)

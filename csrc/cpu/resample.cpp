@@ -13,6 +13,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -349,12 +352,25 @@ uint8_t resample_group(const scalar_t* x_in, const double* u, int32_t method, do
 int64_t grain_for(int64_t work_per_item) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_item)); }
 
 // Copy rows of a group: dst[i] = src[anc[i]], rows of `row_bytes` bytes. Common small row sizes get a
-// constant-size copy the compiler turns into a few moves instead of a memcpy call per row.
+// constant-size copy in whole vectors (one 64-byte load and store per row of 64 bytes in the AVX-512 clone):
+// copied as a memcpy of 64 bytes the rows went as four 16-byte moves, and the gather ran at about 0.6x
+// memcpy's rate (a 2-core AVX-512 EPYC, [4096, 64, 16] float32), as whole vectors at memcpy's rate.
 template <int64_t kBytes>
-void gather_rows_fixed(const char* src, char* dst, const int64_t* anc, int64_t K) {
-  for (int64_t i = 0; i < K; ++i) std::memcpy(dst + i * kBytes, src + anc[i] * kBytes, kBytes);
+FL_VEC_INLINE void gather_rows_fixed(const char* src, char* dst, const int64_t* anc, int64_t K) {
+  constexpr int64_t kVec = kBytes < 64 ? kBytes : 64;
+  typedef char Vec __attribute__((vector_size(kVec)));
+  for (int64_t i = 0; i < K; ++i) {
+    const char* s = src + anc[i] * kBytes;
+    char* d = dst + i * kBytes;
+    for (int64_t o = 0; o < kBytes; o += kVec) {
+      Vec v;
+      std::memcpy(&v, s + o, kVec);
+      std::memcpy(d + o, &v, kVec);
+    }
+  }
 }
 
+FL_TARGET_CLONES
 void gather_group(const char* src, char* dst, const int64_t* anc, int64_t K, int64_t row_bytes) {
   switch (row_bytes) {
     case 1: return gather_rows_fixed<1>(src, dst, anc, K);
@@ -369,6 +385,43 @@ void gather_group(const char* src, char* dst, const int64_t* anc, int64_t K, int
     default:
       for (int64_t i = 0; i < K; ++i) std::memcpy(dst + i * row_bytes, src + anc[i] * row_bytes, row_bytes);
   }
+}
+
+// Rows of a whole number of 64-byte lines into a 64-byte aligned destination, written with non-temporal
+// stores: a destination line is then written without first being read (a plain store reads each line it
+// misses), a third less memory traffic. Only for outputs well past the caches (kStreamBytes), where those
+// reads are misses and the result would not stay cached anyway: [4096, 64, 16] float32 (16 MiB) on a 2-core
+// AVX-512 EPYC, one thread, 0.74 ms streamed against 1.16 ms with 64-byte plain stores (memcpy: 0.85-1.4).
+constexpr int64_t kStreamBytes = int64_t(8) << 20;
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx512f"))) void gather_lines_streamed(const char* src, char* dst, const int64_t* anc,
+                                                               int64_t K, int64_t row_bytes) {
+  for (int64_t i = 0; i < K; ++i)
+    for (int64_t o = 0; o < row_bytes; o += 64)
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + i * row_bytes + o),
+                          _mm512_loadu_si512(src + anc[i] * row_bytes + o));
+}
+bool can_stream(const char* dst, int64_t row_bytes, int64_t total_bytes) {
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  return avx512 && total_bytes >= kStreamBytes && row_bytes % 64 == 0 && reinterpret_cast<uintptr_t>(dst) % 64 == 0;
+}
+void stream_fence() { _mm_sfence(); }  // the streamed lines visible before the threads join
+#else
+void gather_lines_streamed(const char*, char*, const int64_t*, int64_t, int64_t) {}
+bool can_stream(const char*, int64_t, int64_t) { return false; }
+void stream_fence() {}
+#endif
+
+// The groups [b0, b1) of a gather from src into dst (distinct buffers), streamed where that pays.
+void gather_groups(const char* src, char* dst, const int64_t* anc, int64_t b0, int64_t b1, int64_t K,
+                   int64_t row_bytes, bool stream) {
+  for (int64_t b = b0; b < b1; ++b) {
+    if (stream)
+      gather_lines_streamed(src + b * K * row_bytes, dst + b * K * row_bytes, anc + b * K, K, row_bytes);
+    else
+      gather_group(src + b * K * row_bytes, dst + b * K * row_bytes, anc + b * K, K, row_bytes);
+  }
+  if (stream) stream_fence();
 }
 
 // The same move in place (`g` holds the group's K rows, `tmp` is scratch). Ancestors sorted within the group,
@@ -407,6 +460,7 @@ template <typename scalar_t>
 void resample_groups(const scalar_t* x, const double* u, int64_t U, int32_t method, double ess_threshold, int64_t B,
                      int64_t K, int64_t* anc, scalar_t* lw_out, double* ess_out, double* log_norm_out,
                      uint8_t* flags, const char* src, char* dst, int64_t row_bytes) {
+  const bool stream = dst && dst != src && can_stream(dst, row_bytes, B * K * row_bytes);
   at::parallel_for(0, B, grain_for(K * 8 + row_bytes / 8), [&](int64_t b0, int64_t b1) {
     Scratch s;
     for (int64_t b = b0; b < b1; ++b) {
@@ -414,15 +468,19 @@ void resample_groups(const scalar_t* x, const double* u, int64_t U, int32_t meth
                                                     lw_out + b * K, ess_out + b, log_norm_out + b, s);
       flags[2 * b] = (bits & kResampled) != 0;
       flags[2 * b + 1] = (bits & kDegenerate) != 0;
+      // streamed, each group's state moves right after its resampling (0.99 against 1.16 ms at [4096, 64,
+      // 16]: the streamed lines evict nothing)
+      if (stream) gather_lines_streamed(src + b * K * row_bytes, dst + b * K * row_bytes, anc + b * K, K, row_bytes);
     }
-    // The same thread then moves its groups' states: interleaving the copies with the resampling per group
-    // measured slower (the copy evicts the next group's inputs).
+    if (stream) return stream_fence();
+    // Otherwise the same thread then moves its groups' states: interleaving plain copies with the resampling
+    // per group measured slower (the copy evicts the next group's inputs).
     std::vector<char> tmp;
+    if (!dst) return;  // no state to move (src is null too: this is not the in-place move)
     if (dst == src)
       for (int64_t b = b0; b < b1; ++b) gather_group_inplace(dst + b * K * row_bytes, anc + b * K, K, row_bytes, tmp);
-    else if (dst)
-      for (int64_t b = b0; b < b1; ++b)
-        gather_group(src + b * K * row_bytes, dst + b * K * row_bytes, anc + b * K, K, row_bytes);
+    else
+      gather_groups(src, dst, anc, b0, b1, K, row_bytes, false);
   });
 }
 
@@ -484,9 +542,9 @@ at::Tensor gather_cpu(const at::Tensor& state, const at::Tensor& ancestors) {
   const char* src = static_cast<const char*>(st.data_ptr());
   char* dst = static_cast<char*>(out.data_ptr());
   const int64_t* a = anc.data_ptr<int64_t>();
+  const bool stream = can_stream(dst, row_bytes, B * K * row_bytes);
   at::parallel_for(0, B, grain_for(K * row_bytes / 8 + 1), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b)
-      gather_group(src + b * K * row_bytes, dst + b * K * row_bytes, a + b * K, K, row_bytes);
+    gather_groups(src, dst, a, b0, b1, K, row_bytes, stream);
   });
   return out;
 }
