@@ -10,7 +10,7 @@ import math
 import torch
 
 import fusedlab
-from fusedlab.perf.timing import capture, cuda_launches, measure
+from fusedlab.perf.timing import capture, cuda_launches, measure, measure_interleaved
 
 SHAPES = ((1, 1024), (1024, 16), (4096, 64), (256, 1024))  # (B, K): the benchmark target points
 STATE_DIM = 16
@@ -85,11 +85,14 @@ def rows(device, backends, shapes=SHAPES, min_run_time=0.2, progress=None):
     out = []
     for B, K in shapes:
         lw, state = inputs(B, K, device)
-        times = {name: measure(lambda f=f: f(lw, state), min_run_time) for name, f in PEERS.items()}
+        fns = {**{name: (lambda f=f: f(lw, state)) for name, f in PEERS.items()},
+               **{("ours", be): (lambda be=be: ours(be)(lw, state)) for be in backends}}
+        timed = measure_interleaved(fns, min_run_time)
+        times = {name: timed[name] for name in PEERS}
         gpu = lw.is_cuda
         launches = {name: cuda_launches(lambda f=f: f(lw, state)) for name, f in PEERS.items()} if gpu else {}
         for be in backends:
-            t = measure(lambda be=be: ours(be)(lw, state), min_run_time)
+            t = timed[("ours", be)]
             if gpu:
                 launches[be] = cuda_launches(lambda be=be: ours(be)(lw, state))
             out.append(dict(family="resample", op="resample+gather (systematic)", backend=be, B=B, K=K,

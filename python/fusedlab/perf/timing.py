@@ -29,6 +29,19 @@ def measure(fn, min_run_time: float = 0.2) -> Timing:
     return Timing(m.median * 1e3, q(0.2), q(0.8))
 
 
+def measure_interleaved(fns: dict, min_run_time: float = 0.2, rounds: int = 3) -> dict:
+    """``measure`` each of ``fns`` (name -> callable) in ``rounds`` interleaved rounds; per name the median
+    of the rounds' medians (and of their percentiles). A machine whose speed drifts during a run then moves
+    every implementation alike instead of whichever happened to run in its slow phase."""
+    runs = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            runs[name].append(measure(fn, min_run_time))
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    return {name: Timing(med([t.median_ms for t in ts]), med([t.q20_ms for t in ts]), med([t.q80_ms for t in ts]))
+            for name, ts in runs.items()}
+
+
 def cuda_launches(fn) -> int:
     """How many CUDA kernels one call of ``fn()`` launches (read from the profiler; 0 without a GPU)."""
     if not torch.cuda.is_available():
