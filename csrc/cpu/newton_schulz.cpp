@@ -88,9 +88,10 @@ bool cpu_has_amx_bf16() {
 // their mirror images. That is (k + 1) / 2k of the FLOPs (9/16 at k = 8). Panels are paired (i with k - 1 - i:
 // equal work) and the pairs of all matrices shared among the threads, each GEMM single-threaded. Measured on
 // a 2-core AVX-512-BF16 CPU without AMX (bf16, batches of 768 x 768 and 768 x 3072): the panel products
-// 1.4-1.6x faster than the full ones at k = 8 (the whole iteration about 1.25x), where 2-thread GEMMs on blocks this small kept little of the
-// saving (at best 1.2x, often slower). Not for half types on AMX CPUs, where 2-thread block triangles measured
-// slower than the full products (65 against 43 ms for 48 products at 768 x 768) and panels were not measured.
+// 1.4-1.6x faster than the full ones at k = 8 (the whole iteration about 1.25x), where 2-thread GEMMs on
+// blocks this small kept little of the saving (at best 1.2x, often slower). Not for half types on AMX CPUs,
+// where 2-thread block triangles measured slower than the full products (65 against 43 ms for 48 products at
+// 768 x 768) and panels were not measured.
 int64_t symmetric_panels(int64_t m, at::ScalarType dtype) {
   if ((dtype == at::kBFloat16 || dtype == at::kHalf) && cpu_has_amx_bf16()) return 1;
   // panels of at least 96 rows, and at least 4 of them: below either the panel GEMMs' lower efficiency ate
@@ -124,9 +125,9 @@ void mirror_panel(const at::Tensor& square, int64_t r0, int64_t r1) {
   }
 }
 
-// out[q] <- beta C[q] + alpha L[q] R[q]^T for each matrix q of the batch, where the result is known to be
-// symmetric (L R^T with R = L; or A A with A symmetric, passed as L = A and R = A^T's view A itself), by row
-// panels and mirrored. `C` may be undefined (then beta is ignored).
+// out[q] <- beta C[q] + alpha L[q] Rt[q] for each matrix q of the batch, where the product is known to be
+// symmetric (X X^T: L = X, Rt = X^T; X^T X: L = X^T, Rt = X; A A with A symmetric), by row panels, mirrored.
+// `C` may be undefined (then beta and alpha are ignored: the plain product).
 void symmetric_product(const at::Tensor& out, const at::Tensor& L, const at::Tensor& Rt, const at::Tensor& C,
                        double beta, double alpha) {
   const int64_t bsz = out.size(0), m = out.size(1), k = symmetric_panels(m, out.scalar_type());
@@ -157,7 +158,6 @@ void symmetric_product(const at::Tensor& out, const at::Tensor& L, const at::Ten
 // fault per 4 KB (417,000 in one Muon step over GPT-2 small's matrices; 121,000 with per-call buffers, none
 // with the optimizer's workspace). `own_x`: X is this call's own contiguous buffer, so the iterates may
 // overwrite it. `out_to_caller`: the result may be returned to the caller, so the iterates' buffers are
-// ordinary tensors.
 // ordinary tensors. A tall batch (m > n) is iterated in its own layout, on the small Gram matrix X^T X and
 // multiplied on the right (X <- aX + X (bA + cA^2), the same iterate transposed), so no pass transposes it.
 at::Tensor iterate(const at::Tensor& X, at::ArrayRef<double> coefficients, bool own_x, bool out_to_caller,
@@ -334,8 +334,9 @@ at::Tensor newton_schulz_cpu(const at::Tensor& G, at::ArrayRef<double> coefficie
   check_ns_args(coefficients, norm_scale, eps, dtype, "newton_schulz");
   const int64_t m = G.size(-2), n = G.size(-1);
   if (G.numel() == 0) return at::empty(G.sizes(), G.options().dtype(dtype));
-  // Frobenius norm accumulated in float64 (one pass, no upcast copy): the squares of any float32 input
-  // neither underflow nor overflow; clamped at eps as torch.optim.Muon does. Then one scale-and-cast pass.
+  // Frobenius norm accumulated in float64: the squares of any float32 input neither underflow nor overflow;
+  // clamped at eps as torch.optim.Muon does. Then one scale-and-cast pass. Contiguous half and float32
+  // batches take the C++ passes; float64 and strided ones, and eps below float32's range, this expression.
   const at::ScalarType acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor g = G.reshape({-1, m, n});
   const auto half_or_float = [](at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; };

@@ -96,7 +96,8 @@ def _float16_products_slow(device) -> bool:
 def gram_rows(device, shapes=GRAM_SHAPES, min_run_time=0.2, progress=None):
     """Gram Newton-Schulz (method="gram") against the op's standard path (backend "auto": the C++ kernel on
     CPUs) and torch.optim.Muon's NS per matrix, in bf16 (the Gram path iterates in float16; left out on CPUs
-    whose float16 products are slow) and in float32 (where "auto" takes it on CPUs). Errors: relative to float64 on the first matrix of the batch."""
+    whose float16 products are slow) and in float32. Errors: relative to float64 on the first matrix of the
+    batch."""
     out = []
     for bsz, m, n in shapes:
         G = torch.randn(bsz, m, n, generator=torch.Generator().manual_seed(3)).to(device)
