@@ -11,7 +11,7 @@ import statistics
 import torch
 
 import fusedlab
-from fusedlab.perf.timing import measure
+from fusedlab.perf.timing import measure, measure_interleaved
 from fusedlab.reference import newton_schulz as ref
 
 KELLER = (3.4445, -4.7750, 2.0315)
@@ -59,16 +59,21 @@ def rows(device, backends, shapes=SHAPES, min_run_time=0.2, progress=None):
     out = []
     for bsz, m, n in shapes:
         G = torch.randn(bsz, m, n, generator=torch.Generator().manual_seed(1)).to(device)
-        peer = measure(lambda: torch_loop(G), min_run_time)
         # on a GPU, the Triton path also with a X + B X as cuBLAS's GEMM (UPDATE_X = "matmul"): a candidate for
         # lone large matrices, where the symmetric kernels save FLOPs and the general product may not
         variants = [(be, None) for be in backends]
         if G.is_cuda and "triton" in backends and bsz == 1 and min(m, n) >= 2048:
             variants.append(("triton", "matmul"))
-        for be, update_x in variants:
+
+        def ours(be, update_x):
             with _update_x(update_x):
-                t = measure(lambda be=be: fusedlab.ops.newton_schulz(G, dtype=torch.bfloat16, backend=be),
-                            min_run_time)
+                return fusedlab.ops.newton_schulz(G, dtype=torch.bfloat16, backend=be)
+
+        timed = measure_interleaved({"peer": lambda: torch_loop(G),
+                                     **{v: (lambda v=v: ours(*v)) for v in variants}}, min_run_time)
+        peer = timed["peer"]
+        for be, update_x in variants:
+            t = timed[(be, update_x)]
             flops = bsz * 5 * (4 * min(m, n) ** 2 * max(m, n) + 2 * min(m, n) ** 3)
             out.append(dict(family="newton_schulz", op="newton_schulz (bf16, 5 steps)",
                             backend=be if update_x is None else f"{be} (aX + BX by cuBLAS)",
