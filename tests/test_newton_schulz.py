@@ -123,6 +123,10 @@ def test_opcheck(gen):
     flat = [v for _ in range(3) for v in KELLER]
     for dt in (torch.float32, torch.bfloat16):
         torch.library.opcheck(torch.ops.fusedlab.newton_schulz.default, (G, flat, 1.0, 1e-7, dt))
+    # the row-panel path, wide and tall (the tall one iterated in its own layout)
+    for shape in ((2, 384, 400), (2, 420, 384)):
+        G = torch.randn(shape, generator=gen)
+        torch.library.opcheck(torch.ops.fusedlab.newton_schulz.default, (G, flat[:6], 1.0, 1e-7, torch.float32))
 
 
 def test_torch_compile_fullgraph(gen):

@@ -447,6 +447,13 @@ def test_opcheck(method, thr, gen):
     anc = torch.randint(0, 6, (3, 6), generator=gen)
     torch.library.opcheck(torch.ops.fusedlab.gather.default, (state, anc))
     torch.library.opcheck(torch.ops.fusedlab.gather_.default, (state.detach().clone(), anc))
+    if method == "systematic" and thr == 1.0:  # an 8 MiB state of 64-byte rows: the streamed stores
+        big = torch.randn(128, 1024, 16, generator=gen)
+        lw_big = torch.randn(128, 1024, generator=gen)
+        u_big = torch.rand(128, 1, generator=gen, dtype=torch.float64)
+        torch.library.opcheck(torch.ops.fusedlab.resample_gather.default, (lw_big, u_big, method, thr, big))
+        anc_big = torch.randint(0, 1024, (128, 1024), generator=gen)
+        torch.library.opcheck(torch.ops.fusedlab.gather.default, (big, anc_big))
 
 
 def test_gradcheck(gen):
