@@ -37,7 +37,7 @@ using namespace fusedlab::resample;
 struct Scratch {
   std::vector<double> w, cdf, points;
   std::vector<int32_t> count;  // grid path: points below each C_j
-  std::vector<int64_t> mark;   // ancestor marks, see the grid path
+  std::vector<int32_t> mark;   // ancestor marks, see ancestors_from_counts
   std::vector<double> iota;
 };
 
@@ -49,6 +49,8 @@ struct Scratch {
 using cpu::f32x8;
 using cpu::f64x8;
 using cpu::load8;
+typedef int64_t i64x8 __attribute__((vector_size(64)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
 
 // w[j] <- x[j] in double; returns the maximum, NaN ignored (x > m is false for NaN). NaN stays in w, and
 // exp_nonpositive maps it to 0, the weight of -inf, as clean_log_weight would.
@@ -81,32 +83,38 @@ void exp_shifted(double* w, int64_t K, double m) {
 }
 
 // cdf[j] = w[0] + ... + w[j]; returns the total and writes the sum of squares to *sum_sq. A sequential
-// running sum is one dependent add per particle; here eight segments run as independent chains and each
-// segment's offset is added afterwards. Only the rounding order differs, and the result stays
-// non-decreasing with cdf[K - 1] equal to the returned total (each offset is the previous segment's last
-// value), which the grid counts rely on. The offsets come from the chains' registers, not from the stored
-// CDF: reading back values just stored made each segment wait for the previous one's stores.
+// running sum is one dependent add per particle; here each block of eight takes its prefix sums in three
+// shift-and-add steps, independent of the other blocks, and only the block's offset (the previous block's
+// last value) is a dependent add. The shift-and-add order can put two neighbouring lanes an ulp out of
+// order, so a running maximum over the block (three shift-and-max steps) restores the non-decreasing CDF
+// the grid counts rely on; adding the offset keeps it (rounding is monotonic), and cdf[K - 1] is the
+// returned total. Only the rounding differs from a sequential sum, by a few ulps.
 FL_TARGET_CLONES
 double running_sum(const double* __restrict w, double* __restrict cdf, int64_t K, double* sum_sq) {
-  constexpr int64_t kChains = 8;
-  const int64_t len = K / kChains;
-  double acc[kChains] = {}, sq[kChains] = {};
-  for (int64_t t = 0; t < len; ++t)
-    for (int64_t c = 0; c < kChains; ++c) {
-      const double x = w[c * len + t];
-      acc[c] += x;
-      sq[c] += x * x;
-      cdf[c * len + t] = acc[c];
-    }
-  double offsets[kChains], offset = acc[0], sq_total = 0.0;
-  for (int64_t c = 1; c < kChains; ++c) {  // segment c's last value, as the loop below will store it
-    offsets[c] = offset;
-    offset = len ? acc[c] + offset : 0.0;
+  const f64x8 zero = {0, 0, 0, 0, 0, 0, 0, 0};
+  f64x8 sq = zero;
+  double offset = 0.0;
+  int64_t j = 0;
+  for (; j + 8 <= K; j += 8) {
+    f64x8 v;
+    std::memcpy(&v, w + j, sizeof v);
+    sq += v * v;
+    v += __builtin_shuffle(zero, v, (i64x8){0, 8, 9, 10, 11, 12, 13, 14});  // lane l: v[l - 1], 0 first
+    v += __builtin_shuffle(zero, v, (i64x8){0, 1, 8, 9, 10, 11, 12, 13});
+    v += __builtin_shuffle(zero, v, (i64x8){0, 1, 2, 3, 8, 9, 10, 11});
+    f64x8 t = __builtin_shuffle(zero, v, (i64x8){0, 8, 9, 10, 11, 12, 13, 14});  // values >= 0: 0 is neutral
+    v = v > t ? v : t;
+    t = __builtin_shuffle(zero, v, (i64x8){0, 1, 8, 9, 10, 11, 12, 13});
+    v = v > t ? v : t;
+    t = __builtin_shuffle(zero, v, (i64x8){0, 1, 2, 3, 8, 9, 10, 11});
+    v = v > t ? v : t;
+    v += offset;
+    std::memcpy(cdf + j, &v, sizeof v);
+    offset = v[7];
   }
-  for (int64_t c = 1; c < kChains; ++c)
-    for (int64_t t = 0; t < len; ++t) cdf[c * len + t] += offsets[c];
-  for (int64_t c = 0; c < kChains; ++c) sq_total += sq[c];
-  for (int64_t j = kChains * len; j < K; ++j) {  // the tail, sequentially
+  double sq_total = 0.0;
+  for (int l = 0; l < 8; ++l) sq_total += sq[l];
+  for (; j < K; ++j) {  // the tail, sequentially
     offset += w[j];
     sq_total += w[j] * w[j];
     cdf[j] = offset;
@@ -190,9 +198,6 @@ void grid_counts(const double* cdf, double total, int64_t n, int64_t K, const do
 }
 #endif
 
-typedef int64_t i64x8 __attribute__((vector_size(64)));
-typedef int32_t i32x8 __attribute__((vector_size(32)));
-
 // Systematic resampling: every count in closed form, eight at a time and without a division. K times the
 // point p_i = fl(fl(i + u) / K) lies within an ulp of K of i + u, so away from the boundary p_i < C_j is
 // i < t with t = K C_j - u, and the count is #{i in [0, K): i < t} = ceil(t) clamped to [0, K]. Here
@@ -230,26 +235,44 @@ bool grid_counts_systematic(const double* __restrict cdf, double total, int64_t 
   return unsure[0] == 0;
 }
 
-// anc[i] = max(mark[0..i]) (marks are >= 0): a running maximum, eight lanes at a time. The scalar loop is
-// one dependent compare-and-move per particle; here each vector takes a log-step maximum over shifted
-// copies of itself (three shuffles) and one maximum with the previous vector's last lane.
+// The ancestors from non-decreasing counts: anc[i] = #{j < last : count[j] <= i}, that is particle j < last
+// for the points count[j - 1] .. count[j] - 1 and `last` for the rest. Marking slot count[j] with j + 1
+// (later j overwrite) and taking a running maximum gives it with plain stores, no read-modify-write chain
+// and no branch on the data. The marks are int32, sixteen to a vector: the running maximum's loads wait for
+// the marks' stores to land (a load spanning several recent stores is not forwarded from them), once per
+// vector, so half as many vectors wait half as often as with int64 marks. `mark` has room for K + 1.
+typedef int32_t i32x16 __attribute__((vector_size(64)));
 FL_TARGET_CLONES
-void running_max(const int64_t* __restrict mark, int64_t* __restrict anc, int64_t K) {
-  const i64x8 zero = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t a = 0, i = 0;
-  for (; i + 8 <= K; i += 8) {
-    i64x8 v, t;
+void ancestors_from_counts(const int32_t* __restrict count, int64_t last, int64_t K, int32_t* __restrict mark,
+                           int64_t* __restrict anc) {
+  std::memset(mark, 0, (K + 1) * sizeof(int32_t));
+  for (int64_t j = 0; j < last; ++j) {
+    mark[count[j]] = static_cast<int32_t>(j + 1);
+    // Scalar stores: vectorized, this loop becomes a scatter instruction, several times slower (AMD EPYC).
+    __asm__ volatile("" ::: "memory");
+  }
+  const i32x16 zero = {};
+  int32_t a = 0;
+  int64_t i = 0;
+  for (; i + 16 <= K; i += 16) {
+    i32x16 v, t;
     std::memcpy(&v, mark + i, sizeof v);
-    t = __builtin_shuffle(zero, v, (i64x8){0, 8, 9, 10, 11, 12, 13, 14});  // lane l: v[l - 1], 0 first
+    t = __builtin_shuffle(zero, v, (i32x16){0, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30});
+    v = v > t ? v : t;  // lane l: max over lanes l - 1 .. l, then l - 3 .. l, and so on
+    t = __builtin_shuffle(zero, v, (i32x16){0, 1, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29});
     v = v > t ? v : t;
-    t = __builtin_shuffle(zero, v, (i64x8){0, 1, 8, 9, 10, 11, 12, 13});
+    t = __builtin_shuffle(zero, v, (i32x16){0, 1, 2, 3, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27});
     v = v > t ? v : t;
-    t = __builtin_shuffle(zero, v, (i64x8){0, 1, 2, 3, 8, 9, 10, 11});
+    t = __builtin_shuffle(zero, v, (i32x16){0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23});
     v = v > t ? v : t;
-    const i64x8 carry = {a, a, a, a, a, a, a, a};
+    const i32x16 carry = zero + a;
     v = v > carry ? v : carry;
-    std::memcpy(anc + i, &v, sizeof v);
-    a = v[7];
+    i32x8 half[2];
+    std::memcpy(half, &v, sizeof v);
+    const i64x8 lo = __builtin_convertvector(half[0], i64x8), hi = __builtin_convertvector(half[1], i64x8);
+    std::memcpy(anc + i, &lo, sizeof lo);
+    std::memcpy(anc + i + 8, &hi, sizeof hi);
+    a = v[15];
   }
   for (; i < K; ++i) {
     a = mark[i] > a ? mark[i] : a;
@@ -310,12 +333,9 @@ uint8_t resample_group(const scalar_t* x_in, const double* u, int32_t method, do
   if (method == kSystematic || method == kStratified) {
     // Grid points: count the points below each C_j in closed form (C_j normalized as the counts are taken);
     // ancestor i = #{j < last : C_j <= p_i}.
-    // The counts are non-decreasing in j, so marking slot count_j with j + 1 (later j overwrite) and taking
-    // a running max gives exactly that number, with plain stores instead of a histogram's read-modify-write
-    // chain; no branch depends on the data.
+    // The counts are non-decreasing in j (C_j is), which ancestors_from_counts relies on.
     const bool fits32 = K < INT32_MAX - 3;  // counts and the padded point indices in int32
-    s.mark.assign(K + 1, 0);
-    int64_t* mark = s.mark.data();
+    s.mark.resize(K + 1);
     bool counted = false;
     if (method == kSystematic && fits32) {
       s.count.resize(round_up8(last));
@@ -333,12 +353,16 @@ uint8_t resample_group(const scalar_t* x_in, const double* u, int32_t method, do
         s.count.resize(last);
         grid_counts(s.cdf.data(), total, last, K, s.points.data(), s.count.data());
       } else {
-        for (int64_t j = 0; j < last; ++j) mark[grid_count_below(s.cdf[j] / total, K, s.points.data())] = j + 1;
+        // K beyond int32: a sequential merge of the counts (a group of 2^31 particles is never small)
+        int64_t j = 0;
+        for (int64_t i = 0; i < K; ++i) {
+          while (j < last && grid_count_below(s.cdf[j] / total, K, s.points.data()) <= i) ++j;
+          anc[i] = j;
+        }
+        return status;
       }
     }
-    if (fits32)
-      for (int64_t j = 0; j < last; ++j) mark[s.count[j]] = j + 1;
-    running_max(mark, anc, K);
+    ancestors_from_counts(s.count.data(), last, K, s.mark.data(), anc);
     return status;
   }
   normalize_cdf(s.cdf.data(), last, K, total);
