@@ -229,6 +229,61 @@ def test_muon_with_aux_adam_matches_its_parts(gen):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.timeout(300)
+def test_compiled_aux_adam_step_does_not_recompile_as_the_count_grows(gen):
+    """The AdamW groups' step count is a tensor: a compiled step neither recompiles per step (as an int count
+    would make it) nor drifts from eager, and a tensor lr works there too."""
+    torch._dynamo.reset()
+    compiles = []
+
+    def backend(gm, example_inputs):
+        compiles.append(1)
+        return gm.forward
+
+    def make():
+        return [torch.nn.Parameter(torch.randn(6, 4, generator=torch.Generator().manual_seed(1))),
+                torch.nn.Parameter(torch.randn(5, generator=torch.Generator().manual_seed(2)))]
+
+    eager_params, compiled_params = make(), make()
+    groups = lambda ps, lr: [dict(params=ps[:1], use_muon=True, ns_dtype=torch.float32),  # noqa: E731
+                             dict(params=ps[1:], use_muon=False, lr=lr, weight_decay=0.1)]
+    eager = fusedlab.optim.MuonWithAuxAdam(groups(eager_params, torch.tensor(1e-2)))
+    compiled = fusedlab.optim.MuonWithAuxAdam(groups(compiled_params, torch.tensor(1e-2)))
+    step = torch.compile(compiled.step, backend=backend)
+    for _ in range(6):
+        grads = [torch.randn(6, 4, generator=gen), torch.randn(5, generator=gen)]
+        for a, b, g in zip(eager_params, compiled_params, grads):
+            a.grad, b.grad = g.clone(), g.clone()
+        eager.step()
+        step()
+    assert len(compiles) <= 2, len(compiles)
+    assert compiled.state[compiled_params[1]]["step"].item() == 6
+    for a, b in zip(eager_params, compiled_params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_aux_adam_takes_a_state_saved_with_an_int_count(gen):
+    """A state whose AdamW count is an int (as saved before it became a tensor) loads and steps on exactly as
+    one with a tensor count."""
+    ps = [torch.nn.Parameter(torch.randn(7, generator=gen)) for _ in range(2)]
+    opts = [fusedlab.optim.MuonWithAuxAdam([dict(params=[p], use_muon=False, lr=1e-2)]) for p in ps]
+    ps[1].data.copy_(ps[0].data)
+    for _ in range(2):
+        g = torch.randn(7, generator=gen)
+        for p, opt in zip(ps, opts):
+            p.grad = g.clone()
+            opt.step()
+    saved = opts[1].state_dict()
+    saved["state"][0]["step"] = int(saved["state"][0]["step"].item())
+    opts[1].load_state_dict(saved)
+    g = torch.randn(7, generator=gen)
+    for p, opt in zip(ps, opts):
+        p.grad = g.clone()
+        opt.step()
+    assert torch.equal(ps[0], ps[1])
+    assert opts[1].state[ps[1]]["step"].item() == 3
+
+
 def test_muon_with_aux_adam_errors():
     p = torch.nn.Parameter(torch.zeros(4, 4))
     with pytest.raises(ValueError, match="use_muon"):

@@ -370,14 +370,25 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
                 raise RuntimeError("MuonWithAuxAdam's AdamW groups do not support sparse gradients")
             state = self.state[p]
             if not state:
-                state["step"] = 0
+                state["step"] = torch.tensor(0.0)
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
+            elif not isinstance(state["step"], torch.Tensor):  # a state saved when the count was an int
+                state["step"] = torch.tensor(float(state["step"]))
+            # The count is a tensor, as in torch.optim.AdamW: a Python int that changes every step would
+            # make torch.compile recompile the step each time. Eager mode reads it as a number, so the bias
+            # corrections are the same doubles as before; a compiled step computes them as tensors.
             state["step"] += 1
+            step = state["step"] if torch.compiler.is_compiling() else state["step"].item()
             state["exp_avg"].lerp_(p.grad, 1 - beta1)
             state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-            bias1 = 1 - beta1 ** state["step"]
-            bias2 = 1 - beta2 ** state["step"]
+            bias1 = 1 - beta1 ** step
+            bias2 = 1 - beta2 ** step
             denom = (state["exp_avg_sq"] / bias2).sqrt_().add_(group["eps"])
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-            p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / bias1)
+            lr = group["lr"]
+            p.mul_(1 - lr * group["weight_decay"])
+            rate = lr / bias1
+            if isinstance(rate, torch.Tensor):  # addcdiv_ takes its factor as a number
+                p.sub_(state["exp_avg"] * rate / denom)
+            else:
+                p.addcdiv_(state["exp_avg"], denom, value=-rate)
