@@ -100,6 +100,31 @@ def test_n_replays_package_draws(M, kind, gen):
 
 
 @needs_package
+@pytest.mark.parametrize("M", [3, 4])
+def test_logits_methods_match_package(M, gen):
+    """compute_logits_n (global-RNG draws replayed) and compute_logits_n_squared (the package's column order)
+    give the package's matrices; at M = 2 the "n_squared" logits are the CLIP logits."""
+    reps = make_reps(M, 5, 4, gen, "layernorm")
+    with torch.random.fork_rng():
+        torch.manual_seed(11)
+        theirs = symile.Symile().compute_logits_n(reps[1], reps[:1] + reps[2:])
+        torch.manual_seed(11)
+        ours = SymileLoss().compute_logits_n(reps[1], reps[:1] + reps[2:])
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    theirs = symile.Symile("n_squared").compute_logits_n_squared(reps[0], reps[1:])
+    ours = SymileLoss("n_squared").compute_logits_n_squared(reps[0], reps[1:])
+    assert ours.shape == (5, 5 ** (M - 1))
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    seeded = SymileLoss(generator=torch.Generator().manual_seed(4)).compute_logits_n(reps[0], reps[1:])
+    torch.testing.assert_close(seeded.diagonal(), torch.stack(reps).prod(0).sum(1))  # the positives
+    torch.testing.assert_close(SymileLoss().compute_logits_n_squared(reps[0], reps[1:2]), reps[0] @ reps[1].T)
+    with pytest.raises(ValueError, match="one shape"):
+        SymileLoss().compute_logits_n(reps[0], [reps[1][:3]])
+    with pytest.raises(ValueError, match="at least one tensor"):
+        SymileLoss().compute_logits_n_squared(reps[0], [])
+
+
+@needs_package
 def test_n_float32_matches_package(gen):
     reps, s = make_reps(3, 32, 24, gen, "layernorm", torch.float32), scale_for("layernorm", torch.float32)
     with torch.random.fork_rng():
@@ -334,7 +359,9 @@ def test_mip_cpu_op_gradcheck_opcheck_and_errors(gen):
 def test_drop_in_signatures():
     assert issubclass(SymileLoss, torch.nn.Module) and Symile is SymileLoss
     for ours, theirs in ((SymileLoss.__init__, symile.Symile.__init__), (SymileLoss.forward, symile.Symile.forward),
-                         (MIPSimilarity.forward, symile.MIPSimilarity.forward)):
+                         (MIPSimilarity.forward, symile.MIPSimilarity.forward),
+                         (SymileLoss.compute_logits_n, symile.Symile.compute_logits_n),
+                         (SymileLoss.compute_logits_n_squared, symile.Symile.compute_logits_n_squared)):
         p1, p2 = inspect.signature(ours).parameters, inspect.signature(theirs).parameters
         assert list(p1)[:len(p2)] == list(p2)
         assert all(p1[k].default == p2[k].default for k in p2)
