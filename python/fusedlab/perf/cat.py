@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedlab
-from fusedlab.perf.timing import capture, measure
+from fusedlab.perf.timing import capture, measure, measure_interleaved
 
 GPU_POINTS = [(L, l) for L in (1024, 4096, 16384) for l in (4, 8, 16, 32)]
 FLEX_POINTS = {(1024, 16), (4096, 4), (4096, 8), (4096, 16), (4096, 32)}  # each costs a compile
@@ -71,31 +71,40 @@ def rows(device, points=GPU_POINTS, B=2, H=8, d=64, dtype=torch.bfloat16, min_ru
     for L, l in points:
         q, k, v, kc, vc = inputs(B, H, L, l, d, device, dtype)
         grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(device=device, dtype=dtype)
-        ours = measure(lambda: _fwd_bwd(lambda *a: fusedlab.ops.cat_attention(*a, l), (q, k, v, kc, vc), grad),
-                       min_run_time)
-        ours_fwd = measure(lambda: fusedlab.ops.cat_attention(q.detach(), k.detach(), v.detach(), kc.detach(),
-                                                              vc.detach(), l), min_run_time)
-        dense = measure(lambda: _fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True),
-                                         (q, k, v), grad), min_run_time)
+        fns = {
+            "ours": lambda: _fwd_bwd(lambda *a: fusedlab.ops.cat_attention(*a, l), (q, k, v, kc, vc), grad),
+            "ours_fwd": lambda: fusedlab.ops.cat_attention(q.detach(), k.detach(), v.detach(), kc.detach(),
+                                                           vc.detach(), l),
+            "dense": lambda: _fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True),
+                                      (q, k, v), grad)}
+        if q.is_cuda and "cuda" in fusedlab.backends():  # the CUDA-core kernel beside the default (Triton)
+            fns["cuda"] = lambda: _fwd_bwd(lambda *a: fusedlab.ops.cat_attention(*a, l, backend="cuda"),
+                                           (q, k, v, kc, vc), grad)
+        note = None
+        if flex and (L, l) in FLEX_POINTS:
+            try:  # FlexAttention has no CPU backward: the forward alone there
+                flex_fn = flex_interleaved(B, H, L, l, d, device, dtype, forward_only=not q.is_cuda)
+                flex_fn()  # compiles it
+                fns["flex"] = flex_fn
+            except Exception as err:  # a peer that fails to build is reported, not fatal
+                note = f"flex failed: {type(err).__name__}"
+        # interleaved rounds: a machine whose speed drifts moves every side alike
+        timed = measure_interleaved(fns, min_run_time)
+        ours, ours_fwd, dense = timed["ours"], timed["ours_fwd"], timed["dense"]
         flops = (4 + 10) * d * allowed_pairs(L, l) * B * H
         row = dict(family="cat", op="cat_attention fwd+bwd", backend=fusedlab._backend.resolve("auto", "cat", q.device),
                    B=B, H=H, L=L, l=l, d=d, dtype=str(dtype).replace("torch.", ""), ms=ours.median_ms,
                    fwd_ms=ours_fwd.median_ms, sdpa_ms=dense.median_ms, vs_sdpa=dense.median_ms / ours.median_ms,
                    tflops=flops / ours.median_ms / 1e9)
-        if q.is_cuda and "cuda" in fusedlab.backends():  # the CUDA-core kernel beside the default (Triton)
-            t = measure(lambda: _fwd_bwd(lambda *a: fusedlab.ops.cat_attention(*a, l, backend="cuda"),
-                                         (q, k, v, kc, vc), grad), min_run_time)
-            row.update(cuda_kernel_ms=t.median_ms, cuda_kernel_vs_auto=ours.median_ms / t.median_ms)
-        if flex and (L, l) in FLEX_POINTS:
-            try:
-                if q.is_cuda:
-                    t = measure(flex_interleaved(B, H, L, l, d, device, dtype), min_run_time)
-                    row.update(flex_ms=t.median_ms, vs_flex=t.median_ms / ours.median_ms)
-                else:
-                    t = measure(flex_interleaved(B, H, L, l, d, device, dtype, forward_only=True), min_run_time)
-                    row.update(flex_fwd_ms=t.median_ms, vs_flex_fwd=t.median_ms / ours_fwd.median_ms)
-            except Exception as err:  # a peer that fails to build is reported, not fatal
-                row.update(flex_ms=None, note=f"flex failed: {type(err).__name__}")
+        if "cuda" in timed:
+            t = timed["cuda"].median_ms
+            row.update(cuda_kernel_ms=t, cuda_kernel_vs_auto=ours.median_ms / t)
+        if "flex" in timed and q.is_cuda:
+            row.update(flex_ms=timed["flex"].median_ms, vs_flex=timed["flex"].median_ms / ours.median_ms)
+        elif "flex" in timed:
+            row.update(flex_fwd_ms=timed["flex"].median_ms, vs_flex_fwd=timed["flex"].median_ms / ours_fwd.median_ms)
+        if note:
+            row.update(flex_ms=None, note=note)
         out.append(row)
         if progress is not None:
             progress.update(1)
