@@ -78,9 +78,46 @@ FL_TARGET_CLONES double load_max(const double* x, double* w, int64_t K) { return
 
 // w[j] <- exp(w[j] - m).
 FL_TARGET_CLONES
-void exp_shifted(double* w, int64_t K, double m) {
+void exp_shifted_generic(double* w, int64_t K, double m) {
   for (int64_t j = 0; j < K; ++j) w[j] = cpu::exp_nonpositive(w[j] - m);
 }
+#if defined(__x86_64__) && defined(__GNUC__)
+// The same on AVX-512 CPUs, written with intrinsics: exp_nonpositive's reduction and polynomial, the
+// rounding to an integer in one instruction and 2^n applied by one scalef (p 2^n rounded once, as the
+// generic two-factor product rounds it; subnormal results included), the tail by masked loads and stores.
+// About 20 instructions per eight weights against the generic clone's 35: the exponentials were a quarter
+// of a resampling's time at K = 64 (a 2-core AVX-512 EPYC).
+__attribute__((target("avx512f"))) void exp_shifted_avx512(double* w, int64_t K, double m) {
+  const __m512d shift = _mm512_set1_pd(m), floor_x = _mm512_set1_pd(-745.2);
+  const __m512d log2e = _mm512_set1_pd(1.4426950408889634);
+  const __m512d ln2_hi = _mm512_set1_pd(6.93147180369123816490e-01);
+  const __m512d ln2_lo = _mm512_set1_pd(1.90821492927058770002e-10);
+  static const double kInvFactorial[13] = {1.0, 1.0, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720,
+                                           1.0 / 5040, 1.0 / 40320, 1.0 / 362880, 1.0 / 3628800,
+                                           1.0 / 39916800, 1.0 / 479001600};
+  for (int64_t j = 0; j < K; j += 8) {
+    const __mmask8 lanes = K - j >= 8 ? __mmask8(0xFF) : __mmask8((1u << (K - j)) - 1);
+    const __m512d x = _mm512_sub_pd(_mm512_maskz_loadu_pd(lanes, w + j), shift);
+    // in range: false for NaN and -inf (weight 0, as in exp_nonpositive) and below the underflow bound
+    const __mmask8 ok = _mm512_cmp_pd_mask(x, floor_x, _CMP_GE_OQ);
+    const __m512d xc = _mm512_maskz_mov_pd(ok, x);
+    // (the zero-masking forms: the plain ones leave a "may be used uninitialized" warning in GCC 12's headers)
+    const __m512d n = _mm512_maskz_roundscale_pd(__mmask8(0xFF), _mm512_mul_pd(xc, log2e),
+                                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512d r = _mm512_fnmadd_pd(n, ln2_lo, _mm512_fnmadd_pd(n, ln2_hi, xc));
+    __m512d p = _mm512_set1_pd(kInvFactorial[12]);
+    for (int c = 11; c >= 0; --c) p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(kInvFactorial[c]));
+    _mm512_mask_storeu_pd(w + j, lanes, _mm512_maskz_scalef_pd(ok, p, n));
+  }
+}
+void exp_shifted(double* w, int64_t K, double m) {
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (avx512) exp_shifted_avx512(w, K, m);
+  else exp_shifted_generic(w, K, m);
+}
+#else
+void exp_shifted(double* w, int64_t K, double m) { exp_shifted_generic(w, K, m); }
+#endif
 
 // cdf[j] = w[0] + ... + w[j]; returns the total and writes the sum of squares to *sum_sq. A sequential
 // running sum is one dependent add per particle; here each block of eight takes its prefix sums in three
