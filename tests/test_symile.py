@@ -103,7 +103,7 @@ def test_n_replays_package_draws(M, kind, gen):
 @pytest.mark.parametrize("M", [3, 4])
 def test_logits_methods_match_package(M, gen):
     """compute_logits_n (global-RNG draws replayed) and compute_logits_n_squared (the package's column order)
-    give the package's matrices; at M = 2 the "n_squared" logits are the CLIP logits."""
+    give the package's matrices."""
     reps = make_reps(M, 5, 4, gen, "layernorm")
     with torch.random.fork_rng():
         torch.manual_seed(11)
@@ -115,8 +115,18 @@ def test_logits_methods_match_package(M, gen):
     ours = SymileLoss("n_squared").compute_logits_n_squared(reps[0], reps[1:])
     assert ours.shape == (5, 5 ** (M - 1))
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_logits_methods_generator_clip_and_errors(gen):
+    """compute_logits_n draws from ``generator`` (the same matrix as from those draws by hand), the
+    "n_squared" logits at M = 2 are the CLIP logits, and mismatched inputs fail clearly."""
+    reps = make_reps(3, 6, 4, gen, "layernorm")
     seeded = SymileLoss(generator=torch.Generator().manual_seed(4)).compute_logits_n(reps[0], reps[1:])
-    torch.testing.assert_close(seeded.diagonal(), torch.stack(reps).prod(0).sum(1))  # the positives
+    g = torch.Generator().manual_seed(4)
+    shuffled = reps[1][torch.randperm(6, generator=g)] * reps[2][torch.randperm(6, generator=g)]
+    expected = reps[0] @ shuffled.T
+    expected.diagonal().copy_(torch.stack(reps).prod(0).sum(1))  # the positives
+    torch.testing.assert_close(seeded, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(SymileLoss().compute_logits_n_squared(reps[0], reps[1:2]), reps[0] @ reps[1].T)
     with pytest.raises(ValueError, match="one shape"):
         SymileLoss().compute_logits_n(reps[0], [reps[1][:3]])

@@ -125,7 +125,7 @@ void exp_shifted(double* w, int64_t K, double m) { exp_shifted_generic(w, K, m);
 // last value) is a dependent add. The shift-and-add order can put two neighbouring lanes an ulp out of
 // order, so a running maximum over the block (three shift-and-max steps) restores the non-decreasing CDF
 // the grid counts rely on; adding the offset keeps it (rounding is monotonic), and cdf[K - 1] is the
-// returned total. Only the rounding differs from a sequential sum, by a few ulps.
+// returned total. Only the rounding differs from a sequential sum: a few ulps per block.
 FL_TARGET_CLONES
 double running_sum(const double* __restrict w, double* __restrict cdf, int64_t K, double* sum_sq) {
   const f64x8 zero = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -136,14 +136,14 @@ double running_sum(const double* __restrict w, double* __restrict cdf, int64_t K
     f64x8 v;
     std::memcpy(&v, w + j, sizeof v);
     sq += v * v;
-    v += __builtin_shuffle(zero, v, (i64x8){0, 8, 9, 10, 11, 12, 13, 14});  // lane l: v[l - 1], 0 first
-    v += __builtin_shuffle(zero, v, (i64x8){0, 1, 8, 9, 10, 11, 12, 13});
-    v += __builtin_shuffle(zero, v, (i64x8){0, 1, 2, 3, 8, 9, 10, 11});
-    f64x8 t = __builtin_shuffle(zero, v, (i64x8){0, 8, 9, 10, 11, 12, 13, 14});  // values >= 0: 0 is neutral
+    v += FL_SHUFFLE(i64x8, zero, v, 0, 8, 9, 10, 11, 12, 13, 14);  // lane l: v[l - 1], 0 first
+    v += FL_SHUFFLE(i64x8, zero, v, 0, 1, 8, 9, 10, 11, 12, 13);
+    v += FL_SHUFFLE(i64x8, zero, v, 0, 1, 2, 3, 8, 9, 10, 11);
+    f64x8 t = FL_SHUFFLE(i64x8, zero, v, 0, 8, 9, 10, 11, 12, 13, 14);  // values >= 0: 0 is neutral
     v = v > t ? v : t;
-    t = __builtin_shuffle(zero, v, (i64x8){0, 1, 8, 9, 10, 11, 12, 13});
+    t = FL_SHUFFLE(i64x8, zero, v, 0, 1, 8, 9, 10, 11, 12, 13);
     v = v > t ? v : t;
-    t = __builtin_shuffle(zero, v, (i64x8){0, 1, 2, 3, 8, 9, 10, 11});
+    t = FL_SHUFFLE(i64x8, zero, v, 0, 1, 2, 3, 8, 9, 10, 11);
     v = v > t ? v : t;
     v += offset;
     std::memcpy(cdf + j, &v, sizeof v);
@@ -266,18 +266,18 @@ bool grid_counts_systematic(const double* __restrict cdf, double total, int64_t 
     const i32x8 c32 = __builtin_convertvector(cnt, i32x8);
     std::memcpy(count + j, &c32, sizeof c32);
   }
-  unsure |= __builtin_shuffle(unsure, (i64x8){4, 5, 6, 7, 0, 1, 2, 3});  // any lane, in three folds
-  unsure |= __builtin_shuffle(unsure, (i64x8){2, 3, 0, 1, 6, 7, 4, 5});
-  unsure |= __builtin_shuffle(unsure, (i64x8){1, 0, 3, 2, 5, 4, 7, 6});
+  unsure |= FL_SHUFFLE(i64x8, unsure, unsure, 4, 5, 6, 7, 0, 1, 2, 3);  // any lane, in three folds
+  unsure |= FL_SHUFFLE(i64x8, unsure, unsure, 2, 3, 0, 1, 6, 7, 4, 5);
+  unsure |= FL_SHUFFLE(i64x8, unsure, unsure, 1, 0, 3, 2, 5, 4, 7, 6);
   return unsure[0] == 0;
 }
 
 // The ancestors from non-decreasing counts: anc[i] = #{j < last : count[j] <= i}, that is particle j < last
 // for the points count[j - 1] .. count[j] - 1 and `last` for the rest. Marking slot count[j] with j + 1
 // (later j overwrite) and taking a running maximum gives it with plain stores, no read-modify-write chain
-// and no branch on the data. The marks are int32, sixteen to a vector: the running maximum's loads wait for
-// the marks' stores to land (a load spanning several recent stores is not forwarded from them), once per
-// vector, so half as many vectors wait half as often as with int64 marks. `mark` has room for K + 1.
+// and no branch on the data. The marks are int32, sixteen to a vector: each vector load of the running
+// maximum waits for the marks' stores to land (a load spanning several recent stores is not forwarded from
+// them), and int32 marks take half as many loads as int64 ones. `mark` has room for K + 1.
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 FL_TARGET_CLONES
 void ancestors_from_counts(const int32_t* __restrict count, int64_t last, int64_t K, int32_t* __restrict mark,
@@ -294,13 +294,13 @@ void ancestors_from_counts(const int32_t* __restrict count, int64_t last, int64_
   for (; i + 16 <= K; i += 16) {
     i32x16 v, t;
     std::memcpy(&v, mark + i, sizeof v);
-    t = __builtin_shuffle(zero, v, (i32x16){0, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30});
+    t = FL_SHUFFLE(i32x16, zero, v, 0, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30);
     v = v > t ? v : t;  // lane l: max over lanes l - 1 .. l, then l - 3 .. l, and so on
-    t = __builtin_shuffle(zero, v, (i32x16){0, 1, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29});
+    t = FL_SHUFFLE(i32x16, zero, v, 0, 1, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29);
     v = v > t ? v : t;
-    t = __builtin_shuffle(zero, v, (i32x16){0, 1, 2, 3, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27});
+    t = FL_SHUFFLE(i32x16, zero, v, 0, 1, 2, 3, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27);
     v = v > t ? v : t;
-    t = __builtin_shuffle(zero, v, (i32x16){0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23});
+    t = FL_SHUFFLE(i32x16, zero, v, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
     v = v > t ? v : t;
     const i32x16 carry = zero + a;
     v = v > carry ? v : carry;
@@ -372,7 +372,6 @@ uint8_t resample_group(const scalar_t* x_in, const double* u, int32_t method, do
     // ancestor i = #{j < last : C_j <= p_i}.
     // The counts are non-decreasing in j (C_j is), which ancestors_from_counts relies on.
     const bool fits32 = K < INT32_MAX - 3;  // counts and the padded point indices in int32
-    s.mark.resize(K + 1);
     bool counted = false;
     if (method == kSystematic && fits32) {
       s.count.resize(round_up8(last));
@@ -391,14 +390,16 @@ uint8_t resample_group(const scalar_t* x_in, const double* u, int32_t method, do
         grid_counts(s.cdf.data(), total, last, K, s.points.data(), s.count.data());
       } else {
         // K beyond int32: a sequential merge of the counts (a group of 2^31 particles is never small)
-        int64_t j = 0;
+        int64_t j = 0, count_j = last > 0 ? grid_count_below(s.cdf[0] / total, K, s.points.data()) : 0;
         for (int64_t i = 0; i < K; ++i) {
-          while (j < last && grid_count_below(s.cdf[j] / total, K, s.points.data()) <= i) ++j;
+          while (j < last && count_j <= i)
+            if (++j < last) count_j = grid_count_below(s.cdf[j] / total, K, s.points.data());
           anc[i] = j;
         }
         return status;
       }
     }
+    s.mark.resize(K + 1);
     ancestors_from_counts(s.count.data(), last, K, s.mark.data(), anc);
     return status;
   }

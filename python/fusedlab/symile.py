@@ -66,8 +66,9 @@ class SymileLoss(nn.Module):
     def compute_logits_n(self, anchor_rep: torch.Tensor, non_anchor_reps: Sequence[torch.Tensor]) -> torch.Tensor:
         """The package's "n" logits for one anchor, unscaled: [N, N], the positive MIPs on the diagonal and
         off it MIP(anchor[i], each other modality's row perm[j]), one torch.randperm per other modality
-        (from ``generator`` when set, else the global RNG, drawn as the package draws them). The loss never
-        builds this matrix; it is here for code written against the package's method."""
+        (from ``generator``, a CPU generator, when set, else the global RNG, drawn as the package draws
+        them). From this process's rows only (no ``process_group``). The loss never builds this matrix; it
+        is here for code written against the package's method."""
         _check_reps([anchor_rep, *non_anchor_reps])
         n = anchor_rep.shape[0]
         shuffled, positives = torch.ones_like(anchor_rep), anchor_rep
@@ -84,8 +85,9 @@ class SymileLoss(nn.Module):
         order, the positives on the main diagonal. With others (t_1, ..., t_k) and row shifts s_m, entry
         (i, c) is MIP(anchor[i], t_1[b - s_1], ..., t_(k-2)[b - s_(k-2)], t_(k-1)[b], t_k[b - s_k]) (rows
         mod N) for the column c whose digits in base N are s_1, ..., s_(k-2), s_k, b (b the last). At M = 2,
-        where the package fails, the columns are the other modality's rows (the CLIP logits). Builds the
-        N^(M-1) x d products, as the package does; the loss never does."""
+        where the package fails, the columns are the other modality's rows (the CLIP logits). From this
+        process's rows only (no ``process_group``). Builds the N^(M-1) x d products, as the package does;
+        the loss never does."""
         _check_reps([anchor_rep, *non_anchor_reps])
         n = anchor_rep.shape[0]
         if len(non_anchor_reps) == 1:

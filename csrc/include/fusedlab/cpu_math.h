@@ -25,6 +25,14 @@
 #define FL_VEC_INLINE inline
 #endif
 
+// Lanes of two vectors picked by constant indices (0..n-1 from a, n..2n-1 from b). Clang and GCC 12 have
+// __builtin_shufflevector; older GCC only __builtin_shuffle, which takes the indices as a `mask_t` vector.
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define FL_SHUFFLE(mask_t, a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define FL_SHUFFLE(mask_t, a, b, ...) __builtin_shuffle(a, b, (mask_t){__VA_ARGS__})
+#endif
+
 namespace fusedlab {
 namespace cpu {
 

@@ -370,14 +370,15 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
                 raise RuntimeError("MuonWithAuxAdam's AdamW groups do not support sparse gradients")
             state = self.state[p]
             if not state:
-                state["step"] = torch.tensor(0.0)
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)  # not the default dtype (bf16 stalls)
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
             elif not isinstance(state["step"], torch.Tensor):  # a state saved when the count was an int
-                state["step"] = torch.tensor(float(state["step"]))
-            # The count is a tensor, as in torch.optim.AdamW: a Python int that changes every step would
-            # make torch.compile recompile the step each time. Eager mode reads it as a number, so the bias
-            # corrections are the same doubles as before; a compiled step computes them as tensors.
+                state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
+            # The count is a float32 tensor, as in torch.optim.AdamW: a changing Python int is a constant to
+            # torch.compile, which recompiled the step for it (then again with the int made dynamic). Eager
+            # mode reads it as a number, so the bias corrections are the same doubles as before; a compiled
+            # step computes them as float32 tensors.
             state["step"] += 1
             step = state["step"] if torch.compiler.is_compiling() else state["step"].item()
             state["exp_avg"].lerp_(p.grad, 1 - beta1)
