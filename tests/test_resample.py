@@ -354,6 +354,16 @@ def test_in_place_gather_and_autograd(backend):
 def test_gather_rejects_out_of_range():
     with pytest.raises(RuntimeError, match="ancestors must lie in"):
         fusedlab.smc.gather(torch.zeros(1, 3), torch.tensor([[0, 3, 1]]))
+    # past one thread's share of the check (65536 entries): the first offender is named, whichever thread
+    # found one, and the in-place form leaves the state as it was
+    anc = torch.randint(0, 8, (20000, 8), generator=torch.Generator().manual_seed(0))
+    anc[17000, 5], anc[19999, 7], anc[9000, 2] = 8, -1, -3
+    state = torch.randn(20000, 8, 2)
+    before = state.clone()
+    for fn in (fusedlab.smc.gather, fusedlab.smc.gather_):
+        with pytest.raises(RuntimeError, match=r"in \[0, 8\), found -3 at flat index 72002"):
+            fn(state, anc, backend="cpu")
+    assert torch.equal(state, before)
 
 
 # ------------------------------------------------------------------------------------------------ statistics

@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -505,10 +506,26 @@ void gather_group_inplace(char* g, const int64_t* anc, int64_t K, int64_t row_by
     if (anc[i] < i) std::memcpy(g + i * row_bytes, g + anc[i] * row_bytes, row_bytes);
 }
 
+// Whether a[0..n) all lie in [0, K): one branch-free pass the compiler vectorizes (unsigned: a negative
+// index compares as huge).
+FL_TARGET_CLONES
+bool ancestors_in_range(const int64_t* a, int64_t n, int64_t K) {
+  uint64_t worst = 0;
+  for (int64_t i = 0; i < n; ++i) worst = std::max(worst, static_cast<uint64_t>(a[i]));
+  return worst < static_cast<uint64_t>(K);
+}
+
+// Every ancestor in [0, K), checked before the move: by all threads at once (a serial pass was a seventh of
+// a [4096, 64, 16] gather's time), and only on a failure once more in order, for the first offender.
 void check_ancestor_range(const at::Tensor& anc) {
   const int64_t K = anc.size(1);
   const int64_t* a = anc.data_ptr<int64_t>();
   const int64_t n = anc.numel();
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, n, 65536, [&](int64_t i0, int64_t i1) {
+    if (!ancestors_in_range(a + i0, i1 - i0, K)) ok = false;
+  });
+  if (ok) return;
   for (int64_t i = 0; i < n; ++i)
     FL_CHECK(a[i] >= 0 && a[i] < K, "fusedlab.gather: ancestors must lie in [0, ", K, "), found ", a[i],
                 " at flat index ", i);
