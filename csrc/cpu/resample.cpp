@@ -89,13 +89,9 @@ void exp_shifted_generic(double* w, int64_t K, double m) {
 // About 20 instructions per eight weights against the generic clone's 35: the exponentials were a quarter
 // of a resampling's time at K = 64 (a 2-core AVX-512 EPYC).
 __attribute__((target("avx512f"))) void exp_shifted_avx512(double* w, int64_t K, double m) {
-  const __m512d shift = _mm512_set1_pd(m), floor_x = _mm512_set1_pd(-745.2);
-  const __m512d log2e = _mm512_set1_pd(1.4426950408889634);
-  const __m512d ln2_hi = _mm512_set1_pd(6.93147180369123816490e-01);
-  const __m512d ln2_lo = _mm512_set1_pd(1.90821492927058770002e-10);
-  static const double kInvFactorial[13] = {1.0, 1.0, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720,
-                                           1.0 / 5040, 1.0 / 40320, 1.0 / 362880, 1.0 / 3628800,
-                                           1.0 / 39916800, 1.0 / 479001600};
+  const __m512d shift = _mm512_set1_pd(m), floor_x = _mm512_set1_pd(cpu::kExpUnderflow);
+  const __m512d log2e = _mm512_set1_pd(cpu::kExpLog2e);
+  const __m512d ln2_hi = _mm512_set1_pd(cpu::kExpLn2Hi), ln2_lo = _mm512_set1_pd(cpu::kExpLn2Lo);
   for (int64_t j = 0; j < K; j += 8) {
     const __mmask8 lanes = K - j >= 8 ? __mmask8(0xFF) : __mmask8((1u << (K - j)) - 1);
     const __m512d x = _mm512_sub_pd(_mm512_maskz_loadu_pd(lanes, w + j), shift);
@@ -106,8 +102,8 @@ __attribute__((target("avx512f"))) void exp_shifted_avx512(double* w, int64_t K,
     const __m512d n = _mm512_maskz_roundscale_pd(__mmask8(0xFF), _mm512_mul_pd(xc, log2e),
                                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512d r = _mm512_fnmadd_pd(n, ln2_lo, _mm512_fnmadd_pd(n, ln2_hi, xc));
-    __m512d p = _mm512_set1_pd(kInvFactorial[12]);
-    for (int c = 11; c >= 0; --c) p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(kInvFactorial[c]));
+    __m512d p = _mm512_set1_pd(cpu::kExpTaylor[cpu::kExpDegree]);
+    for (int k = cpu::kExpDegree - 1; k >= 0; --k) p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(cpu::kExpTaylor[k]));
     _mm512_mask_storeu_pd(w + j, lanes, _mm512_maskz_scalef_pd(ok, p, n));
   }
 }

@@ -64,31 +64,29 @@ inline double exp2_int(double k) {
   return __builtin_bit_cast(double, bits << 52);
 }
 
+// exp_nonpositive's constants, shared with the resample kernel's AVX-512 form of it: Cody-Waite's ln 2 in a
+// high part exact in products with n and a low part, the underflow bound (exp(-745.2) is below half the
+// smallest subnormal) and the Taylor coefficients 1/k!.
+constexpr double kExpLog2e = 1.4426950408889634;
+constexpr double kExpLn2Hi = 6.93147180369123816490e-01;
+constexpr double kExpLn2Lo = 1.90821492927058770002e-10;
+constexpr double kExpUnderflow = -745.2;
+constexpr int kExpDegree = 12;
+constexpr double kExpTaylor[kExpDegree + 1] = {1.0, 1.0, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720,
+                                               1.0 / 5040, 1.0 / 40320, 1.0 / 362880, 1.0 / 3628800,
+                                               1.0 / 39916800, 1.0 / 479001600};
+
 // exp(x) for x <= 0 (max-shifted log-weights), x = -inf included (and NaN, which gives 0 as -inf does; the
 // resample kernel relies on that), within 3 ulp of libm over the whole range,
 // subnormal results included. Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, then a degree-12 Taylor
 // polynomial (truncation error < 2e-17 relative), then 2^n applied as two normal factors.
 inline double exp_nonpositive(double x) {
-  const double kLog2e = 1.4426950408889634;
-  const double kLn2Hi = 6.93147180369123816490e-01;
-  const double kLn2Lo = 1.90821492927058770002e-10;
-  const bool underflow = !(x >= -745.2);  // exp(-745.2) < half the smallest subnormal; also catches -inf
+  const bool underflow = !(x >= kExpUnderflow);  // also catches -inf and NaN
   const double xc = underflow ? 0.0 : x;
-  const double n = round_nearest(xc * kLog2e);
-  const double r = (xc - n * kLn2Hi) - n * kLn2Lo;
-  double p = 1.0 / 479001600.0;  // 1/12!
-  p = p * r + 1.0 / 39916800.0;
-  p = p * r + 1.0 / 3628800.0;
-  p = p * r + 1.0 / 362880.0;
-  p = p * r + 1.0 / 40320.0;
-  p = p * r + 1.0 / 5040.0;
-  p = p * r + 1.0 / 720.0;
-  p = p * r + 1.0 / 120.0;
-  p = p * r + 1.0 / 24.0;
-  p = p * r + 1.0 / 6.0;
-  p = p * r + 0.5;
-  p = p * r + 1.0;
-  p = p * r + 1.0;
+  const double n = round_nearest(xc * kExpLog2e);
+  const double r = (xc - n * kExpLn2Hi) - n * kExpLn2Lo;
+  double p = kExpTaylor[kExpDegree];
+  for (int k = kExpDegree - 1; k >= 0; --k) p = p * r + kExpTaylor[k];
   const double n1 = round_nearest(n * 0.5);  // n >= -1075: both halves stay >= -538
   const double y = p * exp2_int(n1) * exp2_int(n - n1);
   return underflow ? 0.0 : y;
