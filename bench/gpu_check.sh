@@ -11,7 +11,8 @@
 #
 # BUDGET_S (default 540) bounds the whole run, build and tests included: benchmark families that would start
 # with under 60 s left are skipped by name. TEST_TIMEOUT (default 240) bounds the tests. SWEEP=1 then spends
-# what is left on the Triton kernel-config sweeps (python -m fusedlab.perf.sweep, sweep_gpu.json).
+# what is left on the Triton kernel-config sweeps (python -m fusedlab.perf.sweep, sweep_gpu.json; SWEEP_FAMILY=cat or
+# newton_schulz sweeps one family).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -79,7 +80,7 @@ if [ -n "${SWEEP:-}" ]; then
     echo "== sweep: skipped, ${left} s left" | tee -a "$LOG"
   else
     echo "== sweep: Triton kernel configs (limit $(( left - 10 )) s)" | tee -a "$LOG"
-    timeout $(( left - 10 )) $PY -m fusedlab.perf.sweep --out "$OUT" 2>&1 | tee -a "$LOG" | tail -40 || status=1
+    timeout $(( left - 10 )) $PY -m fusedlab.perf.sweep --family "${SWEEP_FAMILY:-all}" --out "$OUT" 2>&1 | tee -a "$LOG" | tail -40 || status=1
   fi
 fi
 echo "== done (status $status) after $(( $(date +%s) - start )) s; results in $OUT" | tee -a "$LOG"

@@ -90,3 +90,36 @@ def test_compiled_step_matches_eager(gen):
         step()
     for a, b in zip(params, twin):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.timeout(300)
+def test_compiled_aux_adam_step_on_cuda_params(gen):
+    """MuonWithAuxAdam compiled with Inductor over CUDA parameters: the AdamW count is a CPU float32 tensor
+    (as torch.optim.AdamW's), which the compiled step mixes with CUDA tensors; it must match eager and not
+    recompile as the count grows."""
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+
+    def make():
+        g = torch.Generator().manual_seed(3)
+        return [torch.nn.Parameter(torch.randn(64, 32, generator=g).to(DEV)),
+                torch.nn.Parameter(torch.randn(32, generator=g).to(DEV))]
+
+    eager_params, compiled_params = make(), make()
+    groups = lambda ps: [dict(params=ps[:1], use_muon=True, ns_dtype=torch.float32),  # noqa: E731
+                         dict(params=ps[1:], use_muon=False, lr=1e-2, weight_decay=0.1)]
+    eager = fusedlab.optim.MuonWithAuxAdam(groups(eager_params))
+    compiled = fusedlab.optim.MuonWithAuxAdam(groups(compiled_params))
+    step = torch.compile(compiled.step, backend=counter)
+    for _ in range(6):
+        gs = [torch.randn(64, 32, generator=gen).to(DEV), torch.randn(32, generator=gen).to(DEV)]
+        for a, b, g in zip(eager_params, compiled_params, gs):
+            a.grad, b.grad = g.clone(), g.clone()
+        eager.step()
+        step()
+    assert counter.frame_count <= 2, counter.frame_count
+    assert compiled.state[compiled_params[1]]["step"].item() == 6
+    for a, b in zip(eager_params, compiled_params):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

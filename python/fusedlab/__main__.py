@@ -261,13 +261,17 @@ def bench_cat(out_dir, min_run_time=0.5, quick=False, device="all"):
                   vs_flex=fmt(r.get("vs_flex"), 2) + ("x" if r.get("vs_flex") else ""), tflops=fmt(r["tflops"], 1),
                   flex_fwd_ms=fmt(r.get("flex_fwd_ms")),
                   vs_flex_fwd=fmt(r.get("vs_flex_fwd"), 2) + ("x" if r.get("vs_flex_fwd") else ""),
-                  cuda_kernel_ms=fmt(r.get("cuda_kernel_ms")))
+                  cuda_kernel_ms=fmt(r.get("cuda_kernel_ms")), captured_ms=fmt(r.get("captured_ms")),
+                  vs_sdpa_captured=fmt(r.get("vs_sdpa_captured"), 2) + ("x" if r.get("vs_sdpa_captured") else ""),
+                  vs_flex_captured=fmt(r.get("vs_flex_captured"), 2) + ("x" if r.get("vs_flex_captured") else ""))
              for r in rows]
     cols = [("device", "device"), ("backend", "backend"), ("dtype", "dtype"), ("B", "B"), ("H", "H"), ("L", "L"),
             ("l", "l"), ("d", "d"), ("fwd+bwd ms", "ms"), ("fwd ms", "fwd_ms"), ("SDPA causal ms", "sdpa_ms"),
             ("vs SDPA", "vs_sdpa"), ("Flex interleaved ms", "flex_ms"), ("vs Flex", "vs_flex"),
             ("Flex fwd ms", "flex_fwd_ms"), ("fwd vs Flex fwd", "vs_flex_fwd"), ("useful TFLOP/s", "tflops"),
-            ("CUDA kernel fwd+bwd ms", "cuda_kernel_ms"), ("notes", "note")]
+            ("CUDA kernel fwd+bwd ms", "cuda_kernel_ms"), ("captured fwd+bwd ms", "captured_ms"),
+            ("vs SDPA, both captured", "vs_sdpa_captured"), ("vs Flex, both captured", "vs_flex_captured"),
+            ("notes", "note")]
     _write_results(out_dir, "cat", "CAT attention forward+backward", rows, shown, cols)
     # each result file is written as soon as its numbers exist (a time limit keeps what was measured)
     # one decode step of attention alone, each decode backend against a dense cache's single-query SDPA

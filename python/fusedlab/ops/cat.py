@@ -284,8 +284,12 @@ def cat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.T
         args = [t.contiguous() for t in (q, k, v, kc, vc)] + [None if qc is None else qc.contiguous()]
         if torch.compiler.is_compiling():
             o, lse, oc, lse_c = torch.ops.fusedlab.cat_attention_triton(*args, chunk_size, scale)
-        else:
+        elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
             o, lse, oc, lse_c = _EagerCATTriton.apply(*args, chunk_size, scale)
+        else:  # no graph to record (inference, prefill): the kernels without the autograd.Function's cost
+            from fusedlab.triton_kernels import cat as tk
+
+            o, lse, oc, lse_c = tk.forward(*args, chunk_size, scale)
     elif which in ("cpu", "cuda"):  # one C++ op, a kernel per device
         o, lse, oc, lse_c = torch.ops.fusedlab.cat_attention(q, k, v, kc, vc, qc, chunk_size, scale)
     else:

@@ -65,6 +65,28 @@ def flex_interleaved(B, H, L, l, d, device, dtype, forward_only=False):
     return lambda: _fwd_bwd(lambda q, k, v: attn(q, k, v, block_mask=block_mask), qkv, grad)
 
 
+def _captured(fns, min_run_time):
+    """Each forward+backward of ``fns`` ("ours", "dense", "flex" when present) captured whole in a CUDA graph
+    and replayed, interleaved: the GPU time of its kernels, without the host's cost per launch (which bounds
+    our eager forward+backward at L = 4096 on an H200, see bench/host_probe.py)."""
+    graphs, notes = {}, []
+    for name in ("ours", "dense", "flex"):
+        if name in fns:
+            try:
+                graphs[name] = capture(fns[name])
+            except Exception as err:  # a side that cannot be captured is reported, not fatal
+                notes.append(f"{name} not captured: {type(err).__name__}")
+    timed = measure_interleaved({n: g.replay for n, g in graphs.items()}, min_run_time / 3) if graphs else {}
+    ms = {n: t.median_ms for n, t in timed.items()}
+    out = dict(captured_ms=ms.get("ours"), sdpa_captured_ms=ms.get("dense"), flex_captured_ms=ms.get("flex"))
+    if "ours" in ms:
+        out.update(vs_sdpa_captured=ms["dense"] / ms["ours"] if "dense" in ms else None,
+                   vs_flex_captured=ms["flex"] / ms["ours"] if "flex" in ms else None)
+    if notes:
+        out["capture_note"] = "; ".join(notes)
+    return out
+
+
 def rows(device, points=GPU_POINTS, B=2, H=8, d=64, dtype=torch.bfloat16, min_run_time=0.2, flex=True,
          progress=None):
     out = []
@@ -113,6 +135,8 @@ def rows(device, points=GPU_POINTS, B=2, H=8, d=64, dtype=torch.bfloat16, min_ru
             row.update(flex_fwd_ms=timed["flex"].median_ms, vs_flex_fwd=timed["flex"].median_ms / ours_fwd.median_ms)
         if note:
             row.update(flex_ms=None, note=note)
+        if q.is_cuda:
+            row.update(_captured(fns, min_run_time))
         out.append(row)
         if progress is not None:
             progress.update(1)
