@@ -124,7 +124,7 @@ def test_newton_schulz_sweep_harness(monkeypatch):
     monkeypatch.setattr(tk, "CONFIGS", {k: (16, 16, 1, 1) for k in tk.CONFIGS})
     rows = sweep.ns_sweep("cpu", dtype=torch.float32, shapes=[("large", (1, 32, 48))],
                           device_time=lambda fn, names: 2.0 if "gemm" in names else 1.0)
-    assert tk.CONFIGS == {k: (16, 16, 1, 1) for k in before} and tk.UPDATE_X == "triton"
+    assert tk.CONFIGS == {k: (16, 16, 1, 1) for k in before} and tk.UPDATE_X == "auto"
     assert [r["config"] for r in rows] == [[16, 16, 1, 1], [32, 16, 1, 1], [16, 16, 1, 1]]
     assert all(r["ok"] and r["max_rel_vs_default"] < 1e-5 for r in rows)
     assert rows[-1]["update_x"] == "matmul" and rows[-1]["us"] == 2.0 and rows[-1]["us_triton_update"] == 2.0

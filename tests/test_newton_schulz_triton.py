@@ -128,6 +128,22 @@ def test_update_by_matmul(dtype, gen, small_tiles, monkeypatch):
         triton_ns(G)
 
 
+def test_update_x_auto_takes_the_gemm_for_a_lone_large_half_matrix_on_a_gpu(monkeypatch):
+    """UPDATE_X = "auto" (the default): cuBLAS's GEMM only for one large fp16/bf16 matrix on a CUDA device, where
+    it measured faster; the Triton kernel for batches, small matrices, fp32 and CPU tensors (the interpreter)."""
+    monkeypatch.setattr(tk, "UPDATE_X", "auto")
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert tk.update_x_by_matmul(torch.bfloat16, 4096, 1, cuda)
+    assert tk.update_x_by_matmul(torch.float16, 4096, 1, cuda)
+    assert not tk.update_x_by_matmul(torch.bfloat16, 4096, 1, cpu)
+    assert not tk.update_x_by_matmul(torch.float32, 4096, 1, cuda)
+    assert not tk.update_x_by_matmul(torch.bfloat16, 4096, 2, cuda)
+    assert not tk.update_x_by_matmul(torch.bfloat16, 256, 1, cuda)  # the small class
+    for choice, want in (("triton", False), ("matmul", True)):
+        monkeypatch.setattr(tk, "UPDATE_X", choice)
+        assert tk.update_x_by_matmul(torch.float32, 64, 8, cpu) is want
+
+
 def test_tall_input_unaligned_and_transposed_store(gen):
     """A tall G is orthogonalized on its transpose; sizes that are multiples of 16 store straight into the
     output (transposed for a tall G), others store whole tiles and copy."""

@@ -55,15 +55,18 @@ def _update_x(choice):
         tk.UPDATE_X = old
 
 
+_BY = {"triton": "Triton", "matmul": "cuBLAS"}
+
+
 def rows(device, backends, shapes=SHAPES, min_run_time=0.2, progress=None):
     out = []
     for bsz, m, n in shapes:
         G = torch.randn(bsz, m, n, generator=torch.Generator().manual_seed(1)).to(device)
-        # on a GPU, the Triton path also with a X + B X as cuBLAS's GEMM (UPDATE_X = "matmul"): a candidate for
-        # lone large matrices, where the symmetric kernels save FLOPs and the general product may not
+        # on a GPU, the Triton path's two ways of computing a X + B X for lone large matrices, where its
+        # default ("auto") takes cuBLAS's GEMM: both rows beside the default's
         variants = [(be, None) for be in backends]
         if G.is_cuda and "triton" in backends and bsz == 1 and min(m, n) >= 2048:
-            variants.append(("triton", "matmul"))
+            variants += [("triton", "triton"), ("triton", "matmul")]
 
         def ours(be, update_x):
             with _update_x(update_x):
@@ -76,7 +79,7 @@ def rows(device, backends, shapes=SHAPES, min_run_time=0.2, progress=None):
             t = timed[(be, update_x)]
             flops = bsz * 5 * (4 * min(m, n) ** 2 * max(m, n) + 2 * min(m, n) ** 3)
             out.append(dict(family="newton_schulz", op="newton_schulz (bf16, 5 steps)",
-                            backend=be if update_x is None else f"{be} (aX + BX by cuBLAS)",
+                            backend=be if update_x is None else f"{be} (aX + BX by {_BY[update_x]})",
                             shape=f"{bsz}x{m}x{n}", ms=t.median_ms, peer="torch.optim.Muon's NS, per matrix",
                             peer_ms=peer.median_ms, speedup=peer.median_ms / t.median_ms,
                             note=f"{flops / t.median_ms / 1e6:.0f} GFLOP/s"))

@@ -108,6 +108,16 @@ def ns_sweep(device="cuda", dtype=torch.bfloat16, device_time=device_us, shapes=
 
     shapes = shapes or [("large", (1, 4096, 4096)), ("large", (64, 768, 768)), ("small", (1, 1024, 1024))]
     kind = "fp32" if dtype == torch.float32 else "half"
+    # the configs are those of the Triton kernels: every candidate computes a X + B X with the Triton kernel
+    # (the default takes cuBLAS's GEMM for a lone large matrix), the cuBLAS row is added apart
+    old_update_x, tk.UPDATE_X = tk.UPDATE_X, "triton"
+    try:
+        return _ns_sweep_rows(tk, shapes, kind, dtype, device, device_time)
+    finally:
+        tk.UPDATE_X = old_update_x
+
+
+def _ns_sweep_rows(tk, shapes, kind, dtype, device, device_time):
     rows = []
     for cls, shape in shapes:
         G = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
