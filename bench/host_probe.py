@@ -4,11 +4,11 @@ Writes host_probe.json under the output folder (argv[1], default bench/results/g
 
 * ``host``: perf.cat.host_breakdown (issue against wall time of each piece, cProfile rankings);
 * ``launch``: the host cost of one Triton launch, through the JIT (``kernel[grid](...)``) and straight
-  through the compiled kernel's launcher, for a no-op kernel with 4 and with 32 arguments, and for each
-  of CAT's backward kernels with its real arguments;
+  through the compiled kernel's launcher, for a no-op kernel with 4 and with 32 arguments, beside one
+  allocation and one small torch op;
 * ``captured``: the forward+backward of ours and of dense causal SDPA captured whole in a CUDA graph and
   replayed (their kernels' GPU time), beside their eager times;
-* ``engine_thread``: the autograd engine's device thread against the calling thread (``engine_thread``).
+* ``engine_thread``: CAT's backward on the autograd engine's device thread against the calling thread.
 """
 from __future__ import annotations
 
