@@ -261,7 +261,14 @@ def _gram_faster(shape, dtype: torch.dtype, device_type: str) -> bool:
         # count predicts. Against the panel kernel on a 2-core AVX-512-BF16 EPYC, float32: 0.88x at 12 x 768 x
         # 3072, 0.96-0.98x on one 768 x 3072 and 4 x 3072 x 768, 1.12x at 2 x 512 x 2048 (float16 products run
         # there ~300x slower than bf16 ones, so bf16 is out of the question). Gram products with bfloat16
-        # operands err 1.6-2.4x the standard bf16 path at 5 steps, too close to the 2x allowed.
+        # operands err 1.6-2.4x the standard bf16 path at 5 steps, too close to the 2x allowed. A C++ variant
+        # for bf16 (X products in bf16, the Gram iteration in float32 with no restart, the result bf16(Q) X) was
+        # measured on the EPYC: 1.05-1.08x the panel kernel on 12 x 768 x 3072 and 12 x 3072 x 768 (0.90x at
+        # aspect 3), 8% off the GPT-2-small Muon step, and its error against float64 0.3-1.0x torch's bf16
+        # (Gaussian, decaying, low-rank spectra; a Gram matrix rounded to bf16 diverged). Not adopted: rounding
+        # Q to bf16 (entries up to ~a^5 / sigma_max larger than the result's) mixes the singular vectors twice
+        # as much as torch does (2.2% against 1.1% on a spectrum spanning 100), and a float32 final product or
+        # a split Q costs all of the saving.
         return False
     return False
 
