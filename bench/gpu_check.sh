@@ -57,8 +57,10 @@ echo "== GPU tests" | tee -a "$LOG"
 TESTS=${TESTS:-"tests/*_gpu.py tests/test_symile_gemm.py tests/test_symile_triton.py tests/test_cat_triton.py tests/test_cat_layer.py"}
 # Triton compilation is CPU-bound: with pytest-xdist present, a few workers share the one GPU
 XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n ${TEST_WORKERS:-4}"
-timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q $XDIST $TESTS -p no:cacheprovider -p no:warnings -rfEs --durations=8 2>&1 \
-  | tee -a "$LOG" | tail -40 || status=1
+# -v: the log names every test as it ends; at the limit pytest gets SIGINT and still prints its summary, so a run
+# cut short says which tests it reached (the log) and how many passed (the summary)
+timeout -s INT -k 20 ${TEST_TIMEOUT:-240} $PY -m pytest -v $XDIST $TESTS -p no:cacheprovider -p no:warnings -rfEs \
+  --durations=8 2>&1 | tee -a "$LOG" | tail -40 || status=1
 for fam in "${families[@]}"; do
   # one run of the whole script: each family gets what is left of BUDGET_S (at most 200 s), and the
   # families that no longer fit are skipped by name, so the results of the others still come back
