@@ -265,10 +265,11 @@ def _gram_faster(shape, dtype: torch.dtype, device_type: str) -> bool:
         # for bf16 (X products in bf16, the Gram iteration in float32 with no restart, the result bf16(Q) X) was
         # measured on the EPYC: 1.05-1.08x the panel kernel on 12 x 768 x 3072 and 12 x 3072 x 768 (0.90x at
         # aspect 3), 8% off the GPT-2-small Muon step, and its error against float64 0.3-1.0x torch's bf16
-        # (Gaussian, decaying, low-rank spectra; a Gram matrix rounded to bf16 diverged). Not adopted: rounding
-        # Q to bf16 (entries up to ~a^5 / sigma_max larger than the result's) mixes the singular vectors twice
-        # as much as torch does (2.2% against 1.1% on a spectrum spanning 100), and a float32 final product or
-        # a split Q costs all of the saving.
+        # (Gaussian, decaying, low-rank spectra; a Gram matrix rounded to bf16 diverged). Not adopted: Q's
+        # eigenvalues reach a^5 (~485) in the small directions against ~1 / sigma_max in the large ones, so its
+        # bf16 rounding, carried into the large directions by X, mixes the singular vectors twice as much as
+        # torch does (2.2% against 1.1% on a spectrum spanning 100); a float32 final product (0.43%) or a split
+        # Q costs all of the saving.
         return False
     return False
 
