@@ -76,6 +76,33 @@ def test_cpu_matches_reference_around_vector_widths(K, dtype, gen):
                         rtol=1e-12 if dtype == torch.float64 else 1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("K", [8, 16, 24, 40, 56, 64, 72])
+def test_small_systematic_path_matches_generic_passes(K, dtype, gen):
+    """Systematic resampling of K = 8, 16, ..., 64 particles runs in registers on AVX-512 CPUs; stratified
+    resampling with the same uniform at every point has the same grid points and runs the generic passes. The
+    two agree bit for bit: ancestors, weights, ESS and log_norm, with NaN, -inf, carried groups, groups whose
+    last particles are dead, degenerate groups (handed back to the generic path) and equal weights with u = 0
+    (grid points on the CDF, also handed back). K = 72 checks the comparison itself on the generic path."""
+    B = 40
+    lw = random_log_weights(B, K, gen, dtype, dead=0.15)
+    lw[torch.rand(B, K, generator=gen) < 0.05] = math.nan
+    lw[0] = 0.0  # equal weights: with u = 0 every point sits on the CDF
+    lw[1, K // 2:] = -math.inf
+    lw[2] = -math.inf  # degenerate
+    lw[3, 3] = math.inf  # degenerate too: an infinite weight
+    lw[4] *= 40.0  # nearly all weight on one particle
+    u = torch.rand(B, dtype=torch.float64, generator=gen)
+    u[0] = 0.0
+    for thr in (0.5, 1.0):
+        a = fusedlab.smc.resample(lw, "systematic", thr, uniforms=u, on_degenerate="uniform", backend="cpu")
+        b = fusedlab.smc.resample(lw, "stratified", thr, uniforms=u[:, None].expand(B, K).contiguous(),
+                                  on_degenerate="uniform", backend="cpu")
+        assert_same(a, b, rtol=0)
+        assert a.resampled[2:5].all() and a.degenerate[2:4].all() and not a.degenerate[4:].any()
+        assert a.resampled.all() if thr == 1.0 else not a.resampled.all()  # both paths: resampled and carried
+
+
 @pytest.mark.parametrize("K", [1, 2, 3, 4, 10, 16, 64, 100, 1024])
 def test_systematic_grid_ties(K, gen):
     """Systematic resampling counts the grid points below each cdf * (K / total) in closed form and falls
