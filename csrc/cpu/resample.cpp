@@ -434,14 +434,10 @@ FL_AVX512 inline __m512d load_block(const double* x) { return _mm512_loadu_pd(x)
 FL_AVX512 inline void store_zero_block(float* y) { _mm256_storeu_ps(y, _mm256_setzero_ps()); }
 FL_AVX512 inline void store_zero_block(double* y) { _mm512_storeu_pd(y, _mm512_setzero_pd()); }
 
-// lane l <- v[l - S], zeros shifted in (running_sum's and ancestors_from_counts' shuffles)
+// lane l <- v[l - S], zeros shifted in (running_sum's shuffles)
 template <int S>
 FL_AVX512 inline __m512d shift_up_pd(__m512d v) {
   return _mm512_castsi512_pd(_mm512_alignr_epi64(_mm512_castpd_si512(v), _mm512_setzero_si512(), 8 - S));
-}
-template <int S>
-FL_AVX512 inline __m512i shift_up_epi32(__m512i v) {
-  return _mm512_alignr_epi32(v, _mm512_setzero_si512(), 16 - S);
 }
 
 // sixteen int32 ancestors out as int64, the first `n` of them
@@ -531,24 +527,10 @@ FL_AVX512 int resample_systematic_registers(const scalar_t* x, double u0, double
   }
   if (unsure) return -1;
   if constexpr (NB > 4) {
-    // ancestors_from_counts: mark slot count[j] with j + 1, then a running maximum (at K = 64 faster than the
-    // search below, whose table then takes two permutes and a blend per lookup)
-    alignas(64) int32_t mark[K + 16] = {};
-    for (int64_t j = 0; j < last; ++j) {
-      mark[count[j]] = static_cast<int32_t>(j + 1);
-      __asm__ volatile("" ::: "memory");  // scalar stores, as in ancestors_from_counts
-    }
-    __m512i a = _mm512_setzero_si512();
-    for (int64_t i = 0; i < K; i += 16) {
-      __m512i v = _mm512_load_si512(mark + i);
-      v = _mm512_max_epi32(v, shift_up_epi32<1>(v));
-      v = _mm512_max_epi32(v, shift_up_epi32<2>(v));
-      v = _mm512_max_epi32(v, shift_up_epi32<4>(v));
-      v = _mm512_max_epi32(v, shift_up_epi32<8>(v));
-      v = _mm512_max_epi32(v, a);
-      store_ancestors16(anc + i, v, K - i);
-      a = _mm512_permutexvar_epi32(_mm512_set1_epi32(15), v);
-    }
+    // ancestors_from_counts's marks (at K = 64 faster than the search below, whose table then takes two
+    // permutes and a blend per lookup)
+    alignas(64) int32_t mark[K + 1];
+    ancestors_from_counts(count, last, K, mark, anc);
   } else {
     // ancestor i = #{j < last : count[j] <= i}, the number of entries <= i of a non-decreasing table (the
     // counts below last, then K + 1), found by a branch-free binary search in sixteen lanes at once: at K = 16
