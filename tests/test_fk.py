@@ -541,6 +541,29 @@ def test_fk_step_direct_binding_equals_the_op(gen):
         fusedlab._C.fk_step(*book(r.tolist()), x, None, None, "diff", 1.0, False, False, "systematic", 1.0, True)
 
 
+@pytest.mark.parametrize("K", [16, 64])
+def test_fk_step_boundary_counts_with_weights_carried_in_place(K):
+    """fk_step resamples its log-weights in place (the weights buffer is also the output). Dyadic weights with
+    u = 0 put grid points on the CDF, which sends a group from the AVX-512 register path (K = 8 .. 64) back to
+    the generic passes: that hand-back must come before anything is written over the weights, or the generic
+    passes would read the output instead. Ancestors, moved state and weights equal the resample op's."""
+    B = 3
+    dyadic = torch.tensor([float(2 ** (j % 5)) for j in range(K)], dtype=torch.float64).log()
+    lw = torch.stack([dyadic, dyadic.flip(0), dyadic.roll(3)])
+    zeros = torch.zeros(B * K, dtype=torch.float64)
+    x = torch.arange(B * K, dtype=torch.float32)[:, None]
+    u = torch.zeros(B, 1, dtype=torch.float64)
+    book = [lw.clone(), zeros, zeros.clone(), zeros.clone(), torch.zeros(B, dtype=torch.float64),
+            torch.zeros(1, B, dtype=torch.float64), torch.zeros(1, B, dtype=torch.bool), 0]
+    anc, moved, _ = torch.ops.fusedlab.fk_step(*book, x, u, None, "diff", 0.0, False, False, "systematic", 1.0, True)
+    want = fusedlab.smc.resample(lw, "systematic", 1.0, uniforms=u[:, 0], state=x.view(B, K, 1), backend="cpu")
+    assert torch.equal(want.ancestors, fusedlab.smc.resample(lw, "systematic", 1.0, uniforms=u[:, 0],
+                                                             backend="reference").ancestors)
+    assert not torch.equal(want.ancestors, torch.arange(K).expand(B, K))  # the weights matter here
+    assert torch.equal(anc.view(B, K), want.ancestors) and torch.equal(moved.view(B, K, 1), want.state)
+    assert torch.equal(book[0], want.log_weights)
+
+
 def test_fk_step_opcheck(gen):
     B, K = 3, 5
     lw = torch.randn(B, K, generator=gen, dtype=torch.float64)

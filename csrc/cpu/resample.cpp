@@ -490,7 +490,6 @@ FL_AVX512 int resample_systematic_registers(const scalar_t* x, double u0, double
     carry(x, lw_out, anc, K, m + std::log(sw), std::log(static_cast<double>(K)));
     return 0;
   }
-  for (int b = 0; b < NB; ++b) store_zero_block(lw_out + 8 * b);
 
   // the last positive weight (m is finite, so the maximum's weight, 1, is one)
   int64_t last = 0;
@@ -525,7 +524,8 @@ FL_AVX512 int resample_systematic_registers(const scalar_t* x, double u0, double
     else
       half[b] = _mm512_cvttpd_epi32(cnt);
   }
-  if (unsure) return -1;
+  if (unsure) return -1;  // before any write to lw_out, which may be x itself (fk_step)
+  for (int b = 0; b < NB; ++b) store_zero_block(lw_out + 8 * b);
   if constexpr (NB > 4) {
     // ancestors_from_counts's marks (at K = 64 faster than the search below, whose table then takes two
     // permutes and a blend per lookup)
