@@ -491,6 +491,13 @@ def test_opcheck(method, thr, gen):
         torch.library.opcheck(torch.ops.fusedlab.resample_gather.default, (lw_big, u_big, method, thr, big))
         anc_big = torch.randint(0, 1024, (128, 1024), generator=gen)
         torch.library.opcheck(torch.ops.fusedlab.gather.default, (big, anc_big))
+    if method == "systematic":  # K = 64: the AVX-512 register path, resampled and (thr < 1) carried groups
+        spread = torch.tensor([[0.1], [4.0], [0.1], [4.0], [9.0]], dtype=torch.float64)
+        lw64 = torch.randn(5, 64, generator=gen, dtype=torch.float64) * spread
+        u64 = torch.rand(5, 1, generator=gen, dtype=torch.float64)
+        torch.library.opcheck(torch.ops.fusedlab.resample.default, (lw64, u64, method, thr))
+        torch.library.opcheck(torch.ops.fusedlab.resample_gather.default,
+                              (lw64.float(), u64, method, thr, torch.randn(5, 64, 3, generator=gen)))
 
 
 def test_gradcheck(gen):
