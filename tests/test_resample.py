@@ -547,6 +547,68 @@ def test_torch_compile_fullgraph(gen):
     torch.testing.assert_close(got[2], ref.gather(state, r.ancestors))
 
 
+def _through_op(lw, u, method, thr, state=None, generator=None, raise_degenerate=False):
+    """torch.ops' result in ResampleResult's order (the dispatcher's path, below autograd)."""
+    with torch._C._AutoDispatchBelowAutograd():
+        if state is None:
+            out = torch.ops.fusedlab.resample(lw, u, method, thr, generator, raise_degenerate) + (None,)
+        else:
+            out = torch.ops.fusedlab.resample_gather(lw, u, method, thr, state, generator, raise_degenerate)
+    flags = out[4].view(torch.bool)
+    return fusedlab.smc.ResampleResult(out[1], out[0], out[2], out[3], flags[:, 0], flags[:, 1], out[5])
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("with_state", [False, True])
+def test_direct_binding_matches_op(method, with_state, gen):
+    """An eager CPU call with nothing to record goes to the kernel bound directly (fusedlab._C.resample):
+    field for field what the op returns, for explicit uniforms and for a generator seeded alike."""
+    lw = random_log_weights(7, 13, gen, dtype=torch.float32)
+    lw[3] = -math.inf  # a degenerate group, resampled uniformly
+    state = torch.randn(7, 13, 2, 3, generator=gen) if with_state else None
+    u = draw_uniforms(method, 7, 13, gen)
+    u_op = u[:, None] if method == "systematic" else u
+    for thr in (0.0, 0.6, 1.0):
+        got = fusedlab.smc.resample(lw, method, thr, uniforms=u, state=state, on_degenerate="uniform")
+        want = _through_op(lw, u_op, method, thr, state)
+        assert_same(got, want, rtol=0)
+        assert got.resampled.dtype == torch.bool and got.degenerate[3] and not got.degenerate[2]
+        assert (got.state is None) == (state is None) and (state is None or torch.equal(got.state, want.state))
+        got = fusedlab.smc.resample(lw, method, thr, generator=torch.Generator().manual_seed(5), state=state,
+                                    on_degenerate="uniform")
+        want = _through_op(lw, None, method, thr, state, torch.Generator().manual_seed(5))
+        assert_same(got, want, rtol=0)
+    with pytest.raises(ValueError, match=r"group\(s\) 3 have no finite log-weight"):
+        fusedlab.smc.resample(lw, method, uniforms=u, state=state)
+
+
+def test_direct_binding_only_where_nothing_would_see_the_dispatcher(gen):
+    """A TorchDispatchMode must still see the op (the direct binding would bypass it), and a call that records
+    an autograd graph goes through the op and its autograd formula."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    lw = torch.randn(3, 8, generator=gen)
+    state = torch.randn(3, 8, 4, generator=gen)
+    with Recorder() as rec:
+        fusedlab.smc.resample(lw, state=state)
+        fusedlab.smc.resample(lw)
+    assert torch.ops.fusedlab.resample_gather.default in rec.ops and torch.ops.fusedlab.resample.default in rec.ops
+    x = lw.clone().requires_grad_(True)
+    r = fusedlab.smc.resample(x, ess_threshold=0.0)
+    assert r.log_norm.grad_fn is not None
+    r.log_norm.sum().backward()
+    torch.testing.assert_close(x.grad.sum(-1), torch.ones(3), rtol=1e-6, atol=1e-6)  # d logsumexp sums to 1
+
+
 # ------------------------------------------------------------------------------------------------ errors
 
 

@@ -102,3 +102,23 @@ def resolve(backend: str, family: str, device: torch.device) -> str:
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
     return backend
+
+
+_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", None)
+_function_modes = getattr(torch._C, "_len_torch_function_stack", None)
+_functorch_level = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+
+
+def plain_eager(*tensors) -> bool:
+    """Whether a kernel bound directly (without the dispatcher) does exactly what its op would: every tensor a
+    plain torch.Tensor (no subclass, so no FakeTensor, FunctionalTensor or DTensor; None is skipped), no
+    TorchDispatchMode or TorchFunctionMode active and no functorch transform (vmap, grad) around the call.
+    The caller also rules out torch.compile tracing and calls that need an autograd graph."""
+    if _dispatch_modes is None or _function_modes is None or _functorch_level is None:
+        return False  # a torch without these checks: always through the dispatcher
+    if _dispatch_modes() or _function_modes() or _functorch_level() is not None:
+        return False
+    for t in tensors:
+        if t is not None and type(t) is not torch.Tensor:
+            return False
+    return True
