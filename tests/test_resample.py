@@ -561,8 +561,8 @@ def _through_op(lw, u, method, thr, state=None, generator=None, raise_degenerate
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("with_state", [False, True])
 def test_direct_binding_matches_op(method, with_state, gen):
-    """An eager CPU call with nothing to record goes to the kernel bound directly (fusedlab._C.resample):
-    field for field what the op returns, for explicit uniforms and for a generator seeded alike."""
+    """An eager call with nothing to record goes through fusedlab._C.resample (the op by an unboxed call below
+    autograd): field for field what the op returns, for explicit uniforms and for a generator seeded alike."""
     lw = random_log_weights(7, 13, gen, dtype=torch.float32)
     lw[3] = -math.inf  # a degenerate group, resampled uniformly
     state = torch.randn(7, 13, 2, 3, generator=gen) if with_state else None
@@ -580,6 +580,8 @@ def test_direct_binding_matches_op(method, with_state, gen):
         assert_same(got, want, rtol=0)
     with pytest.raises(ValueError, match=r"group\(s\) 3 have no finite log-weight"):
         fusedlab.smc.resample(lw, method, uniforms=u, state=state)
+    with pytest.raises(ValueError, match=r"group\(s\) 3 have no finite log-weight"):
+        fusedlab._C.resample(lw, u_op, method, 1.0, state, None, True)
 
 
 def test_direct_binding_only_where_nothing_would_see_the_dispatcher(gen):

@@ -771,6 +771,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return c.outputs();
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> resample_cpu(
+    const at::Tensor& log_weights, const std::optional<at::Tensor>& uniforms, c10::string_view method,
+    double ess_threshold, std::optional<at::Generator> generator, bool raise_degenerate) {
+  auto r = resample_impl(log_weights, uniforms, std::string(method), ess_threshold, nullptr, generator);
+  if (raise_degenerate) check_no_degenerate(std::get<4>(r));
+  return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r), std::get<4>(r)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> resample_gather_cpu(
+    const at::Tensor& log_weights, const std::optional<at::Tensor>& uniforms, c10::string_view method,
+    double ess_threshold, const at::Tensor& state, std::optional<at::Generator> generator, bool raise_degenerate) {
+  auto r = resample_impl(log_weights, uniforms, std::string(method), ess_threshold, &state, generator);
+  if (raise_degenerate) check_no_degenerate(std::get<4>(r));
+  return r;
+}
+
 at::Tensor gather_cpu(const at::Tensor& state, const at::Tensor& ancestors) {
   check_gather_args(state, ancestors);
   const at::Tensor st = state.contiguous();
@@ -826,22 +842,6 @@ int32_t parse_potential(c10::string_view name) {
 }
 
 }  // namespace
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> resample_cpu(
-    const at::Tensor& log_weights, const std::optional<at::Tensor>& uniforms, c10::string_view method,
-    double ess_threshold, std::optional<at::Generator> generator, bool raise_degenerate) {
-  auto r = resample_impl(log_weights, uniforms, std::string(method), ess_threshold, nullptr, generator);
-  if (raise_degenerate) check_no_degenerate(std::get<4>(r));
-  return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r), std::get<4>(r)};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> resample_gather_cpu(
-    const at::Tensor& log_weights, const std::optional<at::Tensor>& uniforms, c10::string_view method,
-    double ess_threshold, const at::Tensor& state, std::optional<at::Generator> generator, bool raise_degenerate) {
-  auto r = resample_impl(log_weights, uniforms, std::string(method), ess_threshold, &state, generator);
-  if (raise_degenerate) check_no_degenerate(std::get<4>(r));
-  return r;
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fk_step_cpu_owning(
     at::Tensor& log_weights, const at::Tensor& rewards, at::Tensor& r_state, at::Tensor& applied, at::Tensor& log_norm,

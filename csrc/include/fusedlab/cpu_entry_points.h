@@ -13,15 +13,6 @@
 
 namespace fusedlab {
 
-// resample and resample_gather (schemas and semantics in csrc/fusedlab.cpp): (log_weights_out, ancestors, ess,
-// log_norm, status[, state_out]).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> resample_cpu(
-    const at::Tensor& log_weights, const std::optional<at::Tensor>& uniforms, c10::string_view method,
-    double ess_threshold, std::optional<at::Generator> generator, bool raise_degenerate);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> resample_gather_cpu(
-    const at::Tensor& log_weights, const std::optional<at::Tensor>& uniforms, c10::string_view method,
-    double ess_threshold, const at::Tensor& state, std::optional<at::Generator> generator, bool raise_degenerate);
-
 // One Feynman-Kac steering step (schema and semantics: fk_step in csrc/fusedlab.cpp).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fk_step_cpu(
     at::Tensor& log_weights, const at::Tensor& rewards, at::Tensor& r_state, at::Tensor& applied, at::Tensor& log_norm,
