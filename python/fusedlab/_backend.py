@@ -82,8 +82,8 @@ def resolve(backend: str, family: str, device: torch.device) -> str:
         if device.type == "cpu" and "cpu" in has:
             return "cpu"
         if device.type == "cuda":
-            for cand in AUTO_GPU_PREFERENCE.get(family, ("cuda", "triton")):
-                if cand in has and cand in backends():
+            for cand in AUTO_GPU_PREFERENCE.get(family, ("cuda", "triton")):  # GPU backends only
+                if cand in has and (cuda_kernels_loaded() if cand == "cuda" else triton_available()):
                     return cand
         return "reference"
     if backend not in has:

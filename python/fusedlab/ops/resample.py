@@ -338,8 +338,11 @@ def resample(log_weights: torch.Tensor, method: str = "systematic", ess_threshol
             log_weights, state, u):
         # nothing to record: the op without the boxed call from Python, the autograd layer or Python view ops on
         # the flags (fusedlab._C.resample); a [1, 1024] CPU call 17 to 13 us
-        return ResampleResult(*_C.resample(log_weights, u, method, thr, state, generator if draws_own else None,
-                                           raise_in_op))
+        result = ResampleResult(*_C.resample(log_weights, u, method, thr, state, generator if draws_own else None,
+                                             raise_in_op))
+        if on_degenerate == "raise" and not raise_in_op:  # CUDA graph capture: the device-side assertion
+            _raise_if_degenerate(result.degenerate)
+        return result
     else:
         if which == "triton":
             op = torch.ops.fusedlab.resample_triton if state is None else torch.ops.fusedlab.resample_gather_triton
