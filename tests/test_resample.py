@@ -560,7 +560,7 @@ def _through_op(lw, u, method, thr, state=None, generator=None, raise_degenerate
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("with_state", [False, True])
-def test_direct_binding_matches_op(method, with_state, gen):
+def test_unboxed_call_matches_op(method, with_state, gen):
     """An eager call with nothing to record goes through fusedlab._C.resample (the op by an unboxed call below
     autograd): field for field what the op returns, for explicit uniforms and for a generator seeded alike."""
     lw = random_log_weights(7, 13, gen, dtype=torch.float32)
@@ -584,17 +584,17 @@ def test_direct_binding_matches_op(method, with_state, gen):
         fusedlab._C.resample(lw, u_op, method, 1.0, state, None, True)
 
 
-def test_direct_binding_only_where_nothing_would_see_the_dispatcher(gen):
-    """A TorchDispatchMode must still see the op (the direct binding would bypass it), and a call that records
-    an autograd graph goes through the op and its autograd formula."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+def test_unboxed_call_only_where_nothing_would_miss_the_op(gen):
+    """A TorchFunctionMode must still see the op (fusedlab._C.resample's C++ call would bypass it), and a call
+    that records an autograd graph goes through the op and its autograd formula."""
+    from torch.overrides import TorchFunctionMode
 
-    class Recorder(TorchDispatchMode):
+    class Recorder(TorchFunctionMode):
         def __init__(self):
             super().__init__()
             self.ops = []
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
             self.ops.append(func)
             return func(*args, **(kwargs or {}))
 

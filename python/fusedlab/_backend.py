@@ -110,10 +110,11 @@ _functorch_level = getattr(getattr(torch._C, "_functorch", None), "peek_interpre
 
 
 def plain_eager(*tensors) -> bool:
-    """Whether a kernel bound directly (without the dispatcher) does exactly what its op would: every tensor a
-    plain torch.Tensor (no subclass, so no FakeTensor, FunctionalTensor or DTensor; None is skipped), no
-    TorchDispatchMode or TorchFunctionMode active and no functorch transform (vmap, grad) around the call.
-    The caller also rules out torch.compile tracing and calls that need an autograd graph."""
+    """Whether a C++ binding that calls an op below autograd (or a kernel itself) does exactly what the op
+    called through torch.ops would: every tensor a plain torch.Tensor (no subclass, so no FakeTensor,
+    FunctionalTensor or DTensor; None is skipped), no TorchDispatchMode or TorchFunctionMode active (a call
+    from C++ never reaches the latter) and no functorch transform (vmap, grad) around the call. The caller
+    also rules out torch.compile tracing and calls that need an autograd graph."""
     if _dispatch_modes is None or _function_modes is None or _functorch_level is None:
         return False  # a torch without these checks: always through the dispatcher
     if _dispatch_modes() or _function_modes() or _functorch_level() is not None:
