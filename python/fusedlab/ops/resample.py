@@ -329,13 +329,12 @@ def resample(log_weights: torch.Tensor, method: str = "systematic", ess_threshol
     # (inside CUDA graph capture the op must not synchronize: a device-side assertion instead)
     raise_in_op = native and on_degenerate == "raise" and not (which == "cuda" and _capturing())
     state_out = None
+    records = torch.is_grad_enabled() and (log_weights.requires_grad or (state is not None and state.requires_grad))
     if which == "reference":
         lw_out, anc, ess, log_norm, status = _ReferenceResample.apply(log_weights, u, method, thr)
         if state is not None:
             state_out = ref.gather(state, anc)
-    elif native and not (torch.is_grad_enabled() and (
-            log_weights.requires_grad or (state is not None and state.requires_grad))) and _backend.plain_eager(
-            log_weights, state, u):
+    elif native and not records and _backend.plain_eager(log_weights, state, u):
         # nothing to record: the op without the boxed call from Python, the autograd layer or Python view ops on
         # the flags (fusedlab._C.resample); a [1, 1024] CPU call 17 to 13 us
         result = ResampleResult(*_C.resample(log_weights, u, method, thr, state, generator if draws_own else None,
@@ -352,8 +351,7 @@ def resample(log_weights: torch.Tensor, method: str = "systematic", ess_threshol
             args = (log_weights, u, method, thr) + (() if state is None else (state,)) + (
                 generator if draws_own else None, raise_in_op)
         # below the autograd layer (Python, about as costly as a small group's kernel) when no graph is recorded
-        if not compiling and (not torch.is_grad_enabled() or not (
-                log_weights.requires_grad or (state is not None and state.requires_grad))):
+        if not compiling and not records:
             with torch._C._AutoDispatchBelowAutograd():
                 out = op(*args)
         else:
